@@ -1,0 +1,1 @@
+"""robaudit.audit: load -> adapt -> attack -> results.json -> report."""
