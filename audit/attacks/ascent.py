@@ -1,0 +1,49 @@
+"""The projected L-inf sign-gradient step shared by evaluation attacks and training.
+
+Evaluation attacks (audit/attacks) wrap it with worst-over-iterates tracking and
+early stopping; remediation methods call `projected_ascent` for their inner
+maximisation (PGD-10 on KL, CE, ...). Both go through `linf_step`, so there is one
+definition of "a step inside the eps-ball and the [0,1] box".
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+
+def linf_project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Clip into the eps-ball around x and into [0, 1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def linf_step(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: float,
+              step_size: float) -> torch.Tensor:
+    """One ascent step: x_adv + step_size * sign(grad), projected."""
+    return linf_project(x_adv + step_size * grad.sign(), x, eps)
+
+
+def input_grad(loss_fn: Callable[[torch.Tensor], torch.Tensor], x_adv: torch.Tensor):
+    """(per-sample loss, d sum(loss) / d x_adv) without touching parameter .grad buffers."""
+    x_adv = x_adv.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(x_adv)
+        (grad,) = torch.autograd.grad(loss.sum(), x_adv)
+    return loss.detach(), grad
+
+
+def projected_ascent(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, *,
+                     eps: float, step_size: float, steps: int,
+                     x_start: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Maximise sum(loss_fn(x')) over the eps-ball around x with `steps` sign steps.
+
+    loss_fn maps a batch to per-sample losses [B]. `x_start` (already inside the ball,
+    e.g. x + 0.001 * N(0,1) for RSLAD/ABSLD) defaults to x. Returns a detached tensor.
+    """
+    x = x.detach()
+    x_adv = linf_project(x_start.detach().clone(), x, eps) if x_start is not None else x.clone()
+    for _ in range(steps):
+        _, grad = input_grad(loss_fn, x_adv)
+        x_adv = linf_step(x_adv, grad, x, eps, step_size)
+    return x_adv.detach()

@@ -1,0 +1,342 @@
+"""The `Attack` base class: everything an evaluation attack has in common.
+
+torchattacks-style split: the base owns eval mode, device, the [0, 1] range check,
+which points are attacked (`score`), the eps-ball guard and the result bookkeeping;
+a subclass only says how to perturb the points it is handed (`_attack`).
+
+`SignGradientAttack` adds the one iterate loop shared by FGSM, PGD, CW-inf and
+Temperature-PGD (random start, sign steps through `ascent.linf_step`, "worst over
+iterates" scoring with early stopping); those subclasses only write a loss.
+
+Randomness of our own attacks comes from `rng.per_sample_uniform/normal`, keyed by
+(seed, dataset index): a sample gets the same start whatever batch, shard or position
+it lands in, and the global torch RNG is never touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Dict, Optional, Tuple
+
+import torch
+
+from robaudit.audit.attacks.ascent import input_grad, linf_project, linf_step
+from robaudit.audit.rng import per_sample_normal, per_sample_uniform
+from robaudit.errors import UserError
+
+ITERATES = ("any", "final")
+SCORES = ("robust", "adv-only")
+RANDOM_STARTS = ("uniform", "normal", "none")
+
+# rng stream of the random start. Shared by every sign-gradient attack on purpose:
+# PGD, CW and TPGD then start from the same point for a sample, so their differences
+# come from the loss alone (and TPGD at T = 1 reproduces PGD exactly).
+START_STREAM = 0
+# Scale of the "normal" start: x + 0.001 * N(0, 1) (RSLAD/Fair-ARD convention).
+NORMAL_START_SCALE = 0.001
+# Slack on the eps-ball guard: above float32 rounding of values in [0, 1] (6e-8),
+# far below any perturbation that matters (1/255 = 3.9e-3).
+BALL_TOLERANCE = 1e-6
+
+
+@dataclass
+class AttackResult:
+    robust: torch.Tensor    # bool [B]: clean-correct (unless score="adv-only") and not fooled
+    adv_pred: torch.Tensor  # int64 [B]: prediction at the fooling iterate, else the final one;
+                            # the clean prediction for points that were not attacked
+    x_adv: torch.Tensor     # [B, C, H, W]: |x_adv - x|_inf <= eps, inside [0, 1]
+
+
+def format_value(key: str, value: Any) -> str:
+    """How a hyper-parameter is written in a repr: eps-like values as k/255."""
+    if isinstance(value, float) and key in ("eps", "step_size"):
+        k = value * 255.0
+        if abs(k * 10 - round(k * 10)) < 1e-6:
+            return f"{round(k * 10) / 10:g}/255"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
+    """Give an override the type of its default (CLI overrides arrive as strings)."""
+    if isinstance(default, bool):
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"attack {name!r}: {key} must be true or false, got {value!r}")
+        return bool(value)
+    try:
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise UserError(
+            f"attack {name!r}: {key} must be a {type(default).__name__}, got {value!r}"
+        ) from None
+    return str(value) if isinstance(default, str) else value
+
+
+class Attack:
+    """Base of every evaluation attack; subclasses implement `_attack` only.
+
+    eps: L-inf radius in [0, 1] pixel units. seed: keys all randomness.
+    iterates: "any" (a point is fooled if any iterate fooled it) | "final" (only the
+    last iterate is scored, as the papers' evaluators do); only iterative attacks use it.
+    score: "robust" (attack clean-correct points only; the rest count as not robust) |
+    "adv-only" (attack every point; robust = adversarial prediction == y, the Fair-ARD
+    evaluation convention).
+    """
+
+    name: ClassVar[str] = ""
+    white_box: ClassVar[bool] = True
+    # Whether `iterates` changes anything for this attack (False: recorded as None).
+    iterative: ClassVar[bool] = False
+    # Hyper-parameters a user may override, with their defaults, in repr order.
+    defaults: ClassVar[Dict[str, Any]] = {}
+    # Fixed descriptors shown in the repr/params but not overridable (e.g. loss=ce).
+    fixed: ClassVar[Dict[str, Any]] = {}
+
+    def __init__(self, eps: float = 8 / 255, seed: int = 0, iterates: str = "any",
+                 score: str = "robust", **params):
+        if iterates not in ITERATES:
+            raise UserError(f"iterates must be one of {', '.join(ITERATES)}, got {iterates!r}")
+        if score not in SCORES:
+            raise UserError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+        eps = float(eps)
+        if not 0.0 <= eps <= 1.0:
+            raise UserError(f"eps must lie in [0, 1] (pixel units; 8/255 = 0.0314), got {eps}")
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            known = ", ".join(self.defaults) or "none"
+            raise UserError(
+                f"attack {self.name!r} has no parameter {unknown[0]!r}; its parameters: {known}"
+            )
+        self.eps = eps
+        self.seed = int(seed)
+        self.iterates = iterates
+        self.score = score
+        self.hparams: Dict[str, Any] = {
+            key: _coerce(self.name, key, params.get(key, default), default)
+            for key, default in self.defaults.items()
+        }
+        for key, value in self.hparams.items():
+            setattr(self, key, value)
+        self._validate()
+
+    # ---- configuration -------------------------------------------------------------
+    def _validate(self) -> None:
+        """Subclass hook: reject impossible hyper-parameters with a UserError."""
+
+    def params(self) -> Dict[str, Any]:
+        """JSON-able configuration: class, eps, seed, scoring, every hyper-parameter, repr."""
+        out: Dict[str, Any] = {"class": type(self).__name__, "eps": self.eps, "seed": self.seed,
+                               "iterates": self.iterates if self.iterative else None,
+                               "score": self.score}
+        out.update(self.hparams)
+        out.update(self.fixed)
+        out["white_box"] = self.white_box
+        out["repr"] = repr(self)
+        return out
+
+    def __repr__(self) -> str:
+        items = [("eps", self.eps), *self.hparams.items(), *self.fixed.items()]
+        if self.iterative:
+            items.append(("iterates", self.iterates))
+        items.append(("score", self.score))
+        body = ", ".join(f"{key}={format_value(key, value)}" for key, value in items)
+        return f"{type(self).__name__}({body})"
+
+    # ---- running ---------------------------------------------------------------------
+    def attacked_mask(self, y: torch.Tensor, clean_pred: torch.Tensor) -> torch.Tensor:
+        """bool [B]: the points this attack perturbs (n_attacked = its sum)."""
+        if self.score == "adv-only":
+            return torch.ones_like(y, dtype=torch.bool)
+        return clean_pred == y
+
+    def __call__(self, model, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                 clean_pred: torch.Tensor) -> AttackResult:
+        if x.dim() != 4:
+            raise ValueError(f"x must be [B, C, H, W], got shape {tuple(x.shape)}")
+        batch = x.shape[0]
+        for label, tensor in (("y", y), ("index", index), ("clean_pred", clean_pred)):
+            if tensor.shape != (batch,):
+                raise ValueError(f"{label} must have shape ({batch},), got {tuple(tensor.shape)}")
+        if batch and (x.min() < 0 or x.max() > 1):
+            raise UserError(
+                f"attack inputs must lie in [0, 1] (got {x.min().item():.3g}..{x.max().item():.3g}); "
+                "pass unnormalised images and give --mean/--std so the model normalises them"
+            )
+        device = x.device
+        y = y.to(device=device, dtype=torch.long)
+        index = index.to(device=device, dtype=torch.long)
+        clean_pred = clean_pred.to(device=device, dtype=torch.long)
+
+        robust = torch.zeros(batch, dtype=torch.bool, device=device)
+        adv_pred = clean_pred.clone()
+        x_adv = x.detach().clone()
+        attacked = self.attacked_mask(y, clean_pred)
+        if not bool(attacked.any()):
+            return AttackResult(robust=robust, adv_pred=adv_pred, x_adv=x_adv)
+
+        chosen = attacked.nonzero().squeeze(1)
+        modes = _eval_mode(model)
+        try:
+            with torch.no_grad():  # only ascent.input_grad re-enables grad, for inputs only
+                sub_x, sub_pred = self._attack(model, x[chosen].detach(), y[chosen],
+                                               index[chosen], clean_pred[chosen])
+        finally:
+            _restore_modes(modes)
+
+        sub_x = sub_x.detach().to(device=device, dtype=x.dtype)
+        self._check_ball(x[chosen], sub_x)
+        x_adv[chosen] = sub_x
+        adv_pred[chosen] = sub_pred.to(device=device, dtype=torch.long)
+        robust[chosen] = adv_pred[chosen] == y[chosen]
+        return AttackResult(robust=robust, adv_pred=adv_pred, x_adv=x_adv)
+
+    def _attack(self, model, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+                clean_pred: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Perturb the points handed in; return (x_adv, prediction on x_adv)."""
+        raise NotImplementedError
+
+    def _check_ball(self, x: torch.Tensor, x_adv: torch.Tensor) -> None:
+        # A fooled point outside the threat model would inflate the reported attack
+        # success; third-party attacks (AutoAttack, Square) are checked too.
+        if x.numel() == 0:
+            return
+        excess = (x_adv - x).abs().amax().item() - self.eps
+        if excess > BALL_TOLERANCE or x_adv.min() < 0 or x_adv.max() > 1:
+            raise RuntimeError(
+                f"{type(self).__name__} returned points outside the eps-ball or [0, 1] "
+                f"(L-inf excess {excess:.3g}); refusing to score them"
+            )
+
+
+def _eval_mode(model):
+    """Put every submodule in eval mode and stop parameter gradients; return what to
+    restore. Modes are kept per module, since a model may mix them (e.g. frozen
+    BatchNorm inside a training model). Parameters are frozen because third-party
+    attacks call .backward() (FAB does), which would fill parameter .grad buffers."""
+    if not isinstance(model, torch.nn.Module):
+        return [], []
+    modes = [(module, module.training) for module in model.modules()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    for param in trainable:
+        param.requires_grad_(False)
+    return modes, trainable
+
+
+def _restore_modes(saved) -> None:
+    modes, trainable = saved
+    for module, training in modes:
+        module.training = training
+    for param in trainable:
+        param.requires_grad_(True)
+
+
+class SignGradientAttack(Attack):
+    """Projected L-inf sign-gradient ascent on a per-sample loss of the logits.
+
+    The iterate loop lives here once. Iterate 0 is the start (x, or the random start);
+    iterate k + 1 = linf_step(iterate k). The forward that gives the gradient at
+    iterate k also gives its prediction, and one forward follows the last step.
+    iterates="any": a point whose prediction differs from y at some iterate is fooled
+    there; it leaves the active set (exact early stop under this rule) and its x_adv /
+    adv_pred are those of that iterate. iterates="final": every point takes every step
+    and only the last iterate is scored.
+    """
+
+    iterative = True
+    white_box = True
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss [B] to maximise."""
+        raise NotImplementedError
+
+    # Subclasses give `steps`, `step_size` and `random_start` through `defaults`
+    # (FGSM fixes steps = 1 and step_size = eps through properties).
+    steps: int
+    step_size: float
+    random_start: str
+
+    def _validate(self) -> None:
+        if self.random_start not in RANDOM_STARTS:
+            raise UserError(
+                f"attack {self.name!r}: random_start must be one of {', '.join(RANDOM_STARTS)}, "
+                f"got {self.random_start!r}"
+            )
+        if self.steps < 0:
+            raise UserError(f"attack {self.name!r}: steps must be >= 0, got {self.steps}")
+        if self.step_size < 0:
+            raise UserError(f"attack {self.name!r}: step_size must be >= 0, got {self.step_size}")
+
+    def start(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Iterate 0, a pure function of (seed, dataset index, x)."""
+        if self.random_start == "none":
+            return x.clone()
+        shape = tuple(x.shape[1:])
+        if self.random_start == "uniform":
+            u = per_sample_uniform(self.seed, index, shape, stream=START_STREAM,
+                                   device=x.device, dtype=x.dtype)
+            return linf_project(x + self.eps * (2.0 * u - 1.0), x, self.eps)
+        noise = per_sample_normal(self.seed, index, shape, stream=START_STREAM,
+                                  device=x.device, dtype=x.dtype)
+        return linf_project(x + NORMAL_START_SCALE * noise, x, self.eps)
+
+    def _logits_and_grad(self, model, x_cur: torch.Tensor, y: torch.Tensor):
+        captured: Dict[str, torch.Tensor] = {}
+
+        def loss_fn(x_in: torch.Tensor) -> torch.Tensor:
+            logits = model(x_in)
+            if not logits.requires_grad:
+                raise UserError(
+                    f"the model gives no input gradients, so the white-box attack {self.name!r} "
+                    "cannot run on it; use the black-box attack 'square'"
+                )
+            captured["logits"] = logits
+            return self.loss(logits, y)
+
+        _, grad = input_grad(loss_fn, x_cur)
+        return captured["logits"].detach(), grad
+
+    def _attack(self, model, x, y, index, clean_pred):
+        n = x.shape[0]
+        x_cur = self.start(x, index)
+        x_adv = x_cur.clone()
+        adv_pred = torch.empty(n, dtype=torch.long, device=x.device)
+        active = torch.arange(n, device=x.device)  # batch positions still being attacked
+        x_ref, y_ref = x, y
+        early_stop = self.iterates == "any"
+        for step in range(self.steps + 1):
+            last = step == self.steps
+            if last:
+                logits = model(x_cur)
+                grad: Optional[torch.Tensor] = None
+            else:
+                logits, grad = self._logits_and_grad(model, x_cur, y_ref)
+            pred = logits.argmax(dim=1)
+            if last:
+                x_adv[active] = x_cur
+                adv_pred[active] = pred
+                break
+            if early_stop:
+                fooled = pred != y_ref
+                if bool(fooled.any()):
+                    done = active[fooled]
+                    x_adv[done] = x_cur[fooled]
+                    adv_pred[done] = pred[fooled]
+                    keep = ~fooled
+                    active, x_cur, x_ref, y_ref, grad = (
+                        active[keep], x_cur[keep], x_ref[keep], y_ref[keep], grad[keep])
+                    if active.numel() == 0:
+                        break
+            x_cur = linf_step(x_cur, grad, x_ref, self.eps, self.step_size)
+        return x_adv, adv_pred

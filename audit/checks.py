@@ -1,0 +1,138 @@
+"""Reliability checks (AutoAttack's checks.py in spirit): every flag explains itself.
+
+Each check returns dicts {"id", "severity", "message", "why"} for results["checks"].
+`message` says what was seen (with numbers) and what to try; `why` says why it
+matters for trusting the robustness numbers. docs/checks.md lists them all.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from robaudit.audit.attacks.ascent import input_grad
+
+
+def _flag(id: str, severity: str, message: str, why: str) -> Dict[str, str]:
+    return {"id": id, "severity": severity, "message": message, "why": why}
+
+
+def model_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 white_box: bool) -> List[Dict[str, str]]:
+    """Checks on one probe batch (already on the model's device), before attacking."""
+    flags = []
+    with torch.no_grad():
+        z1 = model(x).float()
+        z2 = model(x).float()
+    drift = (z1 - z2).abs().max().item()
+    if drift > 1e-4 * max(1.0, z1.abs().max().item()):
+        flags.append(_flag(
+            "nondeterministic_output", "warning",
+            f"two identical forward passes differ by up to {drift:.3g}: dropout or batch-norm "
+            "may have been left in training mode in the exported model",
+            "a randomised model defeats gradient attacks by noise (gradient obfuscation), so "
+            "robust accuracy is overestimated; re-export the model in eval mode"))
+    rows_sum = z1.sum(dim=1)
+    if bool((z1 >= 0).all()) and bool(((rows_sum - 1).abs() < 1e-3).all()):
+        flags.append(_flag(
+            "probability_outputs", "warning",
+            "the model's outputs are non-negative and sum to 1 on every row: they look like "
+            "probabilities (softmax), not logits",
+            "cross-entropy over softmax(probabilities) has tiny, saturated gradients and makes a "
+            "model look robust; export the model without its final softmax"))
+    top2 = z1.topk(min(2, z1.shape[1]), dim=1).values
+    tied = (top2[:, 0] == top2[:, -1]).float().mean().item() if z1.shape[1] > 1 else 0.0
+    zeros = (z1 == 0).float().mean().item()
+    if tied > 0.2 or zeros > 0.5:
+        flags.append(_flag(
+            "tied_or_zero_logits", "warning",
+            f"{tied:.0%} of probe inputs have exactly tied top logits and {zeros:.0%} of logits "
+            "are exactly zero (e.g. a ReLU on the output layer)",
+            "flat, clipped outputs give zero gradients, so gradient attacks fail and the robust "
+            "numbers of gradient attacks are only upper bounds"))
+    if white_box:
+        _, grad = input_grad(lambda xa: F.cross_entropy(model(xa).float(), y, reduction="none"), x)
+        zero_rows = (grad.flatten(1).abs().amax(dim=1) == 0).float().mean().item()
+        if zero_rows > 0.1:
+            flags.append(_flag(
+                "zero_gradients", "warning",
+                f"the input gradient of the loss is exactly zero for {zero_rows:.0%} of probe inputs",
+                "gradient attacks cannot move those points, so their robust numbers are upper "
+                "bounds (gradient masking); the black-box Square attack (--attacks square) does "
+                "not need gradients"))
+    return flags
+
+
+def result_checks(results: dict) -> List[Dict[str, str]]:
+    """Checks on the finished per-attack numbers."""
+    flags = []
+    attacks = results["attacks"]
+    num_classes = results["dataset"]["num_classes"]
+
+    def avg(name) -> Optional[float]:
+        return attacks[name]["avg"] if name in attacks else None
+
+    clean = avg("clean")
+    if clean is not None and num_classes > 1 and clean <= 1.5 / num_classes:
+        flags.append(_flag(
+            "near_chance", "warning",
+            f"clean accuracy {clean:.1%} is near chance (1/{num_classes} = {1 / num_classes:.1%}): "
+            "the model probably sees its inputs differently from how it was trained; check "
+            "--mean/--std normalisation, the input range and layout, and the class order "
+            "(--class-names / --class-map)",
+            "robustness numbers of a model that is wrong on clean inputs say nothing about "
+            "the model as deployed"))
+    pgd, fgsm = avg("pgd"), avg("fgsm")
+    if pgd is not None and fgsm is not None and pgd > fgsm + 0.02:
+        flags.append(_flag(
+            "pgd_weaker_than_fgsm", "warning",
+            f"PGD-20 leaves {pgd:.1%} robust but one-step FGSM only {fgsm:.1%}",
+            "an iterative attack that does worse than a single step suggests gradient masking; "
+            "trust the lower numbers and run AutoAttack (aa) and Square"))
+    aa = avg("aa")
+    if pgd is not None and aa is not None and pgd - aa > 0.10:
+        flags.append(_flag(
+            "aa_much_stronger", "warning",
+            f"AutoAttack leaves {aa:.1%} robust, {pgd - aa:.1%} below PGD-20's {pgd:.1%}",
+            "a large gap means PGD's gradients mislead it (masking or a hard loss surface); "
+            "report the AutoAttack numbers, not PGD's"))
+    square = avg("square")
+    for name in ("pgd", "aa"):
+        white = avg(name)
+        if square is not None and white is not None and square < white - 0.02:
+            flags.append(_flag(
+                f"blackbox_stronger_than_{name}", "warning",
+                f"the black-box Square attack ({square:.1%} robust) beats white-box {name} "
+                f"({white:.1%})",
+                "a gradient-free attack should not beat a gradient attack on a differentiable "
+                "model; the gradients are likely masked"))
+    eps = results["config"]["eps"]
+    for name, block in attacks.items():
+        if name == "clean" or clean is None or eps <= 0:
+            continue
+        if block.get("n_attacked", 0) >= 20 and block["avg"] >= clean - 1e-12 and clean > 0:
+            flags.append(_flag(
+                f"no_effect_{name}", "warning",
+                f"{name} did not fool a single clean-correct point at eps={eps:.4g}",
+                "at a non-zero eps some points are almost always fooled; none means the attack "
+                "could not use the model's gradients (masking) or eps is far too small"))
+    small = [c["class"] for c in results["attacks"].get("clean", {}).get("per_class", [])
+             if 0 < c["n"] < 30]
+    if small:
+        flags.append(_flag(
+            "small_classes", "info",
+            f"{len(small)} class(es) have fewer than 30 samples (e.g. {small[0]!s})",
+            "with few samples a class accuracy carries a wide 95% interval; compare classes by "
+            "their intervals, not their point estimates, or audit more samples"))
+    return flags
+
+
+def refused_attack_flag(attack: str, reason: str) -> Dict[str, str]:
+    return _flag(
+        f"refused_{attack}", "warning",
+        f"white-box attack {attack} was not run: {reason}",
+        "without trustworthy gradients only black-box attacks (square) can be run; their "
+        "robust accuracy is an upper bound")
+

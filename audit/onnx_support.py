@@ -1,0 +1,495 @@
+"""ONNX models: onnxruntime for inference, onnx2torch for gradients, and a fidelity check.
+
+Black-box attacks only need logits, which onnxruntime gives exactly as the model's
+owner runs it. White-box attacks need gradients, so the graph is converted to torch
+with onnx2torch and the conversion is trusted only if its logits match onnxruntime's
+on a batch (and gradients reach the input). Otherwise the model is audited with
+black-box attacks only, through `OnnxRuntimeModule`, and the reason is recorded.
+
+onnx2torch 1.5 stops at opset 17 for several ops that torch's exporters emit today
+(Reduce* with `axes` as an input, Reshape with `allowzero=1`, Constant-19, ...), so this
+module registers the missing converters at import time (`install_converters`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import onnx.external_data_helper
+import torch
+from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY, OperationDescription, get_converter
+from onnx2torch.utils.common import (OnnxMapping, OnnxToTorchModule, OperationConverterResult,
+                                     get_const_value, onnx_mapping_from_node)
+from torch import nn
+
+from robaudit.audit.loading import FixedBatchModule
+from robaudit.errors import UserError
+
+# Logit agreement needed to trust the torch conversion, relative to the logit scale
+# (max |logit|, at least 1): float32 kernels differ by ~1e-6 relative, a wrong
+# conversion by orders of magnitude more.
+FIDELITY_RTOL = 1e-4
+FIDELITY_BATCH = 4
+
+_ONNX_FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: np.float32,
+    onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.DOUBLE: np.float64,
+}
+
+
+# --- extra onnx2torch converters -------------------------------------------------------
+
+def _reduce_prod(x: torch.Tensor, dims: List[int], keepdim: bool) -> torch.Tensor:
+    for d in reversed(dims):  # descending, so the remaining dims keep their index
+        x = torch.prod(x, d, keepdim=keepdim)
+    return x
+
+
+# ONNX Reduce* op -> f(x, sorted non-negative dims, keepdim)
+_REDUCERS: Dict[str, Callable[[torch.Tensor, List[int], bool], torch.Tensor]] = {
+    "ReduceL1": lambda x, d, k: torch.sum(torch.abs(x), dim=d, keepdim=k),
+    "ReduceL2": lambda x, d, k: torch.linalg.vector_norm(x, 2, dim=d, keepdim=k),
+    "ReduceLogSum": lambda x, d, k: torch.log(torch.sum(x, dim=d, keepdim=k)),
+    "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, dim=d, keepdim=k),
+    "ReduceMax": lambda x, d, k: torch.amax(x, dim=d, keepdim=k),
+    "ReduceMean": lambda x, d, k: torch.mean(x, dim=d, keepdim=k),
+    "ReduceMin": lambda x, d, k: torch.amin(x, dim=d, keepdim=k),
+    "ReduceProd": _reduce_prod,
+    "ReduceSum": lambda x, d, k: torch.sum(x, dim=d, keepdim=k),
+    "ReduceSumSquare": lambda x, d, k: torch.sum(x * x, dim=d, keepdim=k),
+}
+
+
+class OnnxReduce(nn.Module, OnnxToTorchModule):
+    """Any ONNX Reduce* op, axes from the attribute (opset < 18) or the input (opset >= 18).
+
+    Negative axes are normalised against the input rank before reducing (onnx2torch's
+    own multi-axis ReduceMax/Min/Prod with keepdims=0 mis-indexes them).
+    """
+
+    def __init__(self, operation_type: str, axes: Optional[List[int]], keepdims: int = 1,
+                 noop_with_empty_axes: int = 0):
+        super().__init__()
+        self.operation_type = operation_type
+        self.axes = None if axes is None else [int(a) for a in axes]
+        self.keepdims = bool(keepdims)
+        self.noop_with_empty_axes = bool(noop_with_empty_axes)
+
+    def forward(self, input_tensor: torch.Tensor, axes: Optional[torch.Tensor] = None) -> torch.Tensor:
+        dims = self.axes if axes is None else [int(a) for a in axes.reshape(-1).tolist()]
+        if not dims:
+            if self.noop_with_empty_axes:
+                return input_tensor
+            dims = list(range(input_tensor.dim()))
+        if input_tensor.dim() == 0:
+            return input_tensor
+        dims = sorted({d % input_tensor.dim() for d in dims})
+        return _REDUCERS[self.operation_type](input_tensor, dims, self.keepdims)
+
+
+class OnnxReshape(nn.Module, OnnxToTorchModule):
+    """ONNX Reshape including `allowzero=1` (a 0 in the shape means an empty dimension)."""
+
+    def __init__(self, allowzero: int = 0):
+        super().__init__()
+        self.allowzero = bool(allowzero)
+
+    def forward(self, input_tensor: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
+        target = [int(s) for s in shape.reshape(-1).tolist()]
+        if not self.allowzero:
+            target = [input_tensor.shape[i] if s == 0 else s for i, s in enumerate(target)]
+        return torch.reshape(input_tensor, target)
+
+
+class OnnxSplit18(nn.Module, OnnxToTorchModule):
+    """ONNX Split-18: explicit `split` sizes, or `num_outputs` chunks of ceil(len / n)."""
+
+    def __init__(self, axis: int, num_outputs: int):
+        super().__init__()
+        self.axis = axis
+        self.num_outputs = num_outputs
+
+    def forward(self, input_tensor: torch.Tensor, split: Optional[torch.Tensor] = None):
+        if split is not None:
+            return torch.split(input_tensor, [int(s) for s in split.tolist()], dim=self.axis)
+        length = input_tensor.shape[self.axis]
+        return torch.split(input_tensor, math.ceil(length / self.num_outputs), dim=self.axis)
+
+
+def _constant_ints(name: str, graph) -> Optional[List[int]]:
+    """The value of a constant integer tensor input, or None when it is computed at run time."""
+    try:
+        value = get_const_value(name, graph)
+    except KeyError:
+        return None
+    return [int(v) for v in torch.as_tensor(value).reshape(-1).tolist()]
+
+
+def _convert_reduce(node, graph):
+    axes = node.attributes.get("axes")
+    inputs: Tuple[str, ...] = (node.input_values[0],)
+    if axes is None and len(node.input_values) > 1 and node.input_values[1]:
+        axes = _constant_ints(node.input_values[1], graph)
+        if axes is None:  # axes computed in the graph: the module reads them per call
+            inputs = (node.input_values[0], node.input_values[1])
+    module = OnnxReduce(node.operation_type, axes, node.attributes.get("keepdims", 1),
+                        node.attributes.get("noop_with_empty_axes", 0))
+    return OperationConverterResult(torch_module=module,
+                                    onnx_mapping=OnnxMapping(inputs=inputs, outputs=node.output_values))
+
+
+def _convert_reshape(node, graph):
+    del graph
+    return OperationConverterResult(torch_module=OnnxReshape(node.attributes.get("allowzero", 0)),
+                                    onnx_mapping=onnx_mapping_from_node(node))
+
+
+def _convert_split18(node, graph):
+    del graph
+    module = OnnxSplit18(node.attributes.get("axis", 0),
+                         node.attributes.get("num_outputs", len(node.output_values)))
+    return OperationConverterResult(torch_module=module, onnx_mapping=onnx_mapping_from_node(node))
+
+
+def _delegate_if(base_version: int, unsupported: Callable[[Any], Optional[str]]):
+    """A converter that reuses onnx2torch's converter for `base_version` of the same op,
+    unless `unsupported(node)` names a newer-opset feature it would silently ignore."""
+
+    def converter(node, graph):
+        reason = unsupported(node)
+        if reason:
+            raise NotImplementedError(f"{node.operation_type}: {reason} is not supported")
+        return get_converter(node.operation_type, base_version, node.domain)(node, graph)
+
+    return converter
+
+
+def _average_pool_dilations(node) -> Optional[str]:
+    dilations = node.attributes.get("dilations")
+    return "dilations != 1" if dilations and any(d != 1 for d in dilations) else None
+
+
+def _pad_axes_input(node) -> Optional[str]:
+    return "the axes input" if len(node.input_values) > 3 and node.input_values[3] else None
+
+
+def _nothing_unsupported(node) -> Optional[str]:
+    return None
+
+
+REDUCE_OPS = ("ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax",
+              "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSumSquare")
+
+# Opset versions whose schema differs from the newest one onnx2torch converts only in
+# the element types allowed (bfloat16, float8, int4, ...; checked against onnx.defs in
+# tests/test_onnx.py), so onnx2torch's converter for the older version is exact for them.
+TYPE_ONLY_VERSION_BUMPS: Dict[str, Tuple[int, Tuple[int, ...]]] = {
+    "Acos": (7, (22,)), "Asin": (7, (22,)), "Atan": (7, (22,)), "Cos": (7, (22,)),
+    "Sin": (7, (22,)), "Tan": (7, (22,)),
+    "Constant": (13, (19, 21, 23, 24, 25)),
+    "ConstantOfShape": (9, (20, 21, 23, 24, 25)),
+    "Conv": (11, (22,)), "ConvTranspose": (11, (22,)),
+    "Dropout": (13, (22,)), "Elu": (6, (22,)), "Equal": (13, (19,)), "EyeLike": (9, (22,)),
+    "Flatten": (13, (21, 23, 24, 25)),
+    "GlobalAveragePool": (1, (22,)), "GreaterOrEqual": (12, (16,)), "LessOrEqual": (12, (16,)),
+    "HardSigmoid": (6, (22,)), "HardSwish": (14, (22,)),
+    "Identity": (16, (19, 21, 23, 24, 25)),
+    "InstanceNormalization": (6, (22,)), "IsInf": (10, (20,)), "IsNaN": (13, (20,)),
+    "MaxPool": (12, (22,)), "Round": (11, (22,)), "Selu": (6, (22,)),
+    "Shape": (15, (19, 21, 23, 24, 25)),
+    "Softplus": (1, (22,)), "Softsign": (1, (22,)),
+    "Squeeze": (21, (23, 24, 25)), "Transpose": (13, (21, 23, 24, 25)),
+    "Unsqueeze": (13, (21, 23, 24, 25)),
+}
+
+_installed = False
+
+
+def install_converters() -> None:
+    """Register robaudit's extra onnx2torch converters (idempotent; runs at import)."""
+    global _installed
+    if _installed:
+        return
+
+    def put(op: str, version: int, converter, replace: bool = False) -> None:
+        key = OperationDescription(domain="", operation_type=op, version=version)
+        if replace or key not in _CONVERTER_REGISTRY:
+            _CONVERTER_REGISTRY[key] = converter
+
+    for op in REDUCE_OPS:
+        # Replace the opset<18 ones too: same module, and it fixes negative multi-axis
+        # ReduceMax/Min/Prod with keepdims=0.
+        for version in (1, 11, 12, 13, 18, 20, 28):
+            schema_exists = any(s.since_version == version for s in _schemas(op))
+            if schema_exists:
+                put(op, version, _convert_reduce, replace=True)
+    # Reshape-14's onnx2torch converter refuses allowzero=1, which torch's dynamo exporter
+    # always sets; 19+ differ from 14 only in element types.
+    for version in (14, 19, 21, 23, 24, 25):
+        put("Reshape", version, _convert_reshape, replace=True)
+    put("Split", 18, _convert_split18)
+    for op, (base, versions) in TYPE_ONLY_VERSION_BUMPS.items():
+        for version in versions:
+            put(op, version, _delegate_if(base, _nothing_unsupported))
+    # Cast-19+ adds `saturate` / `round_mode`, which only act on float8/float4 targets;
+    # onnx2torch's Cast refuses those targets, so delegating is exact for the rest.
+    for version in (19, 21, 23, 24, 25):
+        put("Cast", version, _delegate_if(13, _nothing_unsupported))
+    for version in (19, 22):
+        put("AveragePool", version, _delegate_if(11, _average_pool_dilations))
+    # Pad-18 adds an optional `axes` input, 19 the "wrap" mode (which Pad-13's converter
+    # refuses by name), 21+ element types.
+    for version in (18, 19, 21, 23, 24, 25):
+        put("Pad", version, _delegate_if(13, _pad_axes_input))
+    _installed = True
+
+
+def _schemas(op: str):
+    return [s for s in onnx.defs.get_all_schemas_with_history() if s.name == op and s.domain == ""]
+
+
+# --- onnxruntime forward-only module ---------------------------------------------------
+
+class _NoGradient(torch.autograd.Function):
+    """Passes onnxruntime's logits through; backward explains why there is no gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return logits.clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        raise RuntimeError(
+            "this ONNX model runs in onnxruntime without gradients (white_box=False); "
+            "only black-box attacks can run on it")
+
+
+class OnnxRuntimeModule(nn.Module):
+    """Forward-only nn.Module around an onnxruntime session: [B, C, H, W] -> first output.
+
+    A graph exported with a fixed batch size is fed in chunks of that size (the last one
+    zero-padded), so any batch size works.
+    """
+
+    def __init__(self, path: str, device: str = "cpu"):
+        super().__init__()
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # onnxruntime's warnings are not the user's problem
+        providers = ["CPUExecutionProvider"]
+        device = torch.device(device)
+        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        model_input = self.session.get_inputs()[0]
+        self.input_name = model_input.name
+        self.output_name = self.session.get_outputs()[0].name
+        self.declared_input_shape = list(model_input.shape)
+        self.input_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                            "tensor(double)": np.float64}.get(model_input.type, np.float32)
+        batch = self.declared_input_shape[0] if self.declared_input_shape else None
+        self.fixed_batch: Optional[int] = batch if isinstance(batch, int) and batch > 0 else None
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: x})[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inputs = x.detach().to("cpu", torch.float32).numpy().astype(self.input_dtype, copy=False)
+        chunk = self.fixed_batch or max(len(inputs), 1)
+        outputs = []
+        for start in range(0, len(inputs), chunk):
+            part = inputs[start:start + chunk]
+            short = chunk - len(part)
+            if short:
+                part = np.concatenate([part, np.zeros((short,) + part.shape[1:], part.dtype)])
+            outputs.append(self._run(np.ascontiguousarray(part))[:chunk - short])
+        logits = torch.from_numpy(np.concatenate(outputs).astype(np.float32, copy=False)).to(x.device)
+        if x.requires_grad and torch.is_grad_enabled():
+            return _NoGradient.apply(x, logits)
+        return logits
+
+
+class _FirstOutput(nn.Module):
+    """A converted multi-output graph returns a tuple; the first output is the logits."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.module(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+# --- loading ---------------------------------------------------------------------------
+
+@dataclass
+class OnnxLoadResult:
+    module: nn.Module                  # converted torch module, or OnnxRuntimeModule
+    white_box: bool
+    refusal: Optional[str]
+    adaptation: Dict[str, Any]         # -> results model.adaptations["onnx"]
+    num_params: int
+    notes: List[str] = field(default_factory=list)
+
+
+def _shape_text(shape: Sequence) -> str:
+    return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
+
+
+def _external_data_files(model: onnx.ModelProto) -> List[str]:
+    files = []
+    for init in model.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in init.external_data if e.key == "location"), None)
+            if location and location not in files:
+                files.append(location)
+    return files
+
+
+def _read_model_proto(path: str, load_external_data: bool = False) -> onnx.ModelProto:
+    """Parse the ModelProto; with load_external_data, also read the weights that exporters
+    (torch's dynamo exporter by default) store in a separate `<name>.onnx.data` file."""
+    try:
+        model = onnx.load(path, load_external_data=False)
+    except Exception as err:  # protobuf DecodeError and friends
+        raise UserError(f"{path} is not a readable ONNX model ({type(err).__name__}: "
+                        f"{_first_line(err)})") from None
+    if not model.graph.node:
+        raise UserError(f"{path} is not a readable ONNX model (empty or truncated graph)")
+    external_files = _external_data_files(model) if load_external_data else []
+    if external_files:
+        directory = os.path.dirname(os.path.abspath(path))
+        missing = [f for f in external_files if not os.path.isfile(os.path.join(directory, f))]
+        if missing:
+            raise UserError(f"ONNX model {path} keeps its weights in {', '.join(missing)}, which is "
+                            f"missing; keep it next to the .onnx file")
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, directory)
+        except Exception as err:
+            raise UserError(f"cannot read the external weights of {path} "
+                            f"({', '.join(external_files)}): {_first_line(err)[:120]}") from None
+    return model
+
+
+def load_onnx(path: str, *, device: str = "cpu", input_shape: Sequence[int] = (3, 32, 32)) -> OnnxLoadResult:
+    """Load an ONNX classifier; convert it for white-box attacks if the conversion is faithful."""
+    install_converters()
+    model = _read_model_proto(path)
+    external_files = _external_data_files(model)
+    model = _read_model_proto(path, load_external_data=True) if external_files else model
+    initializer_names = {init.name for init in model.graph.initializer}
+    graph_inputs = [i for i in model.graph.input if i.name not in initializer_names]
+    if len(graph_inputs) != 1:
+        raise UserError(f"ONNX model {path} has {len(graph_inputs)} inputs; robaudit needs exactly "
+                        f"one image input [B, C, H, W]")
+    elem_type = graph_inputs[0].type.tensor_type.elem_type
+    if elem_type not in _ONNX_FLOAT_TYPES:
+        raise UserError(f"ONNX model input has element type {onnx.TensorProto.DataType.Name(elem_type)}; "
+                        f"robaudit feeds float images in [0, 1]")
+    num_params = int(sum(int(np.prod(init.dims)) for init in model.graph.initializer))
+    notes: List[str] = []
+    if external_files:
+        notes.append(f"weights stored in {', '.join(external_files)} next to the .onnx file "
+                     f"(not covered by the model's sha256)")
+
+    try:
+        ort_module = OnnxRuntimeModule(path, device="cpu")
+    except Exception as err:
+        raise UserError(f"onnxruntime cannot load {path}: {_first_line(err)}") from None
+    batch = ort_module.fixed_batch or FIDELITY_BATCH
+    if ort_module.fixed_batch:
+        notes.append(f"ONNX input has a fixed batch size of {ort_module.fixed_batch}; "
+                     f"robaudit feeds it in chunks of that size")
+    generator = torch.Generator().manual_seed(0)
+    probe = torch.rand((batch, *input_shape), generator=generator)
+    try:
+        with torch.no_grad():
+            reference = ort_module(probe)
+    except Exception as err:
+        declared = ort_module.declared_input_shape
+        raise UserError(
+            f"ONNX model failed on input shape {_shape_text([batch, *input_shape])}: its input is "
+            f"declared as {_shape_text(declared)} ({_first_line(err)[:160]})") from None
+
+    adaptation: Dict[str, Any] = {"converter": "onnx2torch", "fidelity_max_abs_diff": None,
+                                  "ok": False, "reason": None}
+    converted, reason = _convert(model, ort_module.fixed_batch, len(model.graph.output) > 1)
+    if converted is not None:
+        max_diff, reason = _check_fidelity(converted, probe, reference)
+        adaptation["fidelity_max_abs_diff"] = max_diff
+    adaptation["ok"] = reason is None
+    adaptation["reason"] = reason
+    if reason is not None:
+        refusal = f"white-box attacks refused for this ONNX model: {reason}; only black-box attacks run"
+        module = ort_module if torch.device(device).type == "cpu" else OnnxRuntimeModule(path, device=device)
+        return OnnxLoadResult(module=module, white_box=False, refusal=refusal,
+                              adaptation=adaptation, num_params=num_params, notes=notes)
+    return OnnxLoadResult(module=converted.to(device).eval(), white_box=True, refusal=None,
+                          adaptation=adaptation, num_params=num_params, notes=notes)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _convert(model: onnx.ModelProto, fixed_batch: Optional[int],
+             multi_output: bool) -> Tuple[Optional[nn.Module], Optional[str]]:
+    import onnx2torch
+
+    try:
+        converted = onnx2torch.convert(model)
+    except NotImplementedError as err:
+        missing = re.search(r"operation_type='([^']+)', version=(\d+)", str(err))
+        detail = (f"no converter for {missing.group(1)} (opset {missing.group(2)})" if missing
+                  else _first_line(err))
+        return None, f"onnx2torch cannot convert the graph: {detail}"
+    except Exception as err:  # onnx2torch raises assorted errors on graphs it cannot handle
+        return None, f"onnx2torch failed to convert the graph ({type(err).__name__}: {_first_line(err)})"
+    converted = converted.eval()
+    if multi_output:
+        converted = _FirstOutput(converted)
+    if fixed_batch:
+        converted = FixedBatchModule(converted, fixed_batch)
+    return converted, None
+
+
+def _check_fidelity(converted: nn.Module, probe: torch.Tensor,
+                    reference: torch.Tensor) -> Tuple[Optional[float], Optional[str]]:
+    """(max |logit diff| vs onnxruntime, reason the conversion is not trusted or None)."""
+    x = probe.clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            logits = converted(x)
+            if not isinstance(logits, torch.Tensor):
+                return None, f"the converted model returns {type(logits).__name__}, not a tensor"
+            logits.float().sum().backward()
+    except Exception as err:
+        return None, f"the converted model fails to run ({type(err).__name__}: {_first_line(err)[:160]})"
+    if logits.shape != reference.shape:
+        return None, (f"the converted model's output shape {list(logits.shape)} differs from "
+                      f"onnxruntime's {list(reference.shape)}")
+    max_diff = float((logits.detach().float() - reference).abs().max())
+    if not math.isfinite(max_diff):  # results.json has no NaN/inf
+        return None, "the converted model's logits are not finite where onnxruntime's are"
+    scale = max(1.0, float(reference.abs().max()))
+    if max_diff > FIDELITY_RTOL * scale:
+        return max_diff, (f"the converted model's logits differ from onnxruntime's by {max_diff:.2e} "
+                          f"(tolerance {FIDELITY_RTOL:.0e} x logit scale {scale:.3g})")
+    if x.grad is None or not torch.isfinite(x.grad).all():
+        return max_diff, "gradients of the converted model do not reach its input"
+    if not x.grad.abs().sum() > 0:
+        return max_diff, "gradients of the converted model with respect to its input are all zero"
+    return max_diff, None
+
+
+install_converters()
