@@ -16,23 +16,12 @@ from pathlib import Path
 
 import click
 
+from robaudit.cli_options import check_subset_args, dataset_options, load_model_from_options, model_options
 from robaudit.errors import UserError
 
 
 def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["robaudit", *sys.argv[1:]])
-
-
-def _parse_floats(text, flag):
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"malformed {flag} {text!r}: give comma-separated numbers, e.g. 0.4914,0.4822,0.4465")
-    if not values:
-        raise UserError(f"{flag} is empty")
-    return values
 
 
 def _parse_attack_opts(pairs, tpgd_temperature):
@@ -58,53 +47,6 @@ def _parse_value(text: str):
         except (ValueError, ZeroDivisionError, json.JSONDecodeError):
             continue
     return text
-
-
-def model_options(f):
-    """Options shared by every command that loads a model (scan, remediate's teacher)."""
-    options = [
-        click.option("--format", "model_format", default="auto", show_default=True,
-                     help="Force the model format: auto, export (.pt2), torchscript, state_dict, "
-                          "checkpoint, safetensors, pickle, onnx."),
-        click.option("--arch", default=None, help="Architecture for a state_dict/safetensors file (see `robaudit list`)."),
-        click.option("--num-classes", type=int, default=None, help="Expected class count (checked against the dataset)."),
-        click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (executes code from the file!)."),
-        click.option("--mean", default=None, help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465."),
-        click.option("--std", default=None, help="Per-channel std the model expects."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def dataset_options(f):
-    options = [
-        click.option("--dataset", required=True, help="cifar10, cifar100, svhn, demo, an .npz file, or an image folder."),
-        click.option("--data-dir", default=None, type=click.Path(), help="Where the dataset lives / is downloaded."),
-        click.option("--limit", type=int, default=None, help="Use the first N samples (dataset order)."),
-        click.option("--n-per-class", type=int, default=None, help="Use the first K samples of each class."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-def load_model_from_options(model_path, *, model_format, arch, num_classes, trust_pickle, mean, std,
-                            device, dataset_classes, input_shape):
-    from robaudit.audit.loading import load_model
-
-    if num_classes is not None and num_classes != len(dataset_classes):
-        raise UserError(f"--num-classes {num_classes} does not match the dataset's "
-                        f"{len(dataset_classes)} classes")
-    return load_model(model_path, format=model_format, arch=arch, num_classes=len(dataset_classes),
-                      trust_pickle=trust_pickle, mean=_parse_floats(mean, "--mean"),
-                      std=_parse_floats(std, "--std"), device=device, input_shape=input_shape)
-
-
-def _check_subset_args(limit, n_per_class):
-    for flag, value in (("--limit", limit), ("--n-per-class", n_per_class)):
-        if value is not None and value < 1:
-            raise UserError(f"{flag} must be at least 1")
 
 
 def format_table(results: dict) -> str:
@@ -178,7 +120,7 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
                      write_report=not no_report, redact_paths=redact_paths, command=_command_line(),
                      fail_under_worst=fail_under_worst, fail_over_nsd=fail_over_nsd)
     build_attacks(cfg)  # unknown attack / option: fail before loading anything
-    _check_subset_args(limit, n_per_class)
+    check_subset_args(limit, n_per_class)
     torch_device = resolve_device(device)
     data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, n_per_class=n_per_class)
     loaded = load_model_from_options(model, model_format=model_format, arch=arch, num_classes=num_classes,
@@ -272,16 +214,19 @@ def main(argv=None):
 @click.option("--out", "out_dir", default="robaudit-demo", show_default=True, type=click.Path())
 @click.option("--epochs", type=int, default=5, show_default=True, help="Adversarial-training epochs of the demo model.")
 @click.option("--attacks", default="clean,fgsm,pgd,cw,aa", show_default=True)
+@click.option("--remediate-epochs", type=int, default=3, show_default=True,
+              help="ABSLD fine-tuning epochs after the audit (0: audit only).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-def demo(out_dir, epochs, attacks, seed, device):
-    """Offline end-to-end demo: generate data, train a small robust CNN, audit it, report."""
-    import torch
+def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
+    """Offline end-to-end demo: generate data, train a small robust CNN, audit it, remediate it."""
+    import copy
 
     from robaudit.audit.datasets import load_dataset
     from robaudit.audit.demo import train_demo_model
     from robaudit.audit.engine import ScanConfig, build_attacks, resolve_device
     from robaudit.audit.loading import load_model, save_export
+    from robaudit.remediate.train import RemediateConfig, run_remediate
 
     out = Path(out_dir)
     cfg = ScanConfig(out_dir=out, attacks=attacks.split(","), seed=seed, device=device,
@@ -299,5 +244,151 @@ def demo(out_dir, epochs, attacks, seed, device):
     # Audit the saved file, exactly as `robaudit scan demo_model.pt2 --dataset demo` would.
     loaded = load_model(str(model_path), num_classes=len(test.classes), device=torch_device)
     click.echo(f"demo: auditing {model_path} on {len(test.y)} test images ...", err=True)
-    _run_and_print(cfg, loaded, test)
+    before = _run_and_print(cfg, loaded, test)
     click.echo(f"wrote {out / 'results.json'} and {out / 'report.html'}")
+    if remediate_epochs <= 0:
+        return
+    # A short ABSLD fine-tune of the demo model, distilled from itself: classes the student
+    # finds hard get sharper soft labels. `robaudit remediate` runs the same code.
+    rem_out = out / "remediate"
+    click.echo(f"demo: ABSLD fine-tuning for {remediate_epochs} epochs into {rem_out} ...", err=True)
+    rem_cfg = RemediateConfig(out_dir=rem_out, method="absld", student="smallcnn", dataset="demo",
+                              epochs=remediate_epochs, lr=0.01, steps=5, step_size=2.5 * cfg.eps / 5,
+                              val_per_class=20, seed=seed, device=str(torch_device),
+                              audit_attacks=cfg.attacks, command=_command_line(),
+                              resume=(rem_out / "checkpoint.pt").exists())
+    summary = run_remediate(rem_cfg, teacher=loaded, train_data=train, test_data=test,
+                            student_module=copy.deepcopy(model).train())
+    _print_comparison(before, summary["student_results"], rem_out)
+
+
+@cli.command()
+@click.option("--teacher", "teacher_path", default=None, type=click.Path(),
+              help="Teacher model file (any format `scan` loads). Needed by absld, rslad, fair-rslad.")
+@model_options
+@dataset_options
+@click.option("--student", default=None, help="Student architecture (see `robaudit list`); default resnet18.")
+@click.option("--student-init", default=None, type=click.Path(), help="Fine-tune this model file instead of a fresh student.")
+@click.option("--method", default="absld", show_default=True, help="absld, rslad, sat, trades, fair-rslad, cfa.")
+@click.option("--beta", type=float, default=None,
+              help="absld: temperature learning rate (0.1); trades/cfa: KL weight (6).")
+@click.option("--tau-min", type=float, default=None, help="absld: lower temperature bound (dataset default).")
+@click.option("--tau-max", type=float, default=None, help="absld: upper temperature bound (dataset default).")
+@click.option("--alpha", type=float, default=None, help="Weight of the adversarial term (5/6).")
+@click.option("--reference-compat", is_flag=True, help="absld: reproduce the authors' code behaviour (see docs).")
+@click.option("--reweight", type=click.Choice(["fair-ard"]), default=None,
+              help="absld: combine with Fair-ARD sample re-weighting (our construction of the journal idea).")
+@click.option("--method-opt", multiple=True, help="Any method option: KEY=VALUE (repeatable).")
+@click.option("--epochs", type=int, default=300, show_default=True)
+@click.option("--lr", type=float, default=0.1, show_default=True)
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--weight-decay", type=float, default=2e-4, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--milestones", default=None, help="lr/10 epochs, e.g. 215,260,285 (default: the paper's, scaled to --epochs).")
+@click.option("--steps", type=int, default=10, show_default=True, help="Inner PGD steps.")
+@click.option("--eps", default="8/255", show_default=True)
+@click.option("--val-per-class", type=int, default=100, show_default=True,
+              help="Training images per class held out for checkpoint selection (0: last epoch).")
+@click.option("--no-augment", is_flag=True, help="No random crop / flip.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out exactly.")
+@click.option("--audit-attacks", default="clean,fgsm,pgd,cw,aa", show_default=True,
+              help="Attacks of the before/after audits.")
+@click.option("--audit-limit", type=int, default=None, help="Audit only the first N test samples.")
+@click.option("--audit-n-per-class", type=int, default=None, help="Audit only the first K test samples per class.")
+@click.option("--attack-opt", multiple=True, help="Audit attack parameter: ATTACK.PARAM=VALUE (repeatable).")
+@click.option("--out", "out_dir", default="robaudit-remediate", show_default=True, type=click.Path())
+def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir,
+              limit, n_per_class, student, student_init, method, beta, tau_min, tau_max, alpha,
+              reference_compat, reweight, method_opt, epochs, lr, momentum, weight_decay, batch_size,
+              milestones, steps, eps, val_per_class, no_augment, seed, device, precision, resume,
+              audit_attacks, audit_limit, audit_n_per_class, attack_opt, out_dir):
+    """Distill a fairer robust student (ABSLD by default), then audit teacher and student."""
+    from robaudit.audit.datasets import load_dataset
+    from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps, resolve_device
+    from robaudit.remediate import METHODS
+    from robaudit.remediate.train import RemediateConfig
+
+    method_cls = METHODS.get(method)
+    options = _parse_attack_opts([f"m.{kv}" for kv in method_opt], None).get("m", {})
+    for key, value in (("beta", beta), ("alpha", alpha), ("reweight", reweight)):
+        if value is not None:
+            options[key] = value
+    if reference_compat:
+        options["reference_compat"] = True
+    if (tau_min is None) != (tau_max is None):
+        raise UserError("give both --tau-min and --tau-max, or neither")
+    if tau_min is not None:
+        options["tau_bounds"] = (tau_min, tau_max)
+    if method_cls.needs_teacher and teacher_path is None:
+        raise UserError(f"method {method} distills from a teacher: pass --teacher MODEL")
+    if student is None and student_init is None:
+        student = "resnet18"
+    check_subset_args(limit, n_per_class)
+    check_subset_args(audit_limit, audit_n_per_class)
+    eps_value = parse_eps(eps)
+    audit_cfg = ScanConfig(out_dir=None, attacks=audit_attacks.split(","), eps=eps_value, seed=seed,
+                           device=device, attack_overrides=_parse_attack_opts(attack_opt, None),
+                           command=_command_line())
+    build_attacks(audit_cfg)
+    torch_device = resolve_device(device)
+    try:
+        milestone_list = [int(m) for m in milestones.split(",")] if milestones else None
+    except ValueError:
+        raise UserError(f"malformed --milestones {milestones!r}: give epochs like 215,260,285")
+
+    train = load_dataset(dataset, split="train", data_dir=data_dir, limit=limit, n_per_class=n_per_class)
+    test = load_dataset(dataset, split="test", data_dir=data_dir, limit=audit_limit, n_per_class=audit_n_per_class)
+    teacher = None
+    if teacher_path is not None:
+        teacher = load_model_from_options(teacher_path, model_format=model_format, arch=arch,
+                                          num_classes=num_classes, trust_pickle=trust_pickle, mean=mean,
+                                          std=std, device=torch_device, dataset_classes=train.classes,
+                                          input_shape=tuple(train.x.shape[1:]))
+    out = Path(out_dir)
+    cfg = RemediateConfig(
+        out_dir=out, method=method, method_options=options, student=student, student_init=student_init,
+        dataset=train.name, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+        batch_size=batch_size, milestones=milestone_list, steps=steps, eps=eps_value,
+        val_per_class=val_per_class, augment=not no_augment, seed=seed, device=str(torch_device),
+        precision=precision, resume=resume, audit_attacks=audit_cfg.attacks,
+        audit_overrides=audit_cfg.attack_overrides, command=_command_line())
+    _remediate_and_compare(cfg, audit_cfg, teacher, train, test)
+
+
+def _remediate_and_compare(cfg, audit_cfg, teacher, train, test):
+    """Teacher audit (before) -> training -> student audit (after) -> comparison report.
+
+    Every audit goes through engine.run_scan.
+    """
+    from dataclasses import replace
+
+    from robaudit.remediate.train import run_remediate
+
+    out = Path(cfg.out_dir)
+    before = None
+    if teacher is not None:
+        click.echo(f"remediate: auditing the teacher into {out / 'teacher'} ...", err=True)
+        before = _run_and_print(replace(audit_cfg, out_dir=out / "teacher"), teacher, test)
+    click.echo(f"remediate: training a {cfg.student or 'student'} with {cfg.method} "
+               f"for {cfg.epochs} epochs ...", err=True)
+    summary = run_remediate(cfg, teacher=teacher, train_data=train, test_data=test)
+    _print_comparison(before, summary["student_results"], out)
+    return summary
+
+
+def _print_comparison(before, after, out: Path):
+    """Student table, before/after summary line, and the comparison report (or a plain one)."""
+    from robaudit.audit.report import render_report
+
+    click.echo(format_table(after))
+    render_report(after, out / "report.html", baseline=before)
+    if before is not None:
+        b = before.get("ensemble") or before["attacks"]["clean"]
+        a = after.get("ensemble") or after["attacks"]["clean"]
+        nsd = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        click.echo(f"worst class: before {b['worst_class']} {100 * b['worst']:.1f}% -> after "
+                   f"{a['worst_class']} {100 * a['worst']:.1f}%; NSD {nsd(b['nsd'])} -> {nsd(a['nsd'])}")
+    click.echo(f"wrote {out / 'report.html'} and {out / 'student' / 'results.json'}")

@@ -1,0 +1,90 @@
+/* robaudit report: draws the plotly figures and makes tables sortable.
+   Progressive enhancement only: without JavaScript every table is still there,
+   already sorted least-robust first. */
+(function () {
+  "use strict";
+
+  function readJson(id) {
+    var element = document.getElementById(id);
+    return element ? JSON.parse(element.textContent) : null;
+  }
+
+  function drawFigures() {
+    var figures = readJson("figures-data");
+    var config = readJson("plotly-config");
+    if (!figures || typeof window.Plotly === "undefined") {
+      return;
+    }
+    var drawn = [];
+    Object.keys(figures).forEach(function (id) {
+      var element = document.getElementById(id);
+      if (element) {
+        window.Plotly.newPlot(element, figures[id].data, figures[id].layout, config);
+        drawn.push(element);
+      }
+    });
+    // Paper is narrower than most screens: fit the charts to the printed width and back.
+    function fitAll() {
+      drawn.forEach(function (element) { window.Plotly.Plots.resize(element); });
+    }
+    window.addEventListener("beforeprint", fitAll);
+    window.addEventListener("afterprint", fitAll);
+  }
+
+  function cellValue(row, column, type) {
+    var cell = row.children[column];
+    if (!cell) {
+      return type === "number" ? -Infinity : "";
+    }
+    var raw = cell.hasAttribute("data-sort") ? cell.getAttribute("data-sort") : cell.textContent.trim();
+    if (type === "number") {
+      var value = parseFloat(raw);
+      return isNaN(value) ? -Infinity : value;
+    }
+    return raw.toLowerCase();
+  }
+
+  function sortTable(table, column, type, direction) {
+    var body = table.tBodies[0];
+    var rows = Array.prototype.slice.call(body.rows);
+    rows.forEach(function (row, position) {
+      if (!row.hasAttribute("data-original")) {
+        row.setAttribute("data-original", String(position));
+      }
+    });
+    rows.sort(function (a, b) {
+      var x = cellValue(a, column, type);
+      var y = cellValue(b, column, type);
+      if (x < y) { return -direction; }
+      if (x > y) { return direction; }
+      return Number(a.getAttribute("data-original")) - Number(b.getAttribute("data-original"));
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+  }
+
+  function makeSortable(table) {
+    var headers = table.tHead ? table.tHead.rows[table.tHead.rows.length - 1].cells : [];
+    Array.prototype.forEach.call(headers, function (header, column) {
+      var type = header.getAttribute("data-sort-type");
+      if (!type) {
+        return;
+      }
+      var button = document.createElement("button");
+      button.type = "button";
+      button.className = "sort-button";
+      while (header.firstChild) {
+        button.appendChild(header.firstChild);
+      }
+      header.appendChild(button);
+      button.addEventListener("click", function () {
+        var ascending = header.getAttribute("aria-sort") !== "ascending";
+        Array.prototype.forEach.call(headers, function (other) { other.removeAttribute("aria-sort"); });
+        header.setAttribute("aria-sort", ascending ? "ascending" : "descending");
+        sortTable(table, column, type, ascending ? 1 : -1);
+      });
+    });
+  }
+
+  Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), makeSortable);
+  drawFigures();
+})();
