@@ -12,17 +12,21 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from robaudit.audit.attacks.ascent import input_grad
-
 
 def _flag(id: str, severity: str, message: str, why: str) -> Dict[str, str]:
     return {"id": id, "severity": severity, "message": message, "why": why}
 
 
 def model_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                 white_box: bool) -> List[Dict[str, str]]:
-    """Checks on one probe batch (already on the model's device), before attacking."""
+                 white_box: bool, info: Optional[dict] = None) -> List[Dict[str, str]]:
+    """Checks on one probe batch (already on the model's device), before attacking.
+
+    `info`, when given, receives {"input_gradients": bool} for white-box models: False
+    when the loss has no gradient path back to the input at all (the engine then refuses
+    white-box attacks up front instead of failing half-way through a scan).
+    """
     flags = []
+    info = {} if info is None else info
     with torch.no_grad():
         z1 = model(x).float()
         z2 = model(x).float()
@@ -41,7 +45,8 @@ def model_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
             "the model's outputs are non-negative and sum to 1 on every row: they look like "
             "probabilities (softmax), not logits",
             "cross-entropy over softmax(probabilities) has tiny, saturated gradients and makes a "
-            "model look robust; export the model without its final softmax"))
+            "model look robust; pass --output probs (or --output auto) so robaudit attacks their "
+            "logarithm, or export the model without its final softmax"))
     top2 = z1.topk(min(2, z1.shape[1]), dim=1).values
     tied = (top2[:, 0] == top2[:, -1]).float().mean().item() if z1.shape[1] > 1 else 0.0
     zeros = (z1 == 0).float().mean().item()
@@ -53,16 +58,53 @@ def model_checks(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
             "flat, clipped outputs give zero gradients, so gradient attacks fail and the robust "
             "numbers of gradient attacks are only upper bounds"))
     if white_box:
-        _, grad = input_grad(lambda xa: F.cross_entropy(model(xa).float(), y, reduction="none"), x)
-        zero_rows = (grad.flatten(1).abs().amax(dim=1) == 0).float().mean().item()
-        if zero_rows > 0.1:
+        grad = _probe_input_grad(model, x, y)
+        info["input_gradients"] = grad is not None
+        if grad is None:
             flags.append(_flag(
                 "zero_gradients", "warning",
-                f"the input gradient of the loss is exactly zero for {zero_rows:.0%} of probe inputs",
-                "gradient attacks cannot move those points, so their robust numbers are upper "
-                "bounds (gradient masking); the black-box Square attack (--attacks square) does "
-                "not need gradients"))
+                "the model's outputs have no gradient with respect to its inputs (detached or "
+                "non-differentiable forward)",
+                "gradient attacks cannot run on such a model; the black-box Square attack "
+                "(--attacks square) does not need gradients"))
+        else:
+            zero_rows = (grad.flatten(1).abs().amax(dim=1) == 0).float().mean().item()
+            if zero_rows > 0.1:
+                flags.append(_flag(
+                    "zero_gradients", "warning",
+                    f"the input gradient of the loss is exactly zero for {zero_rows:.0%} of probe inputs",
+                    "gradient attacks cannot move those points, so their robust numbers are upper "
+                    "bounds (gradient masking); the black-box Square attack (--attacks square) does "
+                    "not need gradients"))
     return flags
+
+
+def _probe_input_grad(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Optional[torch.Tensor]:
+    """d CE / d x on the probe batch, or None when the output does not depend on x through autograd."""
+    x_in = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x_in).float(), y, reduction="none")
+        if not loss.requires_grad:
+            return None
+        (grad,) = torch.autograd.grad(loss.sum(), x_in, allow_unused=True)
+    return grad
+
+
+def _boundary_hint(results: dict) -> str:
+    """What robaudit fed the model (results model.adaptations) and the boundary flags to try."""
+    adapt = (results.get("model") or {}).get("adaptations") or {}
+    layout_info = adapt.get("input_layout") or {}
+    layout = layout_info.get("layout", "nchw")
+    value_range = (adapt.get("input_range") or {}).get("range", "0-1")
+    fed = (f"robaudit fed it {layout.upper()} images in {value_range.replace('-', '..')} "
+           + ("normalised by --mean/--std" if adapt.get("normalize") else "without --mean/--std"))
+    if layout_info.get("requested") == "auto" and layout_info.get("reason"):
+        fed += f" (layout: {layout_info['reason']})"
+    other_range = "0-255" if value_range == "0-1" else "0-1"
+    other_layout = "nhwc" if layout == "nchw" else "nchw"
+    return (f"{fed}; try --input-range {other_range}, --input-layout {other_layout}, --mean/--std "
+            f"with the model's normalisation, or --class-map FILE if its class order differs "
+            f"from the dataset's")
 
 
 def result_checks(results: dict) -> List[Dict[str, str]]:
@@ -79,9 +121,8 @@ def result_checks(results: dict) -> List[Dict[str, str]]:
         flags.append(_flag(
             "near_chance", "warning",
             f"clean accuracy {clean:.1%} is near chance (1/{num_classes} = {1 / num_classes:.1%}): "
-            "the model probably sees its inputs differently from how it was trained; check "
-            "--mean/--std normalisation, the input range and layout, and the class order "
-            "(--class-names / --class-map)",
+            "the model probably sees its inputs differently from how it was trained; "
+            + _boundary_hint(results),
             "robustness numbers of a model that is wrong on clean inputs say nothing about "
             "the model as deployed"))
     pgd, fgsm = avg("pgd"), avg("fgsm")
@@ -118,8 +159,9 @@ def result_checks(results: dict) -> List[Dict[str, str]]:
                 f"{name} did not fool a single clean-correct point at eps={eps:.4g}",
                 "at a non-zero eps some points are almost always fooled; none means the attack "
                 "could not use the model's gradients (masking) or eps is far too small"))
-    small = [c["class"] for c in results["attacks"].get("clean", {}).get("per_class", [])
-             if 0 < c["n"] < 30]
+    # class sizes are the same in every block: read them from whichever ran
+    sized = results["attacks"].get("clean") or next(iter(attacks.values()), None) or results.get("ensemble")
+    small = [c["class"] for c in (sized or {}).get("per_class", []) if 0 < c["n"] < 30]
     if small:
         flags.append(_flag(
             "small_classes", "info",

@@ -18,7 +18,7 @@ import math
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from fractions import Fraction
 from importlib import metadata
@@ -31,8 +31,9 @@ from tqdm.auto import tqdm
 
 import robaudit
 from robaudit.audit import checks as checks_mod
+from robaudit.audit import distributed
 from robaudit.audit.attacks import create_attack, list_attacks
-from robaudit.audit.io import check_writable_dir, write_json_atomic, write_npz_atomic
+from robaudit.audit.io import check_writable_dir, write_npz_atomic, write_text_atomic
 from robaudit.audit.metrics import class_summary, target_flow
 from robaudit.errors import GateFailed, UserError
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd", "cw", "aa")
 STATE_DIR = ".robaudit-state"
+CHUNK_KEYS = {"robust", "adv_pred", "seconds", "ex_pos", "ex_img"}
 EXAMPLES_PER_CLASS = 4      # fooled examples kept per class and attack (for the report)
 REPORT_WORST_CLASSES = 3    # the report shows examples for this many worst classes
 REPORT_PAIRS_PER_CLASS = 3
@@ -80,11 +82,11 @@ def parse_eps(text) -> float:
     """'8/255', '0.031', '8' (read as k/255 when > 1) -> float in [0, 1]."""
     try:
         value = float(Fraction(str(text).strip()))
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError):
         raise UserError(f"malformed --eps {text!r}: give a fraction like 8/255 or a number like 0.031")
     if value > 1:
         value = value / 255.0
-    if not (0 <= value <= 1) or math.isnan(value):
+    if not (math.isfinite(value) and 0 <= value <= 1):
         raise UserError(f"--eps {text!r} is outside [0, 1] (eps is in [0,1] image units, e.g. 8/255)")
     return value
 
@@ -96,17 +98,22 @@ def eps_as_255(eps: float) -> float:
 def resolve_device(name: str) -> torch.device:
     name = (name or "auto").lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda")
+    ctx = distributed.current()
+    if device.type == "cuda" and device.index is None and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)  # torchrun: one GPU per local rank
+    return device
 
 
 def build_attacks(cfg: ScanConfig):
-    names = [a.strip().lower() for a in cfg.attacks if a.strip()]
+    requested = cfg.attacks.split(",") if isinstance(cfg.attacks, str) else cfg.attacks
+    names = [a.strip().lower() for a in requested if a.strip()]
     if not names:
         raise UserError("no attacks given: pass e.g. --attacks clean,pgd")
     unknown = [a for a in names if a not in list_attacks()]
@@ -128,8 +135,28 @@ def build_attacks(cfg: ScanConfig):
     return attacks
 
 
+def check_gate_config(cfg: ScanConfig, attack_names: Sequence[str]) -> None:
+    """Reject gates that can never be evaluated sensibly, before anything runs."""
+    if cfg.fail_under_worst is not None and not (
+            math.isfinite(cfg.fail_under_worst) and 0 <= cfg.fail_under_worst <= 1):
+        raise UserError(f"--fail-under-worst {cfg.fail_under_worst} must be a fraction in [0, 1] "
+                        "(e.g. 0.3 for 30%)")
+    if cfg.fail_over_nsd is not None and not (math.isfinite(cfg.fail_over_nsd) and cfg.fail_over_nsd >= 0):
+        raise UserError(f"--fail-over-nsd {cfg.fail_over_nsd} must be a non-negative number")
+    if cfg.gate_attack is not None and cfg.gate_attack not in (*attack_names, "ensemble"):
+        raise UserError(f"the gate reads attack {cfg.gate_attack!r}, which is not in --attacks")
+
+
 def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _hash_array(array) -> str:
+    """Content hash of a tensor/array (dtype, shape and bytes), without a Python loop."""
+    arr = np.ascontiguousarray(array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else array)
+    digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    digest.update(arr.reshape(-1).view(np.uint8) if arr.size else b"")
+    return digest.hexdigest()[:16]
 
 
 def _versions() -> dict:
@@ -162,14 +189,15 @@ def _to_uint8_hwc(x: torch.Tensor) -> np.ndarray:
     return (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def _first_k_per_class(positions: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
-    """The first k entries of each label, in the given order (vectorised cumcount)."""
-    if len(positions) == 0:
-        return positions
+def _first_k_per_class(labels: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the first k entries of each label, in the given order (vectorised cumcount)."""
+    labels = np.asarray(labels)
+    if len(labels) == 0:
+        return np.zeros(0, dtype=np.int64)
     order = np.argsort(labels, kind="stable")
     sorted_labels = labels[order]
     rank = np.arange(len(order)) - np.searchsorted(sorted_labels, sorted_labels, side="left")
-    return np.sort(positions[order[rank < k]])
+    return np.sort(order[rank < k]).astype(np.int64)
 
 
 class ScanState:
@@ -179,34 +207,68 @@ class ScanState:
         self.root = root
         self.run_key = _hash(run_key)
 
-    def chunk_path(self, attack_name: str, attack_params: dict, start: int, end: int) -> Path:
+    def chunk_path(self, attack_name: str, attack_params: dict, positions: np.ndarray) -> Path:
         key = _hash({"run": self.run_key, "attack": attack_params})
-        return self.root / f"{attack_name}-{key}" / f"{start:09d}-{end:09d}.npz"
+        tag = hashlib.sha256(np.ascontiguousarray(positions, dtype=np.int64).tobytes()).hexdigest()[:12]
+        return self.root / f"{attack_name}-{key}" / f"{int(positions[0]):09d}-{int(positions[-1]):09d}-{tag}.npz"
 
-    def load(self, path: Path) -> Optional[dict]:
+    def load(self, path: Path, positions: np.ndarray, num_classes: int) -> Optional[dict]:
+        """The finished chunk over `positions`, or None (absent, unreadable or malformed)."""
         if not path.exists():
             return None
+        size = len(positions)
         try:
-            with np.load(path) as f:
-                return {k: f[k] for k in f.files}
+            with np.load(path, allow_pickle=False) as f:
+                chunk = {k: f[k] for k in f.files}
+            ok = (set(chunk) >= CHUNK_KEYS and chunk["robust"].shape == (size,)
+                  and chunk["robust"].dtype == np.bool_
+                  and chunk["adv_pred"].shape == (size,) and chunk["seconds"].shape == ()
+                  and chunk["ex_pos"].ndim == 1 and chunk["ex_img"].ndim == 4
+                  and len(chunk["ex_img"]) == len(chunk["ex_pos"]))
+            ok = ok and bool(((chunk["adv_pred"] >= 0) & (chunk["adv_pred"] < num_classes)).all()
+                             and np.isin(chunk["ex_pos"], positions).all())
         except Exception:  # a damaged chunk is recomputed, never trusted
+            ok = False
+        if not ok:
             log.warning("ignoring unreadable state chunk %s", path)
             return None
+        return chunk
 
 
-def clean_predictions(module, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    """argmax predictions for all of x; non-finite logits are a user-facing error."""
+def clean_predictions(module, x: torch.Tensor, batch_size: int, device,
+                      num_classes: Optional[int] = None, positions: Optional[np.ndarray] = None) -> torch.Tensor:
+    """argmax predictions for x[positions] (all of x by default); non-finite logits or a wrong
+    class count are user-facing errors."""
     preds = []
     bad = 0
+    if positions is None:
+        positions = np.arange(len(x), dtype=np.int64)
     with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            logits = module(x[start:start + batch_size].to(device)).float()
+        for start in range(0, len(positions), batch_size):
+            logits = module(x[torch.from_numpy(positions[start:start + batch_size])].to(device)).float()
+            if logits.ndim != 2 or (num_classes is not None and logits.shape[1] != num_classes):
+                raise UserError(f"the model returns logits of shape {list(logits.shape)} but the dataset "
+                                f"has {num_classes} classes; expected [batch, {num_classes}]")
             bad += int((~torch.isfinite(logits)).any(dim=1).sum())
             preds.append(logits.argmax(dim=1).cpu())
     if bad:
-        raise UserError(f"the model produced NaN or infinite logits on {bad} of {len(x)} inputs; "
-                        "check the input range (--mean/--std) and the exported graph")
+        raise UserError(f"the model produced NaN or infinite logits on {bad} of {len(positions)} inputs; "
+                        "check --input-range, --mean/--std and the exported graph")
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+
+
+def _gathered_clean_predictions(module, data, cfg, device, num_classes, positions) -> torch.Tensor:
+    """Each rank predicts its shard; every rank gets the full vector (subset order)."""
+    error, mine = None, None
+    try:
+        mine = clean_predictions(module, data.x, cfg.batch_size, device, num_classes, positions)
+    except UserError as err:
+        error = err
+    distributed.agree_or_raise(error)
+    full = torch.zeros(len(data.y), dtype=torch.long)
+    for pos, pred in distributed.all_gather_objects((positions, mine)):
+        full[torch.from_numpy(pos)] = pred
+    return full
 
 
 def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> dict:
@@ -217,31 +279,48 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
     if cfg.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     attacks = build_attacks(cfg)
+    check_gate_config(cfg, list(attacks))
+    if not model.white_box and all(attack.white_box for attack in attacks.values()):
+        raise UserError(f"none of the requested attacks can run: white-box attacks are refused for this "
+                        f"model ({model.refusal or 'no trustworthy gradients'}); add the black-box "
+                        "attack 'square' (and 'clean')")
     num_classes = len(data.classes)
     if len(data.y) == 0:
         raise UserError("the dataset selection is empty; check --limit / --n-per-class")
-    module = model.module.to(device).eval()
-
-    # Everything that can fail on the user's input fails here, before a file is written.
-    clean_pred = clean_predictions(module, data.x, cfg.batch_size, device)
-    probe = slice(0, min(64, len(data.y)))
-    flags = checks_mod.model_checks(module, data.x[probe].to(device).contiguous(),
-                                    data.y[probe].to(device), model.white_box)
+    # Everything that can fail on the user's input fails here, before a file is written
+    # (or a folder created): the cheap --out check first, then the model's outputs.
     out_dir = Path(cfg.out_dir) if cfg.out_dir is not None else None
     if out_dir is not None:
         try:
             check_writable_dir(out_dir)
         except OSError as err:
             raise UserError(f"cannot write to --out {out_dir}: {err.strerror or err}")
+    module = model.module.to(device).eval()
 
-    run_key = {"model": model.sha256, "index": _hash(data.index.tolist()), "y": _hash(data.y.tolist()),
+    ctx = distributed.current()
+    n = len(data.y)
+    y_np = data.y.numpy()
+    my_positions = distributed.shard_positions(y_np, ctx.rank, ctx.world_size)
+    clean_pred = _gathered_clean_predictions(module, data, cfg, device, num_classes, my_positions)
+    probe = slice(0, min(64, len(data.y)))
+    probe_info: dict = {}
+    flags = checks_mod.model_checks(module, data.x[probe].to(device).contiguous(),
+                                    data.y[probe].to(device), model.white_box, info=probe_info)
+    if probe_info.get("input_gradients") is False:
+        white = [name for name, attack in attacks.items() if attack.white_box]
+        if white:
+            raise UserError(f"the model gives no input gradients, so the white-box attack {white[0]!r} "
+                            "cannot run on it; use the black-box attack 'square'")
+
+    # A chunk is only reused by the exact same model, data, predictions and settings.
+    run_key = {"model": model.sha256, "index": _hash_array(data.index), "y": _hash_array(data.y),
+               "x": _hash_array(data.x), "clean_pred": _hash_array(clean_pred),
+               "dataset": [data.name, data.split, list(data.classes)],
                "eps": cfg.eps, "seed": cfg.seed, "batch": cfg.batch_size, "device": str(device),
                "iterates": cfg.iterates, "score": cfg.score,
                "adapt": _hash(model.adaptations)}
     state = ScanState(out_dir / STATE_DIR, run_key) if out_dir is not None else None
 
-    n = len(data.y)
-    y_np = data.y.numpy()
     per_sample = {"index": data.index.numpy().astype(np.int64), "y": y_np.astype(np.int64),
                   "clean_pred": clean_pred.numpy().astype(np.int64)}
     attack_blocks, flows, seconds, kept_examples, config_attacks = {}, {}, {}, {}, {}
@@ -252,26 +331,15 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
         if attack.white_box and not model.white_box:
             flags.append(checks_mod.refused_attack_flag(name, model.refusal or "no gradients"))
             continue
-        robust = np.zeros(n, dtype=bool)
-        adv_pred = clean_pred.numpy().copy()
-        ex_pos, ex_img = [], []
-        spent = 0.0
-        bar = tqdm(total=n, desc=f"{name:>6}", unit="img", file=sys.stderr, disable=None, leave=False)
-        for start in range(0, n, cfg.batch_size):
-            end = min(start + cfg.batch_size, n)
-            path = state.chunk_path(name, params, start, end) if state else None
-            chunk = state.load(path) if state else None
-            if chunk is None:
-                chunk = _attack_chunk(attack, module, data, clean_pred, start, end, device)
-                if state:
-                    write_npz_atomic(path, **chunk)
-            robust[start:end] = chunk["robust"]
-            adv_pred[start:end] = chunk["adv_pred"]
-            ex_pos.append(chunk["ex_pos"])
-            ex_img.append(chunk["ex_img"])
-            spent += float(chunk["seconds"])
-            bar.update(end - start)
-        bar.close()
+        shard, error = None, None
+        try:
+            shard = _attack_shard(name, attack, params, module, data, clean_pred, my_positions,
+                                  cfg.batch_size, device, state, num_classes)
+        except Exception as err:  # every rank must learn of it, or the others wait forever
+            error = err
+        distributed.agree_or_raise(error)
+        robust, adv_pred, ex_pos, ex_img, spent = _merge_shards(
+            distributed.all_gather_objects(shard), clean_pred.numpy(), y_np, data.x.shape[1:])
         seconds[name] = round(spent, 3)
         robust_by_attack[name] = robust
         per_sample[f"robust_{name}"] = robust
@@ -284,7 +352,7 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
         attack_blocks[name] = block
         if name != "clean":
             flows[name] = target_flow(y_np, adv_pred, fooled, num_classes)
-            kept_examples[name] = (np.concatenate(ex_pos), np.concatenate(ex_img))
+            kept_examples[name] = (ex_pos, ex_img)
 
     ensemble = None
     attacked = [a for a in robust_by_attack if a != "clean"]
@@ -323,7 +391,7 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
         "environment": {**_versions(), "device": str(device),
                         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                         else platform.processor() or platform.machine()),
-                        "world_size": 1},
+                        "world_size": ctx.world_size},
         "notes": _notes(cfg),
         "training": None,
     }
@@ -331,9 +399,12 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
         results.update(extra)
     results["checks"] = flags + checks_mod.result_checks(results)
 
-    if out_dir is not None:
+    if out_dir is not None and ctx.is_main:
+        # Serialise first: a value JSON cannot hold fails here, before either file is written.
+        # results.json goes last, so its presence means the whole scan finished.
+        results_text = json.dumps(results, indent=2, allow_nan=False) + "\n"
         write_npz_atomic(out_dir / "samples.npz", **per_sample)
-        write_json_atomic(out_dir / "results.json", results)
+        write_text_atomic(out_dir / "results.json", results_text)
         if cfg.write_report:
             from robaudit.audit.report import render_report
 
@@ -359,11 +430,65 @@ def _fooled(robust, adv_pred, y, clean_pred, score) -> np.ndarray:
     return (clean_pred == y) & ~robust
 
 
-def _attack_chunk(attack, module, data, clean_pred, start, end, device) -> dict:
-    x = data.x[start:end].to(device).contiguous()
-    y = data.y[start:end].to(device)
-    index = data.index[start:end].to(device)
-    cp = clean_pred[start:end].to(device)
+def _attack_shard(name, attack, params, module, data, clean_pred, positions, batch_size, device,
+                  state, num_classes) -> dict:
+    """Attack this rank's positions chunk by chunk, reusing finished chunks from `state`."""
+    y_np = data.y.numpy()
+    robust = np.zeros(len(positions), dtype=bool)
+    adv_pred = np.zeros(len(positions), dtype=np.int64)
+    ex_pos = np.zeros(0, dtype=np.int64)
+    ex_img = np.zeros((0, data.x.shape[2], data.x.shape[3], data.x.shape[1]), np.uint8)
+    spent = 0.0
+    bar = tqdm(total=len(positions), desc=f"{name:>6}", unit="img", file=sys.stderr,
+               disable=None if distributed.current().is_main else True, leave=False)
+    try:
+        for start in range(0, len(positions), batch_size):
+            chunk_positions = positions[start:start + batch_size]
+            path = state.chunk_path(name, params, chunk_positions) if state else None
+            chunk = state.load(path, chunk_positions, num_classes) if state else None
+            if chunk is None:
+                chunk = _attack_chunk(attack, module, data, clean_pred, chunk_positions, device)
+                if state:
+                    write_npz_atomic(path, **chunk)
+            robust[start:start + len(chunk_positions)] = chunk["robust"]
+            adv_pred[start:start + len(chunk_positions)] = chunk["adv_pred"]
+            # keep only the first EXAMPLES_PER_CLASS fooled images per class overall
+            ex_pos = np.concatenate([ex_pos, chunk["ex_pos"].astype(np.int64)])
+            ex_img = np.concatenate([ex_img, chunk["ex_img"]])
+            keep = _first_k_per_class(y_np[ex_pos], EXAMPLES_PER_CLASS)
+            ex_pos, ex_img = ex_pos[keep], ex_img[keep]
+            spent += float(chunk["seconds"])
+            bar.update(len(chunk_positions))
+    finally:
+        bar.close()
+    return {"positions": positions, "robust": robust, "adv_pred": adv_pred,
+            "ex_pos": ex_pos, "ex_img": ex_img, "seconds": spent}
+
+
+def _merge_shards(shards, clean_pred, y_np, image_shape):
+    """Per-rank shard results -> full per-sample arrays in subset order (same on every rank)."""
+    n = len(y_np)
+    robust = np.zeros(n, dtype=bool)
+    adv_pred = clean_pred.copy()
+    ex_pos = np.concatenate([s["ex_pos"] for s in shards])
+    ex_img = np.concatenate([s["ex_img"] for s in shards]) if len(ex_pos) else np.zeros(
+        (0, image_shape[1], image_shape[2], image_shape[0]), np.uint8)
+    for shard in shards:
+        robust[shard["positions"]] = shard["robust"]
+        adv_pred[shard["positions"]] = shard["adv_pred"]
+    order = np.argsort(ex_pos, kind="stable")  # dataset order, whatever the sharding
+    ex_pos, ex_img = ex_pos[order], ex_img[order]
+    keep = _first_k_per_class(y_np[ex_pos], EXAMPLES_PER_CLASS)
+    # seconds: the slowest rank's compute time (what the user waited for)
+    return robust, adv_pred, ex_pos[keep], ex_img[keep], max(s["seconds"] for s in shards)
+
+
+def _attack_chunk(attack, module, data, clean_pred, positions, device) -> dict:
+    take = torch.from_numpy(positions)
+    x = data.x[take].to(device).contiguous()
+    y = data.y[take].to(device)
+    index = data.index[take].to(device)
+    cp = clean_pred[take].to(device)
     t0 = time.perf_counter()
     out = attack(module, x, y, index, cp)
     if device.type == "cuda":
@@ -371,49 +496,72 @@ def _attack_chunk(attack, module, data, clean_pred, start, end, device) -> dict:
     spent = time.perf_counter() - t0
     robust = out.robust.cpu().numpy().astype(bool)
     adv_pred = out.adv_pred.cpu().numpy().astype(np.int64)
-    y_np = data.y[start:end].numpy()
-    fooled = _fooled(robust, adv_pred, y_np, clean_pred[start:end].numpy(), attack.score)
-    local = _first_k_per_class(np.flatnonzero(fooled), y_np[fooled], EXAMPLES_PER_CLASS)
+    y_np = data.y[take].numpy()
+    fooled = _fooled(robust, adv_pred, y_np, clean_pred[take].numpy(), attack.score)
+    fooled_at = np.flatnonzero(fooled)
+    local = fooled_at[_first_k_per_class(y_np[fooled_at], EXAMPLES_PER_CLASS)]
     return {"robust": robust, "adv_pred": adv_pred, "seconds": np.float64(spent),
-            "ex_pos": (local + start).astype(np.int64),
+            "ex_pos": positions[local].astype(np.int64),
             "ex_img": _to_uint8_hwc(out.x_adv[torch.as_tensor(local, dtype=torch.long, device=out.x_adv.device)])
             if len(local) else np.zeros((0, x.shape[2], x.shape[3], x.shape[1]), np.uint8)}
 
 
 def _select_examples(kept, attack_blocks, ensemble, data, per_sample) -> List[dict]:
-    """A few clean/adversarial pairs for the worst classes (by ensemble robust accuracy)."""
+    """A few clean/adversarial pairs for the worst classes (by ensemble robust accuracy).
+
+    `kept[attack] = (positions, images)` holds at most EXAMPLES_PER_CLASS fooled points
+    per class and attack; the candidates of a class are taken in attack order, then
+    dataset order, each point once.
+    """
     if not kept:
         return []
     ranking = ensemble or attack_blocks[next(iter(kept))]
-    classes = sorted((c for c in ranking["per_class"] if c["n"] > 0), key=lambda c: c["accuracy"])
+    evaluated = [k for k, c in enumerate(ranking["per_class"]) if c["n"] > 0]
+    # sort by accuracy; ties go to the lower class index (sorted is stable)
+    worst = sorted(evaluated, key=lambda k: ranking["per_class"][k]["accuracy"])[:REPORT_WORST_CLASSES]
+    names = list(kept)
+    positions = np.concatenate([kept[a][0] for a in names]).astype(np.int64)
+    if len(positions) == 0:
+        return []
+    images = np.concatenate([kept[a][1] for a in names])
+    attack_of = np.repeat(np.arange(len(names)), [len(kept[a][0]) for a in names])
+    labels = per_sample["y"][positions]
     examples = []
-    for entry in classes[:REPORT_WORST_CLASSES]:
-        k = data.classes.index(entry["class"])
-        shown = set()
-        for name, (positions, images) in kept.items():
-            for pos, img in zip(positions.tolist(), images):
-                if len(shown) >= REPORT_PAIRS_PER_CLASS:
-                    break
-                if int(data.y[pos]) != k or pos in shown:
-                    continue
-                shown.add(pos)
-                examples.append({
-                    "attack": name, "index": int(data.index[pos]), "class": data.classes[k],
-                    "clean_pred": data.classes[int(per_sample["clean_pred"][pos])],
-                    "adv_pred": data.classes[int(per_sample[f"adv_pred_{name}"][pos])],
-                    "clean_png": _png_b64(_to_uint8_hwc(data.x[pos:pos + 1])[0]),
-                    "adv_png": _png_b64(img),
-                })
+    for k in worst:
+        candidates = np.flatnonzero(labels == k)
+        _, first = np.unique(positions[candidates], return_index=True)
+        chosen = candidates[np.sort(first)][:REPORT_PAIRS_PER_CLASS]
+        if len(chosen) == 0:
+            continue
+        clean_imgs = _to_uint8_hwc(data.x[torch.as_tensor(positions[chosen])])
+        for j, c in enumerate(chosen.tolist()):
+            name, pos = names[attack_of[c]], int(positions[c])
+            examples.append({
+                "attack": name, "index": int(per_sample["index"][pos]), "class": data.classes[k],
+                "clean_pred": data.classes[int(per_sample["clean_pred"][pos])],
+                "adv_pred": data.classes[int(per_sample[f"adv_pred_{name}"][pos])],
+                "clean_png": _png_b64(clean_imgs[j]),
+                "adv_png": _png_b64(images[c]),
+            })
     return examples
 
 
 def check_gates(results: dict, cfg: ScanConfig) -> None:
-    block = results["attacks"].get(cfg.gate_attack) if cfg.gate_attack else (
-        results["ensemble"] or results["attacks"].get("clean"))
-    if block is None:
+    if cfg.fail_under_worst is None and cfg.fail_over_nsd is None:
         return
+    if cfg.gate_attack == "ensemble":
+        label, block = "ensemble", results["ensemble"]
+    elif cfg.gate_attack:
+        label, block = cfg.gate_attack, results["attacks"].get(cfg.gate_attack)
+    elif results["ensemble"]:
+        label, block = "ensemble", results["ensemble"]
+    else:
+        label, block = "clean", results["attacks"].get("clean")
+    if block is None or block["worst"] is None:
+        # A CI gate fails closed: numbers that were not produced cannot pass it.
+        raise GateFailed(f"gate failed: no {label} results to check (was the attack refused?)")
     if cfg.fail_under_worst is not None and block["worst"] < cfg.fail_under_worst:
-        raise GateFailed(f"gate failed: worst-class accuracy {block['worst']:.4f} "
+        raise GateFailed(f"gate failed: {label} worst-class accuracy {block['worst']:.4f} "
                          f"({block['worst_class']}) is under --fail-under-worst {cfg.fail_under_worst}")
     if cfg.fail_over_nsd is not None and block["nsd"] is not None and block["nsd"] > cfg.fail_over_nsd:
-        raise GateFailed(f"gate failed: NSD {block['nsd']:.4f} is over --fail-over-nsd {cfg.fail_over_nsd}")
+        raise GateFailed(f"gate failed: {label} NSD {block['nsd']:.4f} is over --fail-over-nsd {cfg.fail_over_nsd}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -20,8 +21,8 @@ def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
-        with os.fdopen(fd, mode) as fh:
+        with os.fdopen(fd, mode) as fh:  # owns fd from here on, closes it on any error
+            os.fchmod(fh.fileno(), 0o666 & ~_UMASK)  # mkstemp makes 0600; results are meant to be shared
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
@@ -50,9 +51,19 @@ def write_npz_atomic(path, **arrays) -> Path:
 
 
 def check_writable_dir(path) -> None:
-    """Raise OSError early if `path` cannot be created or written."""
+    """Raise OSError early if `path` cannot be created or written; create nothing.
+
+    Walks up to the nearest existing ancestor: it must be a directory we can create a
+    file in (probed with a temporary file that is removed at once). Nothing is left
+    behind, so a scan that later fails on bad input leaves no empty --out folder.
+    """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".robaudit-probe.", dir=path)
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "exists and is not a directory" if existing == path else f"{existing} is not a directory"
+        raise NotADirectoryError(errno.ENOTDIR, what, str(path))
+    fd, tmp = tempfile.mkstemp(prefix=".robaudit-probe.", dir=existing)
     os.close(fd)
     os.unlink(tmp)

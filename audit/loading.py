@@ -1,9 +1,12 @@
 """Load a classifier from a file, whatever its format, and check it before attacking it.
 
 `load_model` detects the format from the file's content (not its name), loads it
-without executing untrusted code, puts it in eval mode on the device, optionally
-prepends a Normalize layer, and runs one forward pass on an all-zero batch to check
-the model can be audited: every problem a user can cause ends in a one-line UserError.
+without executing untrusted code, puts it in eval mode on the device, adapts its
+boundary (input range, normalisation, layout, fixed batch, output choice and kind,
+class order: audit/adapters.py) so that it takes NCHW images in [0, 1] and returns
+logits in dataset class order, and runs forward passes on an all-zero batch and on a
+random probe batch to check the model can be audited: every problem a user can cause
+ends in a one-line UserError. What was adapted, and why, goes to `adaptations`.
 
 Format detection (`format="auto"`), in this order:
 
@@ -33,11 +36,13 @@ import time
 import warnings
 import zipfile
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
+from robaudit.audit import adapters
+from robaudit.audit.adapters import BoundaryModel, FixedBatchModule, SelectOutput  # noqa: F401 (re-exported)
 from robaudit.audit.architectures import ARCHITECTURES, check_architecture, create_architecture
 from robaudit.errors import UserError
 
@@ -73,28 +78,7 @@ class LoadedModel:
     adaptations: dict              # see docs/results-schema.md model.adaptations
     refusal: Optional[str]         # why white-box attacks are refused (one line), when white_box is False
     num_classes: Optional[int] = None   # C, from the zero-batch forward check
-
-
-class Normalize(nn.Module):
-    """(x - mean) / std per channel, so the model keeps taking [0, 1] images."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).reshape(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).reshape(1, -1, 1, 1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
-
-
-class NormalizedModel(nn.Module):
-    def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
-        super().__init__()
-        self.normalize = Normalize(mean, std)
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(x))
+    class_names: Optional[List[str]] = None  # from --class-names: replace the dataset's names
 
 
 class ExportedModule(nn.Module):
@@ -113,27 +97,6 @@ class ExportedModule(nn.Module):
         return self.module(x)
 
 
-class FixedBatchModule(nn.Module):
-    """Runs a module that only accepts batch size `batch_size` on any batch, in chunks.
-
-    Differentiable: the chunks are concatenated with torch ops.
-    """
-
-    def __init__(self, module: nn.Module, batch_size: int):
-        super().__init__()
-        self.module = module
-        self.batch_size = batch_size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        for part in torch.split(x, self.batch_size):
-            short = self.batch_size - len(part)
-            if short:
-                part = torch.cat([part, part.new_zeros((short,) + tuple(part.shape[1:]))])
-            outputs.append(self.module(part)[:self.batch_size - short])
-        return torch.cat(outputs)
-
-
 def sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -149,7 +112,9 @@ def save_export(module: nn.Module, path: str, example_input: torch.Tensor) -> No
     (otherwise with the example's batch size, which `load_model` then feeds in chunks).
     The file is written next to `path` and renamed into place, so it is never half-written.
     """
-    was_training = module.training
+    # Each submodule's mode is restored on its own: a wrapper built around an eval-mode
+    # model is in training mode, and restoring it recursively would flip the model too.
+    modes = [(m, m.training) for m in module.modules()]
     module.eval()
     # A slice of a big tensor would save its whole storage as the program's sample input.
     example_input = example_input.detach().clone().contiguous()
@@ -166,7 +131,8 @@ def save_export(module: nn.Module, path: str, example_input: torch.Tensor) -> No
         torch.export.save(program, temporary)
         os.replace(temporary, path)
     finally:
-        module.train(was_training)
+        for submodule, mode in modes:
+            submodule.training = mode
 
 
 # --- format detection ------------------------------------------------------------------
@@ -436,37 +402,45 @@ def _guess_input_shape(module: nn.Module, tried: Tuple[int, ...], device: str) -
     return None
 
 
-def _forward_check(module: nn.Module, input_shape: Tuple[int, ...], device: str,
-                   num_classes: Optional[int], declared: Optional[List[Any]]) -> int:
-    """Run an all-zero batch through the model; return C or raise a UserError saying why not."""
+def _zero_forward(boundary: BoundaryModel, input_shape: Tuple[int, ...], device: str,
+                  declared: Optional[List[Any]], layout_reason: str) -> Any:
+    """The model's raw output on an all-zero batch, or a UserError saying why it failed."""
     batch = 2
-    shape_text = "[" + ", ".join(map(str, (batch, *input_shape))) + "]"
+    fed = (batch, *adapters.native_shape(input_shape, boundary.layout))
     try:
         with torch.no_grad():
-            out = module(torch.zeros((batch, *input_shape), device=device))
+            return boundary.model(boundary.adapt_input(torch.zeros((batch, *input_shape), device=device)))
     except Exception as err:
+        detail = f"({type(err).__name__}: {_first_line(err)[:160]})"
         if declared:
-            hint = "; its input is declared as [" + ", ".join(map(str, declared)) + "]"
+            hint = f"; its input is declared as {adapters.shape_text(declared)} ({layout_reason})"
         else:
-            guess = _guess_input_shape(module, input_shape, device)
+            guess = (_guess_input_shape(boundary.model, input_shape, device)
+                     if boundary.layout == "nchw" else None)
             hint = (f"; it seems to need input shape {list(guess)}" if guess
                     else "; check the input shape it expects")
-        raise UserError(f"model forward failed on a zero batch of shape {shape_text}{hint} "
-                        f"({type(err).__name__}: {_first_line(err)[:160]})") from None
-    if isinstance(out, (tuple, list)):
-        raise UserError(f"model returns a {type(out).__name__} of {len(out)} items; robaudit needs "
-                        f"one logits tensor [B, C]")
-    if isinstance(out, Mapping):
-        raise UserError(f"model returns a dict (keys: {', '.join(map(str, list(out)[:5]))}); "
-                        f"robaudit needs one logits tensor [B, C]")
+        if boundary.layout == "nhwc" or declared:
+            hint += "; --input-layout nchw|nhwc sets the layout"
+        raise UserError(f"model forward failed on a zero batch of shape {adapters.shape_text(fed)} "
+                        f"({boundary.layout.upper()}){hint} {detail}") from None
+
+
+def _check_scores(out: Any, batch: int, num_classes: Optional[int], class_map_given: bool) -> int:
+    """C for a chosen output, or a UserError: robaudit needs a float [B, C] tensor."""
     if not isinstance(out, torch.Tensor):
         raise UserError(f"model returns {type(out).__name__}; robaudit needs a logits tensor [B, C]")
     if out.ndim != 2 or out.shape[0] != batch:
         raise UserError(f"model output has shape {list(out.shape)} for a batch of {batch}; "
                         f"expected logits [B, C]")
+    if not out.is_floating_point():
+        raise UserError(f"model output has dtype {str(out.dtype).replace('torch.', '')} (class labels?); "
+                        f"robaudit needs float class scores [B, C] (logits or probabilities): "
+                        f"pass --output-name to pick another output, or export the logits")
     classes = int(out.shape[1])
     if num_classes is not None and classes != num_classes:
-        raise UserError(f"model outputs {classes} classes but dataset has {num_classes}")
+        raise UserError(f"model outputs {classes} classes but dataset has {num_classes}"
+                        + ("; --class-map must map every model output to a dataset class"
+                           if class_map_given else ""))
     if not torch.isfinite(out).all():
         raise UserError("model produced NaN/inf logits on an all-zero input batch")
     return classes
@@ -484,8 +458,23 @@ def _check_device(device: str) -> str:
 
 # --- load_model ------------------------------------------------------------------------
 
+PROBE_TEXT = "a probe batch of 4 uniform-random images"
+
+
 def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle=False,
-               mean=None, std=None, device="cpu", input_shape=(3, 32, 32)) -> LoadedModel:
+               mean=None, std=None, device="cpu", input_shape=(3, 32, 32), input_layout="auto",
+               input_range="0-1", output="auto", output_name=None, class_map=None,
+               class_names=None, dataset_classes=None) -> LoadedModel:
+    """Load the model at `path` and adapt it to NCHW [0, 1] in, logits in dataset class order out.
+
+    input_shape is the dataset's (C, H, W). input_layout auto|nchw|nhwc, input_range 0-1|0-255,
+    output auto|logits|probs|log-probs and output_name adapt the boundary (audit/adapters.py).
+    class_map (a JSON file path, a list or a dict: model index -> dataset class index or name)
+    reorders the outputs; class_names (a file path or a list) renames the dataset's classes
+    (returned as LoadedModel.class_names). dataset_classes are the dataset's class names
+    (they also set num_classes when that is not given). Every adaptation is recorded in
+    LoadedModel.adaptations (docs/results-schema.md, model.adaptations).
+    """
     path = os.fspath(path)
     input_shape = tuple(int(d) for d in input_shape)
     if not os.path.exists(path):
@@ -503,11 +492,41 @@ def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle
     device = _check_device(device)
     if mean is not None or std is not None:
         mean, std = _check_mean_std(mean, std, input_shape[0])
+    scale = adapters.range_scale(input_range)
+    adapters.decide_layout(input_layout, None, input_shape)  # validates the choice early
+    adapters.check_output_kind(output)
+    if dataset_classes is not None:
+        dataset_classes = [str(c) for c in dataset_classes]
+        if num_classes is None:
+            num_classes = len(dataset_classes)
+        elif num_classes != len(dataset_classes):
+            raise UserError(f"num_classes {num_classes} does not match the dataset's {len(dataset_classes)} classes")
+    # Files the user names are read before the model, so a typo fails fast.
+    names = names_source = None
+    if class_names is not None:
+        if dataset_classes is None:
+            raise UserError("--class-names needs the dataset's classes to check the count against")
+        if isinstance(class_names, (str, os.PathLike)):
+            names_source = os.fspath(class_names)
+            names = adapters.read_class_names(names_source, dataset_classes)
+        else:
+            names = [str(n) for n in class_names]
+            if len(names) != len(dataset_classes):
+                raise UserError(f"{len(names)} class names given but the dataset has "
+                                f"{len(dataset_classes)} classes")
+    mapping = map_source = None
+    if class_map is not None:
+        if num_classes is None:
+            raise UserError("--class-map needs the dataset's classes to map the model's outputs to")
+        target_names = names or dataset_classes or [str(k) for k in range(num_classes)]
+        map_source = os.fspath(class_map) if isinstance(class_map, (str, os.PathLike)) else None
+        mapping = adapters.resolve_class_map(class_map, target_names, alt_names=dataset_classes or ())
 
     notes: List[str] = []
     adaptations: Dict[str, Any] = {"normalize": None, "onnx": None, "notes": notes}
     white_box, refusal, declared = True, None, None
     num_params: Optional[int] = None
+    onnx_result = None
 
     kind = _detect_kind(path) if format == "auto" else format
     loaded: Any = None
@@ -538,11 +557,13 @@ def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle
     elif kind == "onnx":
         from robaudit.audit.onnx_support import load_onnx
 
-        result = load_onnx(path, device=device, input_shape=input_shape)
-        module, white_box, refusal = result.module, result.white_box, result.refusal
-        adaptations["onnx"] = result.adaptation
-        num_params = result.num_params
-        notes.extend(result.notes)
+        onnx_result = load_onnx(path, device=device, input_shape=input_shape, input_layout=input_layout,
+                                input_scale=scale, output_name=output_name, num_classes=num_classes)
+        module, white_box, refusal = onnx_result.module, onnx_result.white_box, onnx_result.refusal
+        adaptations["onnx"] = onnx_result.adaptation
+        declared = onnx_result.declared_input_shape
+        num_params = onnx_result.num_params
+        notes.extend(onnx_result.notes)
     else:
         raise AssertionError(kind)
 
@@ -553,15 +574,136 @@ def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle
         num_params = sum(p.numel() for p in module.parameters())
     module = module.to(device) if kind not in ("export", "onnx") else module
     module.eval()
-    if mean is not None:
-        module = NormalizedModel(module, mean, std).to(device).eval()
-        adaptations["normalize"] = {"mean": mean, "std": std}
 
-    classes = _forward_check(module, input_shape, device, num_classes, declared)
-    return LoadedModel(module=module, format=kind, path=path, sha256=sha256_file(path),
+    # --- the boundary: input side --------------------------------------------------------
+    if onnx_result is not None:
+        layout, layout_reason = onnx_result.layout, onnx_result.layout_reason
+    else:
+        layout, layout_reason = adapters.decide_layout(input_layout, declared, input_shape)
+    boundary = BoundaryModel(module, scale=scale, mean=mean, std=std, layout=layout)
+    try:
+        out = _zero_forward(boundary, input_shape, device, declared, layout_reason)
+    except UserError as nchw_error:
+        # A torch module that declares nothing and fails on NCHW: try channels last.
+        if not (input_layout == "auto" and declared is None and onnx_result is None
+                and adapters.native_shape(input_shape, "nhwc") != input_shape):
+            raise
+        boundary.layout = "nhwc"
+        try:
+            out = _zero_forward(boundary, input_shape, device, declared, layout_reason)
+        except UserError:
+            raise nchw_error from None
+        layout, layout_reason = "nhwc", ("the model declares no input shape, fails on NCHW input "
+                                         "and runs on NHWC input")
+
+    # --- the boundary: output side -------------------------------------------------------
+    if onnx_result is not None:
+        out_name, out_names, out_reason = (onnx_result.output_name, onnx_result.output_names,
+                                           onnx_result.output_reason)
+    else:
+        key, out_names, out_reason = adapters.choose_output(out, output_name, 2, num_classes)
+        out_name = None if key is None else str(key)
+        if key is not None:
+            boundary.model = SelectOutput(boundary.model, key)
+            out = out[key]
+    classes = _check_scores(out, 2, num_classes, mapping is not None)
+    probe = torch.rand((4, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    try:
+        with torch.no_grad():
+            scores = boundary(probe)
+    except Exception as err:
+        raise UserError(f"model forward failed on {PROBE_TEXT}: {type(err).__name__}: "
+                        f"{_first_line(err)[:160]}") from None
+    output_kind, kind_reason, kind_notes = adapters.decide_output_kind(output, scores, PROBE_TEXT)
+    notes.extend(kind_notes)
+    boundary.output_kind = output_kind
+    if mapping is not None:
+        if len(mapping) != classes:
+            raise UserError(f"--class-map maps {len(mapping)} model outputs but the model has {classes}")
+        boundary.set_column_order(adapters.column_order(mapping))
+
+    # --- what was done, for results.json -------------------------------------------------
+    fixed_batch, chunked = _fixed_batch(kind, declared, onnx_result)
+    adaptations.update(_describe(
+        scale=scale, input_range=input_range, mean=mean, std=std, layout=layout,
+        requested_layout=input_layout, declared=declared, layout_reason=layout_reason,
+        output_kind=output_kind, requested_output=output, out_name=out_name, out_names=out_names,
+        out_reason=out_reason, kind_reason=kind_reason, fixed_batch=fixed_batch, chunked=chunked,
+        white_box=white_box, mapping=mapping, map_source=map_source, names=names,
+        names_source=names_source, dataset_classes=dataset_classes))
+    if mean is not None:
+        adaptations["normalize"] = {"mean": mean, "std": std}
+        if scale != 1.0 and max(mean) <= 1.0 and max(std) <= 1.0:
+            notes.append(f"--mean/--std are applied after scaling inputs to {input_range} (the model's "
+                         f"units); values <= 1 look like [0, 1]-unit statistics")
+
+    final = boundary.model if boundary.is_identity() else boundary
+    final.eval()
+    return LoadedModel(module=final, format=kind, path=path, sha256=sha256_file(path),
                        num_params=int(num_params), arch=arch,
                        white_box=white_box, adaptations=adaptations, refusal=refusal,
-                       num_classes=classes)
+                       num_classes=classes, class_names=names)
+
+
+def _fixed_batch(kind: str, declared: Optional[List[Any]], onnx_result) -> Tuple[Optional[int], bool]:
+    if onnx_result is not None:
+        return onnx_result.fixed_batch, onnx_result.batch_chunked
+    if kind == "export" and declared and isinstance(declared[0], int):
+        return declared[0], True
+    return None, False
+
+
+def _describe(*, scale, input_range, mean, std, layout, requested_layout, declared, layout_reason,
+              output_kind, requested_output, out_name, out_names, out_reason, kind_reason, fixed_batch,
+              chunked, white_box, mapping, map_source, names, names_source, dataset_classes) -> Dict[str, Any]:
+    """The model.adaptations entries this module adds (docs/results-schema.md)."""
+    pipeline = ["x: NCHW, values in [0, 1] (robaudit's attack space; eps in [0, 1] units)"]
+    if scale != 1.0:
+        pipeline.append(f"x * {scale:g} (--input-range {input_range}; eps in the model's units = eps * {scale:g})")
+    if mean is not None:
+        pipeline.append("(x - mean) / std per channel (--mean/--std, in the model's units)")
+    if layout == "nhwc":
+        pipeline.append("NCHW -> NHWC")
+    pipeline.append("the model" + (f", fed in chunks of its fixed batch size {fixed_batch}"
+                                   if fixed_batch and chunked else ""))
+    if out_names and len(out_names) > 1:
+        pipeline.append(f"output {out_name!r} of {len(out_names)}")
+    if output_kind == "probs":
+        pipeline.append(f"log(max(p, {adapters.PROB_FLOOR:.3g})): probabilities attacked as log-probabilities")
+    if mapping is not None:
+        pipeline.append("columns reordered by --class-map (column k = dataset class k)")
+
+    batch = None
+    if fixed_batch:
+        if chunked:
+            note = (f"batch fixed at {fixed_batch}: a batch of B images takes ceil(B / {fixed_batch}) "
+                    f"forward calls (the last chunk zero-padded), so attacks run slower than on a "
+                    f"model with a dynamic batch")
+        else:
+            note = (f"the model declares batch size {fixed_batch}, but its torch conversion gives the "
+                    f"same logits on other batch sizes (checked against onnxruntime), so it is fed "
+                    f"whole batches at no throughput cost")
+        batch = {"fixed": fixed_batch, "chunked": chunked,
+                 "white_box": bool(white_box), "note": note}
+    attacked_as = {"logits": "as given", "log-probs": "as given (log-probabilities are logits up to a "
+                   "per-row constant)", "probs": f"log(max(p, {adapters.PROB_FLOOR:.3g}))"}[output_kind]
+    return {
+        "input_layout": {"layout": layout, "requested": requested_layout,
+                         "declared_input_shape": (None if declared is None else
+                                                  [d if isinstance(d, int) else str(d or "?") for d in declared]),
+                         "reason": layout_reason},
+        "input_range": {"range": input_range, "scale": scale},
+        "output": {"kind": output_kind, "requested": requested_output, "attacked_as": attacked_as,
+                   "name": out_name, "available": out_names if out_names and len(out_names) > 1 else None,
+                   "reason": kind_reason if out_name is None else f"{out_reason}; {kind_reason}"},
+        "batch_size": batch,
+        "class_map": (None if mapping is None else
+                      {"file": map_source, "model_to_dataset": list(mapping),
+                       "identity": list(mapping) == list(range(len(mapping)))}),
+        "class_names": (None if names is None else
+                        {"file": names_source, "names": list(names), "dataset_names": dataset_classes}),
+        "pipeline": pipeline,
+    }
 
 
 def _is_plain_pickle(path: str) -> bool:

@@ -28,7 +28,8 @@ from onnx2torch.utils.common import (OnnxMapping, OnnxToTorchModule, OperationCo
                                      get_const_value, onnx_mapping_from_node)
 from torch import nn
 
-from robaudit.audit.loading import FixedBatchModule
+from robaudit.audit import adapters
+from robaudit.audit.adapters import FixedBatchModule
 from robaudit.errors import UserError
 
 # Logit agreement needed to trust the torch conversion, relative to the logit scale
@@ -272,13 +273,14 @@ class _NoGradient(torch.autograd.Function):
 
 
 class OnnxRuntimeModule(nn.Module):
-    """Forward-only nn.Module around an onnxruntime session: [B, C, H, W] -> first output.
+    """Forward-only nn.Module around an onnxruntime session: model-layout input -> one output.
 
-    A graph exported with a fixed batch size is fed in chunks of that size (the last one
-    zero-padded), so any batch size works.
+    The output is `output_name` (default: the graph's first output). A graph exported with
+    a fixed batch size is fed in chunks of that size (the last one zero-padded), so any
+    batch size works.
     """
 
-    def __init__(self, path: str, device: str = "cpu"):
+    def __init__(self, path: str, device: str = "cpu", output_name: Optional[str] = None):
         super().__init__()
         import onnxruntime as ort
 
@@ -291,54 +293,81 @@ class OnnxRuntimeModule(nn.Module):
         self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
-        self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.output_name = output_name or self.output_names[0]
         self.declared_input_shape = list(model_input.shape)
         self.input_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
                             "tensor(double)": np.float64}.get(model_input.type, np.float32)
         batch = self.declared_input_shape[0] if self.declared_input_shape else None
         self.fixed_batch: Optional[int] = batch if isinstance(batch, int) and batch > 0 else None
 
-    def _run(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run([self.output_name], {self.input_name: x})[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _chunks(self, x: torch.Tensor, names: Optional[List[str]]) -> List[List[Any]]:
+        """Per output in `names` (None: all), the list of per-chunk results."""
         inputs = x.detach().to("cpu", torch.float32).numpy().astype(self.input_dtype, copy=False)
         chunk = self.fixed_batch or max(len(inputs), 1)
-        outputs = []
+        per_output: List[List[Any]] = []
         for start in range(0, len(inputs), chunk):
             part = inputs[start:start + chunk]
             short = chunk - len(part)
             if short:
                 part = np.concatenate([part, np.zeros((short,) + part.shape[1:], part.dtype)])
-            outputs.append(self._run(np.ascontiguousarray(part))[:chunk - short])
-        logits = torch.from_numpy(np.concatenate(outputs).astype(np.float32, copy=False)).to(x.device)
+            results = self.session.run(names, {self.input_name: np.ascontiguousarray(part)})
+            if not per_output:
+                per_output = [[] for _ in results]
+            for store, value in zip(per_output, results):
+                store.append(value[:chunk - short] if isinstance(value, np.ndarray) and value.ndim else value)
+        return per_output
+
+    def run_all(self, x: torch.Tensor) -> Dict[str, Any]:
+        """Every output of the graph on x: name -> tensor (float32 for floats), or the raw value."""
+        outputs: Dict[str, Any] = {}
+        for name, parts in zip(self.output_names, self._chunks(x, None)):
+            if all(isinstance(p, np.ndarray) for p in parts):
+                value = torch.from_numpy(np.concatenate(parts) if parts[0].ndim else parts[0])
+                outputs[name] = value.float() if value.is_floating_point() else value
+            else:
+                outputs[name] = parts[0]
+        return outputs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = self._chunks(x, [self.output_name])[0]
+        logits = torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False)).to(x.device)
         if x.requires_grad and torch.is_grad_enabled():
             return _NoGradient.apply(x, logits)
         return logits
 
 
-class _FirstOutput(nn.Module):
-    """A converted multi-output graph returns a tuple; the first output is the logits."""
+class _SelectOutput(nn.Module):
+    """A converted multi-output graph returns a tuple; robaudit attacks one of its outputs."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, index: int = 0):
         super().__init__()
         self.module = module
+        self.index = index
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.module(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return out[self.index] if isinstance(out, (tuple, list)) else out
 
 
 # --- loading ---------------------------------------------------------------------------
 
 @dataclass
 class OnnxLoadResult:
-    module: nn.Module                  # converted torch module, or OnnxRuntimeModule
+    module: nn.Module                  # converted torch module, or OnnxRuntimeModule; model-layout input
     white_box: bool
     refusal: Optional[str]
     adaptation: Dict[str, Any]         # -> results model.adaptations["onnx"]
     num_params: int
     notes: List[str] = field(default_factory=list)
+    declared_input_shape: Optional[List[Any]] = None   # the graph input's dims (str for symbolic)
+    layout: str = "nchw"               # the layout `module` takes (see adapters.decide_layout)
+    layout_reason: str = ""
+    output_name: Optional[str] = None  # the output `module` returns
+    output_names: List[str] = field(default_factory=list)
+    output_reason: str = ""
+    fixed_batch: Optional[int] = None  # the graph's fixed batch size, if any
+    batch_chunked: bool = False        # whether `module` is fed chunks of fixed_batch
 
 
 def _shape_text(shape: Sequence) -> str:
@@ -380,8 +409,16 @@ def _read_model_proto(path: str, load_external_data: bool = False) -> onnx.Model
     return model
 
 
-def load_onnx(path: str, *, device: str = "cpu", input_shape: Sequence[int] = (3, 32, 32)) -> OnnxLoadResult:
-    """Load an ONNX classifier; convert it for white-box attacks if the conversion is faithful."""
+def load_onnx(path: str, *, device: str = "cpu", input_shape: Sequence[int] = (3, 32, 32),
+              input_layout: str = "auto", input_scale: float = 1.0,
+              output_name: Optional[str] = None, num_classes: Optional[int] = None) -> OnnxLoadResult:
+    """Load an ONNX classifier; convert it for white-box attacks if the conversion is faithful.
+
+    input_shape is the dataset's (C, H, W); the graph's declared input decides the layout
+    when input_layout is auto. The returned module takes input in that layout (and in the
+    model's value range: the fidelity probe is uniform in [0, input_scale]) and returns
+    `output_name` (default: the first float [B, num_classes] output).
+    """
     install_converters()
     model = _read_model_proto(path)
     external_files = _external_data_files(model)
@@ -405,36 +442,65 @@ def load_onnx(path: str, *, device: str = "cpu", input_shape: Sequence[int] = (3
         ort_module = OnnxRuntimeModule(path, device="cpu")
     except Exception as err:
         raise UserError(f"onnxruntime cannot load {path}: {_first_line(err)}") from None
-    batch = ort_module.fixed_batch or FIDELITY_BATCH
-    if ort_module.fixed_batch:
-        notes.append(f"ONNX input has a fixed batch size of {ort_module.fixed_batch}; "
-                     f"robaudit feeds it in chunks of that size")
+    declared = [d if isinstance(d, int) else (d or "?") for d in ort_module.declared_input_shape]
+    layout, layout_reason = adapters.decide_layout(input_layout, declared, input_shape)
+    fixed = ort_module.fixed_batch
+    # The probe's batch differs from a fixed batch size, so a conversion that only works
+    # at that size is caught by the fidelity check (and then fed in chunks).
+    batch = FIDELITY_BATCH if fixed != FIDELITY_BATCH else FIDELITY_BATCH + 1
+    native = adapters.native_shape(input_shape, layout)
     generator = torch.Generator().manual_seed(0)
-    probe = torch.rand((batch, *input_shape), generator=generator)
+    probe = torch.rand((batch, *native), generator=generator) * float(input_scale)
     try:
         with torch.no_grad():
-            reference = ort_module(probe)
+            outputs = ort_module.run_all(probe)
     except Exception as err:
-        declared = ort_module.declared_input_shape
         raise UserError(
-            f"ONNX model failed on input shape {_shape_text([batch, *input_shape])}: its input is "
-            f"declared as {_shape_text(declared)} ({_first_line(err)[:160]})") from None
+            f"ONNX model failed on input shape {_shape_text([batch, *native])} ({layout.upper()}, "
+            f"{layout_reason}): its input is declared as {_shape_text(declared)}; --input-layout "
+            f"nchw|nhwc sets the layout ({_first_line(err)[:160]})") from None
+    out_key, out_names, out_reason = adapters.choose_output(outputs, output_name, batch, num_classes)
+    ort_module.output_name = out_key
+    reference = outputs[out_key]
+    if not isinstance(reference, torch.Tensor) or not reference.is_floating_point() or reference.ndim != 2:
+        shown = (f"{list(reference.shape)} {reference.dtype}" if isinstance(reference, torch.Tensor)
+                 else type(reference).__name__)
+        raise UserError(f"ONNX output {out_key!r} is {shown}, not float class scores [B, C]; "
+                        f"pass --output-name (outputs: {', '.join(out_names)})")
+    out_index = out_names.index(out_key)
 
     adaptation: Dict[str, Any] = {"converter": "onnx2torch", "fidelity_max_abs_diff": None,
                                   "ok": False, "reason": None}
-    converted, reason = _convert(model, ort_module.fixed_batch, len(model.graph.output) > 1)
+    converted, reason = _convert(model, out_index if len(out_names) > 1 else None)
+    chunked = bool(fixed)
     if converted is not None:
         max_diff, reason = _check_fidelity(converted, probe, reference)
+        if fixed and reason is None:
+            chunked = False  # the conversion gives onnxruntime's logits at another batch size too
+        elif fixed:
+            converted = FixedBatchModule(converted, fixed)
+            max_diff, reason = _check_fidelity(converted, probe, reference)
         adaptation["fidelity_max_abs_diff"] = max_diff
     adaptation["ok"] = reason is None
     adaptation["reason"] = reason
+    result = OnnxLoadResult(module=ort_module, white_box=False, refusal=None, adaptation=adaptation,
+                            num_params=num_params, notes=notes, declared_input_shape=declared,
+                            layout=layout, layout_reason=layout_reason, output_name=out_key,
+                            output_names=out_names, output_reason=out_reason, fixed_batch=fixed,
+                            batch_chunked=chunked if reason is None else bool(fixed))
+    if fixed:
+        notes.append(f"ONNX input has a fixed batch size of {fixed}; robaudit feeds "
+                     + ("it in chunks of that size" if result.batch_chunked else
+                        "onnxruntime chunks of that size, but the torch conversion computes the same "
+                        "logits on any batch size, so it gets whole batches"))
     if reason is not None:
-        refusal = f"white-box attacks refused for this ONNX model: {reason}; only black-box attacks run"
-        module = ort_module if torch.device(device).type == "cpu" else OnnxRuntimeModule(path, device=device)
-        return OnnxLoadResult(module=module, white_box=False, refusal=refusal,
-                              adaptation=adaptation, num_params=num_params, notes=notes)
-    return OnnxLoadResult(module=converted.to(device).eval(), white_box=True, refusal=None,
-                          adaptation=adaptation, num_params=num_params, notes=notes)
+        result.refusal = f"white-box attacks refused for this ONNX model: {reason}; only black-box attacks run"
+        if torch.device(device).type != "cpu":
+            result.module = OnnxRuntimeModule(path, device=device, output_name=out_key)
+        return result
+    result.module = converted.to(device).eval()
+    result.white_box = True
+    return result
 
 
 def _first_line(err: BaseException) -> str:
@@ -442,8 +508,8 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _convert(model: onnx.ModelProto, fixed_batch: Optional[int],
-             multi_output: bool) -> Tuple[Optional[nn.Module], Optional[str]]:
+def _convert(model: onnx.ModelProto, output_index: Optional[int]) -> Tuple[Optional[nn.Module], Optional[str]]:
+    """The onnx2torch conversion (returning output `output_index` of a multi-output graph)."""
     import onnx2torch
 
     try:
@@ -456,10 +522,8 @@ def _convert(model: onnx.ModelProto, fixed_batch: Optional[int],
     except Exception as err:  # onnx2torch raises assorted errors on graphs it cannot handle
         return None, f"onnx2torch failed to convert the graph ({type(err).__name__}: {_first_line(err)})"
     converted = converted.eval()
-    if multi_output:
-        converted = _FirstOutput(converted)
-    if fixed_batch:
-        converted = FixedBatchModule(converted, fixed_batch)
+    if output_index is not None:
+        converted = _SelectOutput(converted, output_index)
     return converted, None
 
 

@@ -23,6 +23,14 @@ the report. `state_dict()` holds everything needed to resume exactly.
 Random starts come from `robaudit.audit.rng` keyed by (seed, epoch-derived stream,
 dataset index), so a sample's start does not depend on batching.
 
+Under torchrun the loop passes the DistributedDataParallel-wrapped student: the inner
+maximisation runs on the unwrapped module (`unwrap`; it needs input gradients only, and
+a DDP forward without a parameter backward would leave DDP's reducer waiting), the
+train-mode forwards that feed the loss go through the wrapper. The tallies are kept in
+float64 so that a sum over ranks (`reduce_tallies`) equals the one-process sum: counts
+exactly, and sums of float32 per-sample values exactly whenever they span fewer than
+~2^29 in magnitude (then no partial sum rounds, whatever the order).
+
 Formulas follow ../shared/specs/methods.md; comments marked (code) reproduce the
 authors' released code where the papers are silent.
 """
@@ -45,6 +53,10 @@ from robaudit.errors import UserError
 from robaudit.registry import Registry
 
 METHODS = Registry("method")
+
+# Epoch tallies are float64: exact counts at any dataset size and order-independent
+# sums of the float32 per-sample values (see the module docstring).
+TALLY_DTYPE = torch.float64
 
 DEFAULT_METHOD = "absld"
 
@@ -140,16 +152,17 @@ def cfa_class_beta(train_robust_acc: torch.Tensor, beta: float, lambda2: float) 
     return (lambda2 + train_robust_acc) * beta
 
 
-def class_sums(y: torch.Tensor, values: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-class sums of per-sample `values` [B] or [B, K] -> [C] or [C, K], in float32.
+def class_sums(y: torch.Tensor, values: torch.Tensor, num_classes: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per-class sums of per-sample `values` [B] or [B, K] -> [C] or [C, K], in `dtype`.
 
     A one-hot matrix product: vectorised, on the batch's device, deterministic on CUDA
     (index_add_ uses atomics there), and kept out of autocast so bf16 never rounds counts.
     """
     squeeze = values.dim() == 1
-    values = values.reshape(values.shape[0], -1).to(torch.float32)
+    values = values.reshape(values.shape[0], -1).to(dtype)
     with torch.autocast(device_type=y.device.type, enabled=False):
-        onehot = F.one_hot(y, num_classes).to(torch.float32)
+        onehot = F.one_hot(y, num_classes).to(dtype)
         sums = onehot.t() @ values
     return sums.squeeze(1) if squeeze else sums
 
@@ -158,6 +171,13 @@ def kl_per_sample(student_logits: torch.Tensor, target_probs: torch.Tensor) -> t
     """KL(target || softmax(student_logits)) per sample, summed over classes (0 log 0 = 0)."""
     log_q = F.log_softmax(student_logits.float(), dim=1)
     return F.kl_div(log_q, target_probs, reduction="none").sum(dim=1)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (else `model` itself)."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        return model.module
+    return model
 
 
 @contextmanager
@@ -210,7 +230,7 @@ class RemediationMethod:
         self.epochs: Optional[int] = None
         self.lr_milestones: Tuple[int, ...] = ()
         # Per-class tallies of the current epoch: count, CE on x', CE on x, correct on x', correct on x.
-        self.tally = torch.zeros(self.num_classes, 5)
+        self.tally = torch.zeros(self.num_classes, 5, dtype=TALLY_DTYPE)
 
     # ------------------------------------------------------------------ configuration
     @classmethod
@@ -246,6 +266,15 @@ class RemediationMethod:
         """(scalar training loss, detached per-batch stats); adds the batch to the epoch tallies."""
         raise NotImplementedError
 
+    def reduce_tallies(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every epoch tally t by reduce(t) before `end_epoch`.
+
+        Under torchrun the loop passes a sum over ranks (robaudit.audit.distributed.
+        sum_over_ranks), so each rank's `end_epoch` sees the whole epoch's per-class
+        statistics and every rank computes the same temperatures / weights / margins.
+        """
+        self.tally = reduce(self.tally)
+
     def end_epoch(self, epoch: int, *, student: Optional[nn.Module] = None,
                   val_robust: Optional[Callable[[nn.Module, int], torch.Tensor]] = None) -> dict:
         """Per-class updates after `epoch`; returns this epoch's record (and resets the tallies).
@@ -275,7 +304,7 @@ class RemediationMethod:
                 f"not {self.name!r} with {self.num_classes}"
             )
         device = self.tally.device
-        self.tally = state["tally"].to(device).clone()
+        self.tally = state["tally"].to(device=device, dtype=TALLY_DTYPE).clone()
         for attr in self._state_attrs:
             setattr(self, attr, _clone_state(state[attr], device))
 
@@ -316,15 +345,16 @@ class RemediationMethod:
                 logits_nat = logits_nat.detach().float()
                 columns[2] = F.cross_entropy(logits_nat, y, reduction="none")
                 columns[4] = (logits_nat.argmax(1) == y).float()
-            self.tally += class_sums(y, torch.stack(columns, dim=1), self.num_classes)
+            self.tally += class_sums(y, torch.stack(columns, dim=1), self.num_classes, dtype=self.tally.dtype)
 
     def _class_counts(self) -> torch.Tensor:
         return self.tally[:, 0]
 
     def _class_means(self, column: int) -> torch.Tensor:
+        """Per-class mean of a tally column (float32; NaN for a class absent this epoch)."""
         counts = self._class_counts()
         return torch.where(counts > 0, self.tally[:, column] / counts.clamp_min(1.0),
-                           torch.full_like(counts, float("nan")))
+                           torch.full_like(counts, float("nan"))).float()
 
     def _tally_record(self) -> dict:
         record = {"train_risk_adv": _tensor_list(self._class_means(1)),
@@ -373,18 +403,21 @@ class FairARDWeights:
         self.num_classes = num_classes
         self.power = float(power)
         self.weights = torch.ones(num_classes)
-        self.kappa_tally = torch.zeros(num_classes, 2)   # (kappa sum, count)
+        self.kappa_tally = torch.zeros(num_classes, 2, dtype=TALLY_DTYPE)   # (kappa sum, count)
 
     def add(self, y: torch.Tensor, kappa: torch.Tensor) -> None:
         columns = torch.stack([kappa.float(), torch.ones_like(kappa, dtype=torch.float32)], dim=1)
-        self.kappa_tally += class_sums(y, columns, self.num_classes)
+        self.kappa_tally += class_sums(y, columns, self.num_classes, dtype=self.kappa_tally.dtype)
+
+    def reduce_tally(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.kappa_tally = reduce(self.kappa_tally)
 
     def update(self) -> torch.Tensor:
         counts = self.kappa_tally[:, 1]
         present = counts > 0
         kappa_bar = self.kappa_tally[:, 0] / counts.clamp_min(1.0)
         fill = (kappa_bar * present).sum() / present.sum().clamp_min(1)
-        kappa_bar = torch.where(present, kappa_bar, fill)
+        kappa_bar = torch.where(present, kappa_bar, fill).float()
         self.weights = fair_ard_weights(kappa_bar, self.power)
         self.kappa_tally.zero_()
         return kappa_bar
@@ -395,7 +428,7 @@ class FairARDWeights:
 
     def load_state_dict(self, state: dict, device) -> None:
         self.weights = state["weights"].to(device).clone()
-        self.kappa_tally = state["kappa_tally"].to(device).clone()
+        self.kappa_tally = state["kappa_tally"].to(device=device, dtype=TALLY_DTYPE).clone()
         self.power = float(state["power"])
 
     def to(self, device) -> None:
@@ -452,16 +485,17 @@ class RSLAD(RemediationMethod):
 
     def _inner(self, student, p_adv, x, y, index, epoch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         kappa = torch.zeros_like(y) if self._counts_kappa() else None
+        net = unwrap(student)
 
         def attack_kl(x_adv: torch.Tensor) -> torch.Tensor:
-            logits = student(x_adv)
+            logits = net(x_adv)
             if kappa is not None:
                 # Called at the start and after each of the first steps-1 steps: exactly the
                 # Fair-ARD count (random start included, final point not).
                 kappa.add_((logits.detach().argmax(1) == y).to(kappa.dtype))
             return kl_per_sample(logits, p_adv)
 
-        with eval_mode(student):
+        with eval_mode(net):
             x_adv = projected_ascent(attack_kl, x, eps=self.eps, step_size=self.step_size,
                                      steps=self.steps, x_start=self._gaussian_start(x, index, epoch))
         student.train()
@@ -526,6 +560,10 @@ class FairRSLAD(RSLAD):
 
     def sample_weights(self, y):
         return self.fair.weights[y]
+
+    def reduce_tallies(self, reduce):
+        super().reduce_tallies(reduce)
+        self.fair.reduce_tally(reduce)
 
     def end_epoch(self, epoch, *, student=None, val_robust=None):
         record = super().end_epoch(epoch, student=student, val_robust=val_robust)
@@ -656,12 +694,18 @@ class ABSLD(RSLAD):
         return self.fair.weights[y] if self.fair is not None else None
 
     def class_risks(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(R_adv, R_nat, present) of the epoch so far, as means or sums per `risk`."""
+        """(R_adv, R_nat, present) of the epoch so far, as means or sums per `risk` (float32)."""
         counts = self._class_counts()
         present = counts > 0
         if self.risk == "sum":
-            return self.tally[:, 1].clone(), self.tally[:, 2].clone(), present
-        return (self.tally[:, 1] / counts.clamp_min(1.0), self.tally[:, 2] / counts.clamp_min(1.0), present)
+            return self.tally[:, 1].float(), self.tally[:, 2].float(), present
+        return ((self.tally[:, 1] / counts.clamp_min(1.0)).float(),
+                (self.tally[:, 2] / counts.clamp_min(1.0)).float(), present)
+
+    def reduce_tallies(self, reduce):
+        super().reduce_tallies(reduce)
+        if self.fair is not None:
+            self.fair.reduce_tally(reduce)
 
     def end_epoch(self, epoch, *, student=None, val_robust=None):
         if self.beta_milestones and int(epoch) in self.beta_milestones:
@@ -711,9 +755,10 @@ class SAT(RemediationMethod):
 
     def attack(self, student, teacher_logits, x, y, index, epoch):
         self._ensure_device(x.device)
-        with eval_mode(student):
+        net = unwrap(student)
+        with eval_mode(net):
             x_adv = projected_ascent(
-                lambda xa: F.cross_entropy(student(xa).float(), y, reduction="none"), x,
+                lambda xa: F.cross_entropy(net(xa).float(), y, reduction="none"), x,
                 eps=self.eps, step_size=self.step_size, steps=self.steps,
                 x_start=self._uniform_start(x, index, epoch, self.eps))
         student.train()
@@ -730,10 +775,11 @@ class SAT(RemediationMethod):
 def _trades_attack(student: nn.Module, x: torch.Tensor, x_start: torch.Tensor, eps, step_size: float,
                    steps: int) -> torch.Tensor:
     """TRADES inner maximisation: `steps` sign steps on KL(s(x) || s(x')), student in eval."""
-    with eval_mode(student):
+    net = unwrap(student)
+    with eval_mode(net):
         with torch.no_grad():
-            p_nat = F.softmax(student(x).float(), dim=1)
-        x_adv = projected_ascent(lambda xa: kl_per_sample(student(xa), p_nat), x, eps=eps,
+            p_nat = F.softmax(net(x).float(), dim=1)
+        x_adv = projected_ascent(lambda xa: kl_per_sample(net(xa), p_nat), x, eps=eps,
                                  step_size=step_size, steps=steps, x_start=x_start)
     student.train()
     return x_adv
@@ -874,9 +920,10 @@ class CFA(RemediationMethod):
         if self.base == "trades":
             return _trades_attack(student, x, self._gaussian_start(x, index, epoch), eps,
                                   self.step_size, self.steps)
-        with eval_mode(student):
+        net = unwrap(student)
+        with eval_mode(net):
             x_adv = projected_ascent(
-                lambda xa: F.cross_entropy(student(xa).float(), y, reduction="none"), x, eps=eps,
+                lambda xa: F.cross_entropy(net(xa).float(), y, reduction="none"), x, eps=eps,
                 step_size=self.step_size, steps=self.steps,
                 x_start=self._uniform_start(x, index, epoch, eps))
         student.train()
@@ -901,7 +948,7 @@ class CFA(RemediationMethod):
     def end_epoch(self, epoch, *, student=None, val_robust=None):
         record = self._tally_record()
         counts = self._class_counts()
-        robust = self.tally[:, 3] / counts.clamp_min(1.0)
+        robust = (self.tally[:, 3] / counts.clamp_min(1.0)).float()
         # An absent class keeps its previous t_k (or 0: the widest margin is not given to a class never seen).
         previous = self.train_robust if self.train_robust is not None else torch.zeros_like(robust)
         self.train_robust = torch.where(counts > 0, robust, previous)

@@ -37,11 +37,13 @@ import copy
 import csv
 import errno
 import hashlib
+import inspect
 import io
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -56,10 +58,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from robaudit.audit import distributed
 from robaudit.audit.attacks.ascent import projected_ascent
 from robaudit.audit.rng import per_sample_uniform
 from robaudit.errors import UserError
-from robaudit.remediate.methods import DEFAULT_METHOD, METHODS, class_sums, create_method, eval_mode
+from robaudit.remediate.methods import DEFAULT_METHOD, METHODS, TALLY_DTYPE, class_sums, create_method, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +113,7 @@ class RemediateConfig:
     audit_batch_size: int = 256
     command: Optional[str] = None
     progress: bool = True
+    sync_bn: bool = False                          # torchrun on GPUs: BatchNorm statistics over the global batch
 
 
 # ---------------------------------------------------------------------------- schedule / data
@@ -177,14 +181,18 @@ def split_validation(y: torch.Tensor, index: torch.Tensor, per_class: int, seed:
 def evaluate_per_class(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
                        num_classes: int, *, eps: float, step_size: float, steps: int, seed: int,
                        batch_size: int = 256, autocast: Callable = nullcontext,
-                       memory_format=torch.contiguous_format) -> Tuple[torch.Tensor, torch.Tensor]:
+                       memory_format=torch.contiguous_format,
+                       reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-class (clean accuracy, PGD robust accuracy) of `model` in eval mode.
 
     Robust = clean-correct and the final PGD iterate still correct (CE, uniform start
     fixed per sample, so every epoch faces the same starts). Absent classes give NaN.
+    `reduce` maps the per-class counts [C, 3] (images, clean-correct, robust-correct)
+    before the division: under torchrun a sum over ranks, each rank holding a shard.
     """
     device = x.device
-    tally = torch.zeros(num_classes, 3, device=device)
+    tally = torch.zeros(num_classes, 3, device=device, dtype=TALLY_DTYPE)
     with eval_mode(model):
         for start in range(0, len(y), batch_size):
             xb = x[start:start + batch_size].contiguous(memory_format=memory_format)
@@ -201,12 +209,14 @@ def evaluate_per_class(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index
                 robust = clean_ok & (model(x_adv).argmax(1) == yb)
             columns = torch.stack([torch.ones_like(clean_ok, dtype=torch.float32), clean_ok.float(),
                                    robust.float()], dim=1)
-            tally += class_sums(yb, columns, num_classes)
+            tally += class_sums(yb, columns, num_classes, dtype=tally.dtype)
+    if reduce is not None:
+        tally = reduce(tally)
     counts = tally[:, 0]
     nan = torch.full_like(counts, float("nan"))
     clean = torch.where(counts > 0, tally[:, 1] / counts.clamp_min(1), nan)
     robust = torch.where(counts > 0, tally[:, 2] / counts.clamp_min(1), nan)
-    return clean.cpu(), robust.cpu()
+    return clean.float().cpu(), robust.float().cpu()
 
 
 def worst_metric(per_class: torch.Tensor) -> float:
@@ -453,19 +463,30 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
     "best_score", "checkpoint", "best", "metrics" (paths), "exports" ({format: {"path",
     "ok", "error"}}), "training" (the results.json block), "student_results" (run_scan's
     results, or None without test_data)}.
+
+    Under torchrun (torch.distributed initialised, e.g. by distributed.init_from_env) every
+    rank calls this with the same arguments; see "Scaling out" in the module docstring.
     """
     out_dir = Path(cfg.out_dir)
     method_cls = METHODS.get(cfg.method)
-    _check_config(cfg)
+    ctx = distributed.current()
+    world, rank = ctx.world_size, ctx.rank
+    _check_config(cfg, world)
     device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and device.index is None and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)   # torchrun: one GPU per local rank
+    if cfg.sync_bn and ctx.enabled and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on CPU; leave it off "
+                        "(each process then normalises its own share of the batch)")
     use_bf16 = cfg.precision == "bf16"
     if use_bf16 and device.type != "cuda":
         log.warning("--precision bf16 applies on CUDA only; training in fp32 on %s", device)
         use_bf16 = False
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    show_progress = cfg.progress and ctx.is_main
 
     def autocast():
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
@@ -481,7 +502,8 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
         if teacher is None:
             raise UserError(f"method {method_cls.name!r} distils a teacher: pass --teacher PATH")
         # load_model already put it on the device in eval mode; exported (.pt2) and ONNX
-        # modules cannot be moved with .to(), so it is used as given.
+        # modules cannot be moved with .to(), so it is used as given. Under torchrun every
+        # rank holds its own replica (inference only: no gradients, nothing to synchronise).
         teacher_module = teacher.module
         teacher_module.eval()
         teacher_classes = _output_classes(teacher_module, example)
@@ -500,6 +522,10 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
         raise UserError(f"the student predicts {student_classes} classes but the dataset has {num_classes}")
     if test_data is not None and len(test_data.classes) != num_classes:
         raise UserError(f"the test split has {len(test_data.classes)} classes but the training split {num_classes}")
+    if cfg.sync_bn and ctx.enabled:
+        # Shares the BatchNorm parameters and buffers; state_dict keys are unchanged, so
+        # checkpoints resume with or without --sync-bn, and eval mode is plain BatchNorm.
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
 
     milestones = tuple(cfg.milestones) if cfg.milestones is not None else scale_milestones(cfg.epochs)
     method = create_method(cfg.method, num_classes, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
@@ -515,15 +541,19 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
     x_train = train_data.x[train_pos].to(device)
     y_train = train_data.y[train_pos].to(device)
     i_train = train_data.index[train_pos].to(device)
-    x_val = train_data.x[val_pos].to(device).contiguous(memory_format=memory_format)
-    y_val = train_data.y[val_pos].to(device)
-    i_val = train_data.index[val_pos].to(device)
+    n_val = len(val_pos)
+    # Each rank validates every world-th held-out image; the per-class counts are summed.
+    val_mine = val_pos[rank::world]
+    x_val = train_data.x[val_mine].to(device).contiguous(memory_format=memory_format)
+    y_val = train_data.y[val_mine].to(device)
+    i_val = train_data.index[val_mine].to(device)
     n_train = len(y_train)
 
     def val_eval(model: nn.Module, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
         return evaluate_per_class(model, x_val, y_val, i_val, num_classes, eps=cfg.eps, step_size=cfg.step_size,
                                   steps=steps, seed=cfg.seed, batch_size=cfg.val_batch_size,
-                                  autocast=autocast, memory_format=memory_format)
+                                  autocast=autocast, memory_format=memory_format,
+                                  reduce=distributed.sum_over_ranks if ctx.enabled else None)
 
     optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -531,36 +561,60 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
     fingerprint = _fingerprint(cfg, method.options(), milestones, num_classes, train_data.index[train_pos],
                                student_desc)
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create --out {out_dir}: {_describe_os_error(err)}")
     checkpoint_path, best_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "best.pt", out_dir / "metrics.csv"
+
+    def prepare_out_dir() -> Optional[dict]:
+        """Rank 0 only: create --out, refuse to overwrite a checkpoint, read one to resume."""
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create --out {out_dir}: {_describe_os_error(err)}")
+        if checkpoint_path.exists() and not cfg.resume:
+            raise UserError(f"{out_dir} already holds a remediation checkpoint: pass --resume to continue it, "
+                            f"or choose another --out")
+        if cfg.resume and checkpoint_path.exists():
+            saved = _load_checkpoint(checkpoint_path)
+            _check_resume(saved, fingerprint)
+            return saved
+        if cfg.resume:
+            log.warning("--resume: no checkpoint in %s, starting from epoch 1", out_dir)
+        return None
+
     history: List[dict] = []
     best = {"epoch": None, "score": None}
     start_epoch = 1
-    if checkpoint_path.exists() and not cfg.resume:
-        raise UserError(f"{out_dir} already holds a remediation checkpoint: pass --resume to continue it, "
-                        f"or choose another --out")
-    if cfg.resume and checkpoint_path.exists():
-        state = _load_checkpoint(checkpoint_path)
-        _check_resume(state, fingerprint)
+    state = _on_main(prepare_out_dir, share=True)
+    if state is not None:
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         method.load_state_dict(state["method"])
         method.to(device)
         torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        _set_cuda_rng(state["rng"].get("cuda"), device)
         history, best = state["history"], state["best"]
         start_epoch = int(state["epoch"]) + 1
-        log.info("resuming %s from epoch %d", out_dir, start_epoch)
-    elif cfg.resume:
-        log.warning("--resume: no checkpoint in %s, starting from epoch 1", out_dir)
+        if ctx.is_main:
+            log.info("resuming %s from epoch %d (%d process%s)", out_dir, start_epoch, world,
+                     "" if world == 1 else "es")
+        del state
+
+    raw = student   # the plain module: optimised, validated, checkpointed and exported
+    buffers = list(raw.buffers())
+    if ctx.enabled:
+        # Every rank attacks and validates with rank 0's BatchNorm running statistics,
+        # synchronised explicitly (start of each step, end of each epoch) instead of by
+        # DDP at every forward; the parameters DDP keeps identical by averaging gradients.
+        student = nn.parallel.DistributedDataParallel(
+            raw, device_ids=[device.index] if device.type == "cuda" else None, **_ddp_buffer_options())
+    tail = n_train % cfg.batch_size
+    skip_tail = ctx.enabled and 0 < tail < world
+    if skip_tail and ctx.is_main:
+        log.warning("the last batch of each epoch (%d images) is smaller than the %d processes and is "
+                    "skipped; pick --batch-size so that it is not (or a training size that divides)", tail, world)
 
     epoch_bar = tqdm(total=cfg.epochs, initial=start_epoch - 1, desc="remediate", unit="epoch",
-                     file=sys.stderr, disable=not cfg.progress or None, dynamic_ncols=True)
+                     file=sys.stderr, disable=not show_progress or None, dynamic_ncols=True)
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             t_epoch = time.perf_counter()
@@ -569,44 +623,65 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
             order = epoch_permutation(n_train, cfg.seed, epoch).to(device)
             loss_sum, seen = 0.0, 0
             batch_bar = tqdm(total=n_train, desc=f"epoch {epoch}", unit="img", file=sys.stderr, leave=False,
-                             disable=not cfg.progress or None, dynamic_ncols=True)
+                             disable=not show_progress or None, dynamic_ncols=True)
             try:
                 for step, start in enumerate(range(0, n_train, cfg.batch_size)):
-                    idx = order[start:start + cfg.batch_size]
-                    xb, yb, ib = x_train[idx], y_train[idx], i_train[idx]
-                    if cfg.augment:
-                        xb = augment_batch(xb, ib, cfg.seed, epoch)
-                    xb = xb.contiguous(memory_format=memory_format)
-                    teacher_logits = None
-                    if teacher_module is not None:
-                        with torch.inference_mode(), autocast():
-                            teacher_logits = teacher_module(xb)
-                        # A normal tensor: inference tensors cannot be saved for backward.
-                        teacher_logits = teacher_logits.float().clone()
-                    optimizer.zero_grad(set_to_none=True)
-                    with autocast():
-                        loss, _ = method.loss(student, teacher_logits, xb, yb, ib, epoch)
-                    loss_value = float(loss.detach())
-                    if not math.isfinite(loss_value):
+                    global_idx = order[start:start + cfg.batch_size]
+                    if len(global_idx) < world:
+                        continue   # only with skip_tail: some rank would get no image
+                    # DistributedSampler semantics on the global batch: the same permutation on
+                    # every rank, rank r takes every world-th image of the batch.
+                    idx = global_idx[rank::world]
+                    distributed.broadcast_tensors_(buffers)
+                    loss, loss_value, error = None, float("nan"), None
+                    try:
+                        xb, yb, ib = x_train[idx], y_train[idx], i_train[idx]
+                        if cfg.augment:
+                            xb = augment_batch(xb, ib, cfg.seed, epoch)
+                        xb = xb.contiguous(memory_format=memory_format)
+                        teacher_logits = None
+                        if teacher_module is not None:
+                            with torch.inference_mode(), autocast():
+                                teacher_logits = teacher_module(xb)
+                            # A normal tensor: inference tensors cannot be saved for backward.
+                            teacher_logits = teacher_logits.float().clone()
+                        optimizer.zero_grad(set_to_none=True)
+                        with autocast():
+                            loss, _ = method.loss(student, teacher_logits, xb, yb, ib, epoch)
+                        loss_value = float(loss.detach())
+                    except Exception as err:
+                        if not ctx.enabled:
+                            raise
+                        error = err   # every rank must hear of it before the gradient all-reduce
+                    step_sum, step_n = _step_totals(loss_value, len(idx), error, device)
+                    batch_loss = step_sum / step_n
+                    if not math.isfinite(batch_loss):
                         kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept in "
                                 f"{checkpoint_path}" if history else "no checkpoint had been written yet")
-                        raise UserError(f"training stopped: the loss became {loss_value} at epoch {epoch}, "
+                        raise UserError(f"training stopped: the loss became {batch_loss} at epoch {epoch}, "
                                         f"batch {step + 1}; {kept}; try a lower --lr or --precision fp32")
+                    if len(idx) * world != len(global_idx):
+                        # Uneven shares: DDP averages the ranks' gradients, so weight each rank's
+                        # batch mean by its share to get the gradient of the global batch mean.
+                        loss = loss * (len(idx) * world / len(global_idx))
                     loss.backward()
                     optimizer.step()
-                    loss_sum += loss_value * len(idx)
-                    seen += len(idx)
-                    batch_bar.update(len(idx))
-                    batch_bar.set_postfix(loss=f"{loss_value:.4f}")
+                    loss_sum += step_sum
+                    seen += step_n
+                    batch_bar.update(len(global_idx))
+                    batch_bar.set_postfix(loss=f"{batch_loss:.4f}")
             finally:
                 batch_bar.close()
             scheduler.step()
 
-            record = method.end_epoch(epoch, student=student, val_robust=lambda m, s: val_eval(m, s)[1])
+            if ctx.enabled:
+                distributed.broadcast_tensors_(buffers)              # one model on every rank
+                method.reduce_tallies(distributed.sum_over_ranks)   # the whole epoch's per-class statistics
+            record = method.end_epoch(epoch, student=raw, val_robust=lambda m, s: val_eval(m, s)[1])
             entry = {"epoch": epoch, "lr": lr, "loss": loss_sum / max(seen, 1)}
             improved = False
-            if len(y_val):
-                clean, robust = val_eval(method.eval_model(student), cfg.val_steps)
+            if n_val:
+                clean, robust = val_eval(method.eval_model(raw), cfg.val_steps)
                 score = selection_score(robust)
                 entry.update({"val_clean_avg": float(clean.nanmean()), "val_clean_worst": worst_metric(clean),
                               "val_robust_avg": float(robust.nanmean()), "val_robust_worst": worst_metric(robust),
@@ -616,22 +691,26 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
                     best = {"epoch": epoch, "score": score}
                 entry["val_clean"] = _nan_to_none(clean.tolist())
                 entry["val_robust"] = _nan_to_none(robust.tolist())
+            entry["world_size"] = world
             entry["seconds"] = time.perf_counter() - t_epoch
             entry["method"] = record
             history.append(entry)
 
-            if improved:
-                save_atomic(_best_payload(method.eval_model(student), cfg, method, classes, epoch, best["score"]),
-                            best_path)
-            save_atomic({
-                "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "epoch": epoch,
-                "student": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "method": method.state_dict(),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None},
-                "best": best, "history": history, "fingerprint": fingerprint, "classes": classes,
-            }, checkpoint_path)
-            write_metrics_csv(metrics_path, history, classes)
+            def write_epoch(improved=improved, epoch=epoch) -> None:
+                if improved:
+                    save_atomic(_best_payload(method.eval_model(raw), cfg, method, classes, epoch, best["score"]),
+                                best_path)
+                save_atomic({
+                    "kind": CHECKPOINT_KIND, "version": CHECKPOINT_VERSION, "epoch": epoch,
+                    "student": raw.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "method": method.state_dict(),
+                    "rng": {"torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                    "best": best, "history": history, "fingerprint": fingerprint, "classes": classes,
+                }, checkpoint_path)
+                write_metrics_csv(metrics_path, history, classes)
+
+            _on_main(write_epoch)
             epoch_bar.update(1)
             postfix = {"loss": f"{entry['loss']:.4f}"}
             if "val_robust_avg" in entry:
@@ -640,25 +719,93 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
     finally:
         epoch_bar.close()
 
-    selected, selected_epoch = _selected_student(method, student, best, best_path, history)
-    exports = _export(selected, train_data.x[:1], out_dir, cfg.export_formats) if cfg.export_formats else {}
-    training = training_block(cfg, method, teacher, history, selected_epoch, len(y_val) > 0)
+    def select_and_export() -> Tuple[Optional[int], Dict[str, dict]]:
+        selected, selected_epoch = _selected_student(method, raw, best, best_path, history)
+        exports = _export(selected, train_data.x[:1], out_dir, cfg.export_formats) if cfg.export_formats else {}
+        return selected_epoch, exports
+
+    selected_epoch, exports = _on_main(select_and_export, share=True)
+    training = training_block(cfg, method, teacher, history, selected_epoch, n_val > 0)
     summary = {
         "out_dir": str(out_dir), "method": method.name, "epochs": len(history),
         "selected_epoch": selected_epoch, "best_score": best["score"],
-        "checkpoint": str(checkpoint_path), "best": str(best_path) if best_path.exists() else None,
+        "checkpoint": str(checkpoint_path), "best": str(best_path) if best["epoch"] is not None else None,
         "metrics": str(metrics_path), "exports": exports, "training": training, "student_results": None,
     }
     if test_data is not None:
-        summary["student_results"] = _audit_student(cfg, selected, exports, test_data, training, out_dir)
+        summary["student_results"] = _audit_student(cfg, exports, test_data, training, out_dir)
     return summary
 
 
-def _check_config(cfg: RemediateConfig) -> None:
+def _on_main(fn: Callable[[], object], *, share: bool = False):
+    """fn() on rank 0 only (the one that touches --out); a failure there ends every rank with one
+    UserError (distributed.agree_or_raise); share=True hands fn's result to every rank.
+    In a single process simply fn()."""
+    ctx = distributed.current()
+    if not ctx.enabled:
+        return fn()
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as err:
+            error = err
+    _agree(error)
+    return distributed.broadcast_object(result) if share else result
+
+
+def _agree(error: Optional[BaseException]) -> None:
+    """distributed.agree_or_raise, keeping this rank's own failure as the cause (for --debug tracebacks)."""
+    try:
+        distributed.agree_or_raise(error)
+    except UserError as raised:
+        if error is not None and raised is not error:
+            raise raised from error
+        raise
+
+
+def _step_totals(loss_value: float, n: int, error: Optional[BaseException], device: torch.device) -> Tuple[float, int]:
+    """(sum of the per-image losses, images) of the global batch; a failed rank stops every rank here.
+
+    One small all-reduce per step under torchrun, before the backward pass (whose gradient
+    all-reduce would otherwise wait forever for a rank that has stopped).
+    """
+    if not distributed.current().enabled:
+        return loss_value * n, n
+    totals = torch.tensor([0.0 if error is not None else loss_value * n, float(n), float(error is not None)],
+                          dtype=torch.float64, device=device)
+    distributed.all_reduce_sum(totals)
+    step_sum, step_n, failed = totals.tolist()
+    if failed:
+        _agree(error)
+    return step_sum, int(step_n)
+
+
+def _ddp_buffer_options() -> dict:
+    """Turn off DDP's buffer broadcast at every forward (the loop synchronises buffers itself)."""
+    params = inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if "forward_sync_buffers" in params:      # torch >= 2.13
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _set_cuda_rng(cuda_state, device: torch.device) -> None:
+    if device.type != "cuda" or cuda_state is None:
+        return
+    if isinstance(cuda_state, (list, tuple)):   # older checkpoints: every visible device's state
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        cuda_state = cuda_state[index] if index < len(cuda_state) else cuda_state[0]
+    torch.cuda.set_rng_state(cuda_state, device)
+
+
+def _check_config(cfg: RemediateConfig, world_size: int = 1) -> None:
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}")
     if cfg.batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {cfg.batch_size}")
+    if cfg.batch_size < world_size:
+        raise UserError(f"--batch-size {cfg.batch_size} is the global batch, shared by the {world_size} "
+                        f"processes: it must be at least {world_size}")
     if cfg.val_per_class < 0:
         raise UserError(f"--val-per-class must be >= 0, got {cfg.val_per_class}")
     if cfg.precision not in ("fp32", "bf16"):
@@ -732,6 +879,7 @@ def training_block(cfg: RemediateConfig, method, teacher, history: List[dict], s
             "batch_size": cfg.batch_size, "milestones": list(method.lr_milestones), "eps": cfg.eps,
             "steps": cfg.steps, "step_size": cfg.step_size, "val_per_class": cfg.val_per_class,
             "val_steps": cfg.val_steps, "augment": cfg.augment, "seed": cfg.seed, "precision": cfg.precision,
+            "world_size": distributed.current().world_size, "sync_bn": bool(cfg.sync_bn),
         },
         "curves": curves,
         "temperatures": temperatures,
@@ -741,9 +889,14 @@ def training_block(cfg: RemediateConfig, method, teacher, history: List[dict], s
     }
 
 
-def _audit_student(cfg: RemediateConfig, selected: nn.Module, exports: Dict[str, dict], test_data,
-                   training: dict, out_dir: Path) -> dict:
-    """engine.run_scan on the exported student (so results.json describes the shipped file)."""
+def _audit_student(cfg: RemediateConfig, exports: Dict[str, dict], test_data, training: dict,
+                   out_dir: Path) -> dict:
+    """engine.run_scan on the exported student (so results.json describes the shipped file).
+
+    Under torchrun every rank calls run_scan (the engine shards the audit and rank 0 writes
+    out_dir/student/); rank 0 sends the exported file's bytes to the others, which load
+    them from a private temporary folder, so no rank but 0 needs to read --out.
+    """
     from robaudit.audit.engine import ScanConfig, run_scan
     from robaudit.audit.loading import load_model
 
@@ -751,10 +904,23 @@ def _audit_student(cfg: RemediateConfig, selected: nn.Module, exports: Dict[str,
     if exported is None:
         raise UserError("the student could not be exported as .pt2 or TorchScript, so it cannot be audited; "
                         "see the warnings above (best.pt holds its weights)")
-    loaded = load_model(exported, device=cfg.device, num_classes=len(test_data.classes),
-                        input_shape=tuple(test_data.x.shape[1:]))
-    scan_kwargs = {"attacks": list(cfg.audit_attacks)} if cfg.audit_attacks else {}
-    scan_cfg = ScanConfig(out_dir=out_dir / "student", eps=cfg.eps, seed=cfg.seed, batch_size=cfg.audit_batch_size,
-                          device=cfg.device, attack_overrides=dict(cfg.audit_overrides), command=cfg.command,
-                          **scan_kwargs)
-    return run_scan(scan_cfg, model=loaded, data=test_data, extra={"training": training})
+    ctx = distributed.current()
+    tmp_dir = None
+    try:
+        if ctx.enabled:
+            payload = _on_main(lambda: Path(exported).read_bytes(), share=True)
+            if not ctx.is_main:
+                tmp_dir = Path(tempfile.mkdtemp(prefix="robaudit-student."))
+                exported = str(tmp_dir / Path(exported).name)
+                Path(exported).write_bytes(payload)
+            del payload
+        loaded = load_model(exported, device=cfg.device, num_classes=len(test_data.classes),
+                            input_shape=tuple(test_data.x.shape[1:]))
+        scan_kwargs = {"attacks": list(cfg.audit_attacks)} if cfg.audit_attacks else {}
+        scan_cfg = ScanConfig(out_dir=out_dir / "student", eps=cfg.eps, seed=cfg.seed,
+                              batch_size=cfg.audit_batch_size, device=cfg.device,
+                              attack_overrides=dict(cfg.audit_overrides), command=cfg.command, **scan_kwargs)
+        return run_scan(scan_cfg, model=loaded, data=test_data, extra={"training": training})
+    finally:
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)

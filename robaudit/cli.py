@@ -20,8 +20,12 @@ from robaudit.cli_options import check_subset_args, dataset_options, load_model_
 from robaudit.errors import UserError
 
 
+_ARGV = None  # the argv main() was called with (in-process calls differ from sys.argv)
+
+
 def _command_line() -> str:
-    return " ".join(shlex.quote(a) for a in ["robaudit", *sys.argv[1:]])
+    argv = _ARGV if _ARGV is not None else sys.argv[1:]
+    return " ".join(shlex.quote(a) for a in ["robaudit", *argv])
 
 
 def _parse_attack_opts(pairs, tpgd_temperature):
@@ -44,7 +48,7 @@ def _parse_value(text: str):
     for parse in (int, lambda t: float(Fraction(t)), json.loads):
         try:
             return parse(text)
-        except (ValueError, ZeroDivisionError, json.JSONDecodeError):
+        except (ValueError, ZeroDivisionError, OverflowError, json.JSONDecodeError):
             continue
     return text
 
@@ -55,24 +59,29 @@ def format_table(results: dict) -> str:
     if results.get("ensemble"):
         blocks["ensemble"] = results["ensemble"]
     names = list(blocks)
+    if not names:
+        return "no attack ran"
     classes = results["dataset"]["classes"]
-    width = max([5] + [len(c) for c in classes])
+    width = max([7] + [len(c) for c in classes])
+
+    def cell(value, fmt="{:8.1f}", scale=100.0):
+        return f"{'-':>8}" if value is None else fmt.format(scale * value)
+
     head = f"{'class':<{width}} {'n':>5} " + " ".join(f"{n:>8}" for n in names)
     lines = [head, "-" * len(head)]
     for i, cls in enumerate(classes):
         n = blocks[names[0]]["per_class"][i]["n"]
-        cells = " ".join(f"{100 * blocks[a]['per_class'][i]['accuracy']:8.1f}" for a in names)
+        cells = " ".join(cell(blocks[a]["per_class"][i]["accuracy"]) for a in names)
         lines.append(f"{cls[:width]:<{width}} {n:>5} {cells}")
     lines.append("-" * len(head))
-    for label, key, fmt in (("avg %", "avg", "{:8.1f}"), ("worst %", "worst", "{:8.1f}"), ("NSD", "nsd", "{:8.3f}")):
-        cells = []
-        for a in names:
-            v = blocks[a][key]
-            cells.append(f"{'-':>8}" if v is None else fmt.format(100 * v if key != "nsd" else v))
-        lines.append(f"{label:<{width}} {'':>5} " + " ".join(cells))
-    worst = blocks[names[-1]]
-    lines.append(f"worst class ({names[-1]}): {worst['worst_class']} "
-                 f"{100 * worst['worst']:.1f}% (NSD = population SD / mean)")
+    for label, key, fmt, scale in (("avg %", "avg", "{:8.1f}", 100.0), ("worst %", "worst", "{:8.1f}", 100.0),
+                                   ("NSD", "nsd", "{:8.3f}", 1.0)):
+        cells = " ".join(cell(blocks[a][key], fmt, scale) for a in names)
+        lines.append(f"{label:<{width}} {'':>5} {cells}")
+    last = blocks[names[-1]]
+    if last["worst"] is not None:
+        lines.append(f"worst class ({names[-1]}): {last['worst_class']} "
+                     f"{100 * last['worst']:.1f}% (NSD = population SD / mean)")
     return "\n".join(lines)
 
 
@@ -137,14 +146,17 @@ def _run_and_print(cfg, loaded, data, extra=None):
 
     try:
         results = run_scan(cfg, model=loaded, data=data, extra=extra)
-    except GateFailed as gate:
-        results = json.loads((Path(cfg.out_dir) / "results.json").read_text())
-        click.echo(format_table(results))
-        raise gate
+    except GateFailed:
+        _print_summary(json.loads((Path(cfg.out_dir) / "results.json").read_text()))
+        raise
+    _print_summary(results)
+    return results
+
+
+def _print_summary(results):
     click.echo(format_table(results))
     for flag in results["checks"]:
         click.echo(f"check [{flag['severity']}] {flag['id']}: {flag['message']}", err=True)
-    return results
 
 
 @cli.command()
@@ -188,6 +200,8 @@ def list_cmd():
 
 
 def main(argv=None):
+    global _ARGV
+    _ARGV = list(argv) if argv is not None else None
     debug = bool(os.environ.get("ROBAUDIT_DEBUG"))
     try:
         cli.main(args=argv, prog_name="robaudit", standalone_mode=False)
@@ -213,7 +227,9 @@ def main(argv=None):
 @cli.command()
 @click.option("--out", "out_dir", default="robaudit-demo", show_default=True, type=click.Path())
 @click.option("--epochs", type=int, default=5, show_default=True, help="Adversarial-training epochs of the demo model.")
-@click.option("--attacks", default="clean,fgsm,pgd,cw,aa", show_default=True)
+@click.option("--attacks", default="clean,fgsm,pgd,cw,tpgd", show_default=True,
+              help="AutoAttack (aa) is left out by default: its FAB-T stage takes many minutes on a "
+                   "CPU; add it with --attacks clean,fgsm,pgd,cw,aa.")
 @click.option("--remediate-epochs", type=int, default=3, show_default=True,
               help="ABSLD fine-tuning epochs after the audit (0: audit only).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -347,6 +363,7 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
                                           num_classes=num_classes, trust_pickle=trust_pickle, mean=mean,
                                           std=std, device=torch_device, dataset_classes=train.classes,
                                           input_shape=tuple(train.x.shape[1:]))
+        test.classes[:] = train.classes  # --class-names renames train.classes in place: audit with them too
     out = Path(out_dir)
     cfg = RemediateConfig(
         out_dir=out, method=method, method_options=options, student=student, student_init=student_init,

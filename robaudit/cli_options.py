@@ -6,6 +6,9 @@ Model-boundary options (format, arch, normalisation, ...) live here in one place
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import click
 
 from robaudit.errors import UserError
@@ -23,6 +26,13 @@ def _parse_floats(text, flag):
     return values
 
 
+# Options that adapt the model's boundary (audit/adapters.py). A command whose function
+# does not take them as parameters gets them through the click context instead, where
+# `load_model_from_options` reads them, so every command using @model_options honours them.
+BOUNDARY_OPTIONS = ("input_layout", "input_range", "output", "output_name", "class_names", "class_map")
+_CONTEXT_KEY = "robaudit.model_boundary"
+
+
 def model_options(f):
     """Options shared by every command that loads a model (scan, remediate's teacher)."""
     options = [
@@ -32,12 +42,49 @@ def model_options(f):
         click.option("--arch", default=None, help="Architecture for a state_dict/safetensors file (see `robaudit list`)."),
         click.option("--num-classes", type=int, default=None, help="Expected class count (checked against the dataset)."),
         click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (executes code from the file!)."),
-        click.option("--mean", default=None, help="Per-channel mean the model expects, e.g. 0.4914,0.4822,0.4465."),
-        click.option("--std", default=None, help="Per-channel std the model expects."),
+        click.option("--mean", default=None,
+                     help="Per-channel mean the model expects, in its input units (after --input-range), "
+                          "e.g. 0.4914,0.4822,0.4465."),
+        click.option("--std", default=None, help="Per-channel std the model expects, in its input units."),
+        click.option("--input-layout", type=click.Choice(["auto", "nchw", "nhwc"]), default="auto",
+                     show_default=True,
+                     help="Layout the model takes. auto: NHWC if its declared input (ONNX, .pt2) has "
+                          "the channels last, else NCHW."),
+        click.option("--input-range", type=click.Choice(["0-1", "0-255"]), default="0-1", show_default=True,
+                     help="Pixel range the model takes; images are scaled before --mean/--std. "
+                          "--eps stays in [0,1] units."),
+        click.option("--output", type=click.Choice(["auto", "logits", "probs", "log-probs"]), default="auto",
+                     show_default=True,
+                     help="What the model returns. auto: probabilities (rows >= 0 summing to 1) are "
+                          "detected and attacked as their log."),
+        click.option("--output-name", default=None,
+                     help="Which output to audit when the model has several (ONNX output name, dict key "
+                          "or tuple index; default: the first [B, C] float output)."),
+        click.option("--class-names", type=click.Path(), default=None,
+                     help="File of class names (one per line, or a JSON list) in dataset label order; "
+                          "replaces the dataset's names."),
+        click.option("--class-map", type=click.Path(), default=None,
+                     help="JSON file mapping model output index -> dataset class (index or name), "
+                          "e.g. [3, 0, 1, 2] or {\"0\": \"cat\"}; must be a permutation."),
     ]
+    try:
+        accepted = inspect.signature(f).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+    stashed = [name for name in BOUNDARY_OPTIONS if name not in accepted and not takes_all]
+
+    @functools.wraps(f)
+    def command(*args, **kwargs):
+        boundary = {name: kwargs.pop(name) for name in stashed if name in kwargs}
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            ctx.meta[_CONTEXT_KEY] = boundary
+        return f(*args, **kwargs)
+
     for option in reversed(options):
-        f = option(f)
-    return f
+        command = option(command)
+    return command
 
 
 def dataset_options(f):
@@ -53,15 +100,35 @@ def dataset_options(f):
 
 
 def load_model_from_options(model_path, *, model_format, arch, num_classes, trust_pickle, mean, std,
-                            device, dataset_classes, input_shape):
+                            device, dataset_classes, input_shape, input_layout=None, input_range=None,
+                            output=None, output_name=None, class_names=None, class_map=None):
+    """load_model with the command's options; returns a LoadedModel.
+
+    The boundary options (--input-layout ... --class-map) default to the values the
+    command line gave (see model_options). dataset_classes is the dataset's class list
+    (EvalData.classes): with --class-names its entries are replaced in place, so the
+    results name the classes as the user asked.
+    """
     from robaudit.audit.loading import load_model
+
+    given = {"input_layout": input_layout, "input_range": input_range, "output": output,
+             "output_name": output_name, "class_names": class_names, "class_map": class_map}
+    ctx = click.get_current_context(silent=True)
+    stashed = ctx.meta.get(_CONTEXT_KEY, {}) if ctx is not None else {}
+    boundary = {name: (value if value is not None else stashed.get(name)) for name, value in given.items()}
+    defaults = {"input_layout": "auto", "input_range": "0-1", "output": "auto"}
+    boundary = {name: (defaults.get(name) if value is None else value) for name, value in boundary.items()}
 
     if num_classes is not None and num_classes != len(dataset_classes):
         raise UserError(f"--num-classes {num_classes} does not match the dataset's "
                         f"{len(dataset_classes)} classes")
-    return load_model(model_path, format=model_format, arch=arch, num_classes=len(dataset_classes),
-                      trust_pickle=trust_pickle, mean=_parse_floats(mean, "--mean"),
-                      std=_parse_floats(std, "--std"), device=device, input_shape=input_shape)
+    loaded = load_model(model_path, format=model_format, arch=arch, num_classes=len(dataset_classes),
+                        trust_pickle=trust_pickle, mean=_parse_floats(mean, "--mean"),
+                        std=_parse_floats(std, "--std"), device=device, input_shape=input_shape,
+                        dataset_classes=list(dataset_classes), **boundary)
+    if loaded.class_names is not None and isinstance(dataset_classes, list):
+        dataset_classes[:] = loaded.class_names
+    return loaded
 
 
 def check_subset_args(limit, n_per_class):

@@ -42,8 +42,10 @@ class ReturnsInput(nn.Module):
 
 
 class ReturnsTuple(nn.Module):
+    """Several outputs, none of them class scores [B, C]."""
+
     def forward(self, x):
-        return x.mean((2, 3)), x
+        return x, x * 2
 
 
 class ReturnsNaN(nn.Module):
@@ -281,7 +283,7 @@ def test_wrong_input_size_names_the_shape_the_model_needs(tmp_path):
 
 @pytest.mark.parametrize("module, expected", [
     (ReturnsInput(), "expected logits [B, C]"),
-    (ReturnsTuple(), "tuple of 2 items"),
+    (ReturnsTuple(), "none of the model's 2 outputs is a [B, C] float tensor"),
     (ReturnsNaN(), "NaN/inf logits"),
 ])
 def test_bad_outputs(module, expected, tmp_path):

@@ -15,6 +15,8 @@ it lands in, and the global torch RNG is never touched.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
@@ -75,8 +77,11 @@ def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
                 raise ValueError
             return int(value)
         if isinstance(default, float):
-            return float(value)
-    except (TypeError, ValueError):
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+    except (TypeError, ValueError, OverflowError):
         raise UserError(
             f"attack {name!r}: {key} must be a {type(default).__name__}, got {value!r}"
         ) from None
