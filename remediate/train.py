@@ -29,6 +29,36 @@ Determinism. The per-epoch shuffle comes from a generator seeded by (seed, epoch
 augmentation and attack starts from robaudit.audit.rng keyed by dataset index. With
 the checkpoint holding model, optimizer, scheduler, method state and the torch RNG
 state, N epochs straight equal K epochs + resume + N - K epochs bitwise on CPU.
+
+Scaling out (`torchrun --nproc-per-node W -m robaudit remediate ...`; every rank calls
+run_remediate with the same arguments once torch.distributed is initialised):
+- --batch-size is the global batch. Every rank draws the same epoch permutation and
+  takes every W-th image of each global batch (DistributedSampler semantics without
+  padding), so an epoch visits exactly the images one process would, in the same
+  global batches, and the lr / schedule mean the same for any W. A rank's batch mean
+  is weighted by its share when W does not divide the batch, so the DDP-averaged
+  gradient is the gradient of the global batch mean. A last batch smaller than W is
+  skipped (logged). Augmentation and attack starts are keyed by dataset index, so they
+  do not depend on the rank.
+- The student is DistributedDataParallel; the inner attack runs on the unwrapped module.
+  BatchNorm: without --sync-bn each rank normalises its own share in train mode and
+  the running statistics are rank 0's, broadcast at each step and epoch end (DDP's
+  convention, made explicit so that attacks and validation see one model); --sync-bn
+  (GPUs) normalises over the global batch, as one process does.
+- The teacher is replicated on every rank in inference mode.
+- The per-class tallies that drive the methods (ABSLD risks, Fair-ARD kappas, CFA
+  accuracies) are summed over ranks (float64, in rank order) before `end_epoch`, so
+  every rank holds the same temperatures / weights, equal to one process given the
+  same per-sample values. Validation is sharded (every W-th held-out image) and its
+  per-class counts are summed the same way, so checkpoint selection and CFA's FAWA
+  decide identically on every rank.
+- Rank 0 alone touches --out: it reads the checkpoint on resume (and broadcasts it),
+  writes checkpoint.pt / best.pt / metrics.csv atomically and exports the student.
+  The checkpoint holds the unwrapped module, so it resumes under any world size.
+- A failure on one rank (an exception in a step, a write on rank 0) is agreed on at the
+  next step or write: every rank raises one UserError naming it, and nothing more is
+  written. A rank that dies outright is torchrun's to stop.
+- The student audit: every rank calls engine.run_scan, which shards it; rank 0 writes.
 """
 
 from __future__ import annotations
@@ -482,7 +512,8 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
                         "(each process then normalises its own share of the batch)")
     use_bf16 = cfg.precision == "bf16"
     if use_bf16 and device.type != "cuda":
-        log.warning("--precision bf16 applies on CUDA only; training in fp32 on %s", device)
+        if ctx.is_main:
+            log.warning("--precision bf16 applies on CUDA only; training in fp32 on %s", device)
         use_bf16 = False
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 
+from robaudit.audit import distributed
 from robaudit.cli_options import check_subset_args, dataset_options, load_model_from_options, model_options
 from robaudit.errors import UserError
 
@@ -130,13 +131,16 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
                      fail_under_worst=fail_under_worst, fail_over_nsd=fail_over_nsd)
     build_attacks(cfg)  # unknown attack / option: fail before loading anything
     check_subset_args(limit, n_per_class)
+    distributed.init_from_env(device)  # no-op unless started by torchrun
     torch_device = resolve_device(device)
     data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, n_per_class=n_per_class)
     loaded = load_model_from_options(model, model_format=model_format, arch=arch, num_classes=num_classes,
                                      trust_pickle=trust_pickle, mean=mean, std=std, device=torch_device,
                                      dataset_classes=data.classes, input_shape=tuple(data.x.shape[1:]))
     results = _run_and_print(cfg, loaded, data)
-    click.echo(f"wrote {Path(out_dir) / 'results.json'}" + ("" if no_report else f" and {Path(out_dir) / 'report.html'}"))
+    if distributed.current().is_main:
+        click.echo(f"wrote {Path(out_dir) / 'results.json'}"
+                   + ("" if no_report else f" and {Path(out_dir) / 'report.html'}"))
     return results
 
 
@@ -154,6 +158,8 @@ def _run_and_print(cfg, loaded, data, extra=None):
 
 
 def _print_summary(results):
+    if not distributed.current().is_main:  # torchrun: rank 0 speaks for all
+        return
     click.echo(format_table(results))
     for flag in results["checks"]:
         click.echo(f"check [{flag['severity']}] {flag['id']}: {flag['message']}", err=True)
@@ -344,6 +350,7 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         student = "resnet18"
     check_subset_args(limit, n_per_class)
     check_subset_args(audit_limit, audit_n_per_class)
+    distributed.init_from_env(device)  # no-op unless started by torchrun
     eps_value = parse_eps(eps)
     audit_cfg = ScanConfig(out_dir=None, attacks=audit_attacks.split(","), eps=eps_value, seed=seed,
                            device=device, attack_overrides=_parse_attack_opts(attack_opt, None),
