@@ -44,10 +44,14 @@ def write_json_atomic(path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+def write_bytes_atomic(path, data: bytes) -> Path:
+    return _atomic(Path(path), lambda fh: fh.write(data), "wb")
+
+
 def write_npz_atomic(path, **arrays) -> Path:
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    return _atomic(Path(path), lambda fh: fh.write(buf.getvalue()), "wb")
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def check_writable_dir(path) -> None:

@@ -91,6 +91,7 @@ from tqdm.auto import tqdm
 from robaudit.audit import distributed
 from robaudit.audit.attacks.ascent import projected_ascent
 from robaudit.audit.rng import per_sample_uniform
+from robaudit.audit.io import write_bytes_atomic
 from robaudit.errors import UserError
 from robaudit.remediate.methods import DEFAULT_METHOD, METHODS, TALLY_DTYPE, class_sums, create_method, eval_mode
 
@@ -278,40 +279,18 @@ def save_atomic(obj, path: Path) -> None:
     path = Path(path)
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buffer.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(err, OSError):
-            raise UserError(f"could not write {path}: {_describe_os_error(err)}; "
-                            f"the previous {path.name} (if any) is unchanged") from err
-        raise
+        write_bytes_atomic(path, buffer.getvalue())
+    except OSError as err:
+        raise UserError(f"could not write {path}: {_describe_os_error(err)}; "
+                        f"the previous {path.name} (if any) is unchanged") from err
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(err, OSError):
-            raise UserError(f"could not write {path}: {_describe_os_error(err)}") from err
-        raise
+        write_bytes_atomic(path, text.encode("utf-8"))
+    except OSError as err:
+        raise UserError(f"could not write {path}: {_describe_os_error(err)}") from err
 
 
 def _csv_value(value) -> str:
@@ -429,7 +408,7 @@ def _export(module: nn.Module, example: torch.Tensor, out_dir: Path, formats: Se
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")   # torch.jit is deprecated but still the format users load
                     torch.jit.save(torch.jit.trace(module, example), buffer)
-                _write_bytes_atomic(path, buffer.getvalue())
+                write_bytes_atomic(path, buffer.getvalue())
             elif fmt == "onnx":
                 path = out_dir / "student.onnx"
                 _export_onnx(module, example, path)
@@ -443,21 +422,6 @@ def _export(module: nn.Module, example: torch.Tensor, out_dir: Path, formats: Se
             results[fmt] = {"path": None, "ok": False, "error": f"{type(err).__name__}: {err}".splitlines()[0]}
     return results
 
-
-def _write_bytes_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -212,7 +212,8 @@ def main(argv=None):
     try:
         cli.main(args=argv, prog_name="robaudit", standalone_mode=False)
     except UserError as err:
-        click.echo(f"robaudit: error: {err}", err=True)
+        if distributed.current().is_main:  # under torchrun every rank raises the same agreed line
+            click.echo(f"robaudit: error: {err}", err=True)
         sys.exit(err.exit_code)
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
@@ -316,6 +317,7 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
 @click.option("--device", default="auto", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out exactly.")
+@click.option("--sync-bn", is_flag=True, help="torchrun on GPUs: SyncBatchNorm across ranks.")
 @click.option("--audit-attacks", default="clean,fgsm,pgd,cw,aa", show_default=True,
               help="Attacks of the before/after audits.")
 @click.option("--audit-limit", type=int, default=None, help="Audit only the first N test samples.")
@@ -325,7 +327,7 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
 def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir,
               limit, n_per_class, student, student_init, method, beta, tau_min, tau_max, alpha,
               reference_compat, reweight, method_opt, epochs, lr, momentum, weight_decay, batch_size,
-              milestones, steps, eps, val_per_class, no_augment, seed, device, precision, resume,
+              milestones, steps, eps, val_per_class, no_augment, seed, device, precision, resume, sync_bn,
               audit_attacks, audit_limit, audit_n_per_class, attack_opt, out_dir):
     """Distill a fairer robust student (ABSLD by default), then audit teacher and student."""
     from robaudit.audit.datasets import load_dataset
@@ -377,7 +379,7 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         dataset=train.name, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
         batch_size=batch_size, milestones=milestone_list, steps=steps, eps=eps_value,
         val_per_class=val_per_class, augment=not no_augment, seed=seed, device=str(torch_device),
-        precision=precision, resume=resume, audit_attacks=audit_cfg.attacks,
+        precision=precision, resume=resume, sync_bn=sync_bn, audit_attacks=audit_cfg.attacks,
         audit_overrides=audit_cfg.attack_overrides, command=_command_line())
     _remediate_and_compare(cfg, audit_cfg, teacher, train, test)
 
@@ -406,6 +408,9 @@ def _remediate_and_compare(cfg, audit_cfg, teacher, train, test):
 def _print_comparison(before, after, out: Path):
     """Student table, before/after summary line, and the comparison report (or a plain one)."""
     from robaudit.audit.report import render_report
+
+    if not distributed.current().is_main:  # torchrun: rank 0 writes and speaks for all
+        return
 
     click.echo(format_table(after))
     render_report(after, out / "report.html", baseline=before)
