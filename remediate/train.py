@@ -445,6 +445,60 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
         tmp_dir.rmdir()
 
 
+# ---------------------------------------------------------------------------- shared by the loops
+@dataclass
+class Runtime:
+    """Where and how a training loop computes (resolved from a RemediateConfig)."""
+
+    device: torch.device
+    use_bf16: bool
+    channels_last: bool
+    memory_format: torch.memory_format
+
+    def autocast(self):
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+
+
+def resolve_runtime(cfg: RemediateConfig, ctx: Optional[distributed.DistContext] = None) -> Runtime:
+    """The device (torchrun: one GPU per local rank), bf16 autocast (CUDA only) and memory format."""
+    ctx = ctx if ctx is not None else distributed.current()
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if device.type == "cuda" and device.index is None and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)   # torchrun: one GPU per local rank
+    if cfg.sync_bn and ctx.enabled and device.type != "cuda":
+        raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on CPU; leave it off "
+                        "(each process then normalises its own share of the batch)")
+    use_bf16 = cfg.precision == "bf16"
+    if use_bf16 and device.type != "cuda":
+        if ctx.is_main:
+            log.warning("--precision bf16 applies on CUDA only; training in fp32 on %s", device)
+        use_bf16 = False
+    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    return Runtime(device=device, use_bf16=use_bf16, channels_last=channels_last, memory_format=memory_format)
+
+
+def prepare_out_dir_for_resume(out_dir: Path, checkpoint_path: Path, resume: bool,
+                               fingerprint: dict) -> Optional[dict]:
+    """Rank 0 only: create --out, refuse to overwrite a checkpoint, read one to resume (or None)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --out {out_dir}: {_describe_os_error(err)}")
+    if checkpoint_path.exists() and not resume:
+        raise UserError(f"{out_dir} already holds a remediation checkpoint: pass --resume to continue it, "
+                        f"or choose another --out")
+    if resume and checkpoint_path.exists():
+        saved = _load_checkpoint(checkpoint_path)
+        _check_resume(saved, fingerprint)
+        return saved
+    if resume:
+        log.warning("--resume: no checkpoint in %s, starting from epoch 1", out_dir)
+    return None
+
+
 # ---------------------------------------------------------------------------- the run
 def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
                   student_module: Optional[nn.Module] = None) -> dict:
@@ -466,25 +520,10 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
     ctx = distributed.current()
     world, rank = ctx.world_size, ctx.rank
     _check_config(cfg, world)
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    if device.type == "cuda" and device.index is None and ctx.enabled:
-        device = torch.device("cuda", ctx.local_rank)   # torchrun: one GPU per local rank
-    if cfg.sync_bn and ctx.enabled and device.type != "cuda":
-        raise UserError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on CPU; leave it off "
-                        "(each process then normalises its own share of the batch)")
-    use_bf16 = cfg.precision == "bf16"
-    if use_bf16 and device.type != "cuda":
-        if ctx.is_main:
-            log.warning("--precision bf16 applies on CUDA only; training in fp32 on %s", device)
-        use_bf16 = False
-    channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    runtime = resolve_runtime(cfg, ctx)
+    device, memory_format, channels_last = runtime.device, runtime.memory_format, runtime.channels_last
+    autocast = runtime.autocast
     show_progress = cfg.progress and ctx.is_main
-
-    def autocast():
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
     classes = list(train_data.classes)
     num_classes = len(classes)
@@ -559,21 +598,7 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
     checkpoint_path, best_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "best.pt", out_dir / "metrics.csv"
 
     def prepare_out_dir() -> Optional[dict]:
-        """Rank 0 only: create --out, refuse to overwrite a checkpoint, read one to resume."""
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UserError(f"cannot create --out {out_dir}: {_describe_os_error(err)}")
-        if checkpoint_path.exists() and not cfg.resume:
-            raise UserError(f"{out_dir} already holds a remediation checkpoint: pass --resume to continue it, "
-                            f"or choose another --out")
-        if cfg.resume and checkpoint_path.exists():
-            saved = _load_checkpoint(checkpoint_path)
-            _check_resume(saved, fingerprint)
-            return saved
-        if cfg.resume:
-            log.warning("--resume: no checkpoint in %s, starting from epoch 1", out_dir)
-        return None
+        return prepare_out_dir_for_resume(out_dir, checkpoint_path, cfg.resume, fingerprint)
 
     history: List[dict] = []
     best = {"epoch": None, "score": None}

@@ -1,0 +1,377 @@
+"""Data-free remediation (FERD, remediate/ferd.py): the generator loss terms against
+independent computations, the class reweighting on a teacher with one fragile class,
+the bounded bank, the BN-less and gradient-less teachers, the all-off baseline,
+bitwise resume and one end-to-end run through export and the student audit.
+
+Tiny generators (nz 8, ngf 4) on 3x8x8 images, a few steps per phase: seconds on one core.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from robaudit.audit.datasets import EvalData
+from robaudit.errors import UserError
+from robaudit.remediate.ferd import (
+    FerdGenerator, FerdOptions, SyntheticBank, TeacherTaps, class_probabilities, default_warmup,
+    generator_loss, negative_margin, nonrobust_channel_mask, nonrobust_logits, run_ferd, uta_attack_loss,
+)
+from robaudit.remediate.train import RemediateConfig
+
+C = 3
+CLASSES = ["red", "green", "blue"]
+SHAPE = (3, 8, 8)
+
+
+class BNTeacher(nn.Module):
+    """conv-BN-ReLU-conv-BN-ReLU-pool-linear with non-trivial running statistics."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 5, 1), nn.BatchNorm2d(5)
+        self.head = nn.Linear(5, C)
+        with torch.no_grad():
+            for bn in (self.bn1, self.bn2):
+                bn.running_mean.uniform_(-0.5, 0.5)
+                bn.running_var.uniform_(0.5, 2.0)
+        self.eval()
+
+    def forward(self, x):
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class FragileBlueTeacher(nn.Module):
+    """No BatchNorm. logits = 10 * mean colour + b with b = (0, 0, -7.9): the teacher barely
+    ever prefers "blue" (class 2), whose margins are tiny or negative on any image, while
+    red and green are decided by a large, symmetric margin."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, C)
+        with torch.no_grad():
+            self.head.weight.copy_(10 * torch.eye(3))
+            self.head.bias.copy_(torch.tensor([0.0, 0.0, -7.9]))
+
+    def forward(self, x):
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def tiny_student(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, C))
+
+
+def teacher_model(module=None, **extra):
+    return SimpleNamespace(module=module if module is not None else BNTeacher(), path="tiny-teacher",
+                           class_names=list(CLASSES), **extra)
+
+
+TINY = dict(g_steps=3, synthesis_batch_size=12, nz=8, ngf=4, kd_steps=2, teacher_steps=2, warmup=1,
+            image_shape=list(SHAPE), examples_per_class=3)
+
+
+def config(out_dir, options=None, **overrides) -> RemediateConfig:
+    base = dict(out_dir=Path(out_dir), method="ferd", epochs=2, batch_size=8, steps=2, export_formats=(),
+                progress=False, method_options={**TINY, **(options or {})})
+    base.update(overrides)
+    return RemediateConfig(**base)
+
+
+def read_metrics(path: Path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+# ================================================================= loss terms on fixed tensors
+def test_generator_matches_the_spec_architecture():
+    gen = FerdGenerator(nz=100, ngf=64, image_shape=(3, 32, 32))
+    kinds = [type(m).__name__ for m in gen.conv_blocks]
+    assert kinds == ["BatchNorm2d", "Upsample", "Conv2d", "BatchNorm2d", "LeakyReLU", "Upsample", "Conv2d",
+                     "BatchNorm2d", "LeakyReLU", "Conv2d", "Sigmoid"]
+    assert gen.l1.in_features == 100 and gen.conv_blocks[2].out_channels == 128
+    assert gen.conv_blocks[6].out_channels == 64 and gen.conv_blocks[9].out_channels == 3
+    out = gen(torch.randn(4, 100))
+    out = out.detach()
+    assert out.shape == (4, 3, 32, 32) and float(out.min()) > 0 and float(out.max()) < 1
+    with pytest.raises(UserError, match="multiples of 4"):
+        FerdGenerator(image_shape=(3, 30, 30))
+
+
+def _bn_term_numpy(h: np.ndarray, running_mean: np.ndarray, running_var: np.ndarray) -> float:
+    n, c = h.shape[0], h.shape[1]
+    per_channel = h.transpose(1, 0, 2, 3).reshape(c, -1).astype(np.float64)
+    mean = per_channel.sum(axis=1) / per_channel.shape[1]
+    var = ((per_channel - mean[:, None]) ** 2).sum(axis=1) / per_channel.shape[1]
+    return math.sqrt(((running_var - var) ** 2).sum()) + math.sqrt(((running_mean - mean) ** 2).sum())
+
+
+def test_bn_statistics_loss_matches_an_independent_computation():
+    teacher = BNTeacher(seed=3)
+    x = torch.rand(5, *SHAPE, generator=torch.Generator().manual_seed(1))
+    taps = TeacherTaps(teacher, C)
+    try:
+        with taps.record(bn=True):
+            teacher(x)
+            terms = list(taps.bn_terms)
+        assert len(terms) == 2
+        ours = float(torch.stack(terms).sum().detach())
+        with torch.no_grad():                                # the BN inputs, layer by layer
+            h1 = teacher.conv1(x)
+            h2 = teacher.conv2(F.relu(teacher.bn1(h1)))
+        expected = sum(_bn_term_numpy(h.numpy(), bn.running_mean.numpy().astype(np.float64),
+                                      bn.running_var.numpy().astype(np.float64))
+                       for h, bn in ((h1, teacher.bn1), (h2, teacher.bn2)))
+        assert ours == pytest.approx(expected, rel=1e-5)
+        # Off unless asked for; the teacher's running statistics are never touched (eval mode).
+        before = teacher.bn1.running_mean.clone()
+        with taps.record(bn=False):
+            teacher(x)
+            assert taps.bn_terms == []
+        assert torch.equal(before, teacher.bn1.running_mean)
+    finally:
+        taps.close()
+    assert not teacher.bn1._forward_hooks and not teacher.head._forward_hooks
+
+
+def test_one_hot_kl_and_uniformity_terms_match_independent_computations():
+    g = torch.Generator().manual_seed(0)
+    t_logits, s_logits = torch.randn(6, C, generator=g) * 3, torch.randn(6, C, generator=g) * 3
+    y = torch.tensor([0, 1, 2, 2, 1, 0])
+    features, weight, bias = torch.randn(6, 4, generator=g), torch.randn(C, 4, generator=g), torch.randn(C, generator=g)
+    mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    bn_terms = [torch.tensor(0.7), torch.tensor(0.2)]
+    total, parts = generator_loss(t_logits, s_logits, y, bn_terms=bn_terms,
+                                  nonrobust=nonrobust_logits(features, mask, weight, bias))
+
+    t, s = t_logits.double().numpy(), s_logits.double().numpy()
+
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+    oh = -np.mean([log_softmax(t)[i, y[i]] for i in range(6)])
+    p_t = np.exp(log_softmax(t))
+    kl = np.mean((p_t * (log_softmax(t) - log_softmax(s))).sum(axis=1))
+    masked = features.double().numpy() * mask.double().numpy()
+    nr = masked @ weight.double().numpy().T + bias.double().numpy()
+    uni = np.mean((1.0 / C * (np.log(1.0 / C) - log_softmax(nr))).sum(axis=1))
+    assert float(parts["oh"]) == pytest.approx(oh, rel=1e-5)
+    assert float(parts["adv"]) == pytest.approx(kl, rel=1e-5)
+    assert float(parts["uni"]) == pytest.approx(uni, rel=1e-5)
+    assert float(parts["bn"]) == pytest.approx(0.9)
+    assert float(total) == pytest.approx(5 * 0.9 + oh - kl + 5 * uni, rel=1e-5)
+    # Terms that are off: no BN layers, no non-robust channels yet.
+    total_off, parts_off = generator_loss(t_logits, s_logits, y)
+    assert parts_off["bn"] is None and parts_off["uni"] is None
+    assert float(total_off) == pytest.approx(oh - kl, rel=1e-5)
+    # The uniform-target attack objective: KL(p_t || s) - 10 KL(u || s), per sample.
+    uta = uta_attack_loss(s_logits, torch.from_numpy(p_t).float()).double().numpy()
+    expected = (p_t * (np.log(p_t) - log_softmax(s))).sum(1) - 10 * (1.0 / C * (np.log(1.0 / C) - log_softmax(s))).sum(1)
+    np.testing.assert_allclose(uta, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_class_probabilities_margins_and_nonrobust_channels():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0], [1.0, 1.5, 0.5]])
+    y = torch.tensor([0, 1, 2])
+    assert negative_margin(logits, y).tolist() == pytest.approx([-2.0, 3.0, 1.0])
+    # r = (-2, 3, 1) -> min-max to [0.05, 0.2] -> (0.05, 0.2, 0.14) -> renormalised.
+    p = class_probabilities(torch.tensor([-2.0, 3.0, 1.0]), torch.ones(3))
+    raw = np.array([0.05, 0.2, 0.05 + 0.15 * 3 / 5])
+    assert p.tolist() == pytest.approx((raw / raw.sum()).tolist())
+    # Per-class means of several samples; an absent class takes the mean of the present ones.
+    p = class_probabilities(torch.tensor([-4.0, 0.0, 6.0]), torch.tensor([2.0, 0.0, 3.0]))
+    raw = np.array([0.05, 0.05 + 0.15 * 2 / 4, 0.2])                # r = (-2, 0, 2)
+    assert p.tolist() == pytest.approx((raw / raw.sum()).tolist())
+    assert class_probabilities(torch.ones(3), torch.ones(3)).tolist() == pytest.approx([1 / 3] * 3)
+    assert class_probabilities(torch.zeros(3), torch.zeros(3)).tolist() == pytest.approx([1 / 3] * 3)
+    # Channel 2 moves by 100%, channel 0 by 10%, channels 1 and 3 not at all.
+    clean = torch.tensor([[1.0, 2.0, 1.0, 3.0], [1.0, 2.0, 1.0, 3.0]])
+    adv = torch.tensor([[1.1, 2.0, 2.0, 3.0], [0.9, 2.0, 0.0, 3.0]])
+    assert nonrobust_channel_mask(clean, adv, 0.5).tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert nonrobust_channel_mask(clean, adv, 0.25).tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_options_are_validated_with_one_line():
+    assert FerdOptions.from_mapping({"fae": "false", "bank_eviction": "random"}).fae is False
+    with pytest.raises(UserError, match="no option 'magic'"):
+        FerdOptions.from_mapping({"magic": 1})
+    with pytest.raises(UserError, match="bank_eviction"):
+        FerdOptions.from_mapping({"bank_eviction": "lru"})
+    with pytest.raises(UserError, match="true or false"):
+        FerdOptions.from_mapping({"uta": "maybe"})
+    assert default_warmup(220) == 20 and default_warmup(22) == 2 and default_warmup(1) == 0
+
+
+# ================================================================= the bank
+@pytest.mark.parametrize("eviction", ["oldest", "random"])
+def test_bank_never_grows_past_its_cap(eviction):
+    bank = SyntheticBank(capacity=20, eviction=eviction)
+    sizes, storage = [], []
+    for epoch in range(1, 7):
+        ids = (epoch - 1) * 8 + torch.arange(8)
+        bank.add(torch.rand(8, *SHAPE), torch.arange(8) % C, ids, epoch,
+                 generator=torch.Generator().manual_seed(epoch))
+        sizes.append(len(bank))
+        storage.append(bank.nbytes())
+    assert sizes == [8, 16, 20, 20, 20, 20]
+    assert storage[2:] == [20 * 3 * 8 * 8] * 4 and bank.images.dtype == torch.uint8
+    assert len(set(bank.ids.tolist())) == 20
+    assert set(range(40, 48)) <= set(bank.ids.tolist())           # the newest batch is always kept
+    if eviction == "oldest":
+        assert sorted(bank.ids.tolist()) == list(range(28, 48))
+    big = SyntheticBank(capacity=5)
+    big.add(torch.rand(9, *SHAPE), torch.zeros(9, dtype=torch.long), torch.arange(9), 1)
+    assert len(big) == 5 and big.ids.tolist() == [4, 5, 6, 7, 8]
+
+
+def test_bank_growth_is_bounded_over_a_run(tmp_path):
+    summary = run_ferd(config(tmp_path, {"bank_size": 20, "synthesis_batch_size": 8, "warmup": 1}, epochs=4),
+                       teacher=teacher_model(), student_module=tiny_student())
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert [h["method"]["bank_size"] for h in state["history"]] == [8, 16, 20, 20]
+    assert summary["bank_size"] == 20
+    assert state["bank"]["images"].shape == (20, *SHAPE)
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [int(r["bank_size"]) for r in rows] == [8, 16, 20, 20]
+
+
+# ================================================================= reweighting, teachers, switches
+def test_class_probabilities_move_to_the_fragile_class_and_bn_loss_is_off_without_batchnorm(tmp_path, caplog):
+    caplog.set_level("WARNING")
+    summary = run_ferd(config(tmp_path, {"warmup": 1}, epochs=3), teacher=teacher_model(FragileBlueTeacher()),
+                       student_module=tiny_student())
+    probs = summary["training"]["class_probabilities"]
+    assert probs[0] == pytest.approx([1 / 3] * 3)                 # epoch 1 samples uniformly
+    for p in probs[1:]:
+        assert max(range(C), key=lambda k: p[k]) == 2 and p[2] > 0.5   # blue: the least robust class
+        assert sum(p) == pytest.approx(1.0) and min(p) >= 0.05 / (0.05 + 2 * 0.2) - 1e-6
+    rows = read_metrics(tmp_path / "metrics.csv")
+    assert [float(r["class_probs:blue"]) for r in rows] == pytest.approx([p[2] for p in probs], abs=1e-6)
+    margins = [float(rows[0][f"teacher_neg_margin:{c}"]) for c in CLASSES]
+    assert margins[2] > max(margins[:2])
+    # No BatchNorm in this teacher: the BN term is off, said in the log and in the results, and the run trained.
+    options = summary["training"]["options"]
+    assert options["method"]["bn_loss_active"] is False
+    assert any("BN-statistics loss off" in n for n in options["notes"])
+    assert "BN-statistics loss off" in caplog.text
+    assert all(r["gen_bn"] == "" for r in rows) and all(r["gen_oh"] != "" for r in rows)
+    assert rows[0]["phase"] == "warmup" and rows[1]["phase"] == "distill" and rows[1]["loss"] != ""
+    # FAE found the head (an nn.Linear with C outputs): L_uni from epoch 2 on.
+    assert options["method"]["fae_active"] is True and rows[0]["gen_uni"] == "" and rows[1]["gen_uni"] != ""
+
+
+def test_teacher_without_gradients_is_refused_with_one_line(tmp_path):
+    teacher = teacher_model(white_box=False, refusal="this ONNX model runs in onnxruntime without gradients")
+    with pytest.raises(UserError, match=r"back-propagating through the teacher.*onnxruntime.*pass the teacher as"):
+        run_ferd(config(tmp_path), teacher=teacher, student_module=tiny_student())
+    assert not (tmp_path / "checkpoint.pt").exists()
+    with pytest.raises(UserError, match="more epochs"):
+        run_ferd(config(tmp_path, {"warmup": 2}), teacher=teacher_model(), student_module=tiny_student())
+    with pytest.raises(UserError, match="cosine"):
+        run_ferd(config(tmp_path, milestones=(1,)), teacher=teacher_model(), student_module=tiny_student())
+
+
+def test_all_switches_off_runs_the_plain_data_free_baseline(tmp_path):
+    summary = run_ferd(config(tmp_path, {"fae": False, "reweight": False, "uta": False}),
+                       teacher=teacher_model(), student_module=tiny_student())
+    records = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history"]
+    assert all(p == pytest.approx([1 / 3] * 3) for p in summary["training"]["class_probabilities"])
+    assert all("teacher_neg_margin" not in r["method"] for r in records)      # no teacher attack at all
+    assert all(r["method"]["gen_uni"] is None for r in records)
+    assert all(r["method"]["gen_bn"] is not None for r in records)             # BNTeacher: L_bn on
+    assert records[-1]["loss"] is not None and math.isfinite(records[-1]["loss"])
+    assert summary["training"]["options"]["method"]["fae"] is False
+
+
+# ================================================================= resume
+@pytest.mark.parametrize("reset_generator", [True, False])
+def test_resume_is_bitwise_equal_to_a_straight_run(tmp_path, monkeypatch, reset_generator):
+    import robaudit.remediate.ferd as ferd
+
+    options = {"warmup": 0, "bank_size": 20, "reset_generator": reset_generator}
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run_ferd(config(straight, options, epochs=2), teacher=teacher_model(), student_module=tiny_student())
+    # 1 epoch + resume + 1: the cosine schedule depends on the total, so the first run is a
+    # 2-epoch run interrupted in epoch 2 (after its checkpoint of epoch 1).
+    real = ferd._student_epoch
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt_epoch_2(*args, **kwargs):
+        if args[6] == 2:      # (student, teacher, bank, optimizer, opts, cfg, epoch, ...)
+            raise Interrupted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ferd, "_student_epoch", interrupt_epoch_2)
+    with pytest.raises(Interrupted):
+        run_ferd(config(split, options, epochs=2), teacher=teacher_model(), student_module=tiny_student())
+    monkeypatch.setattr(ferd, "_student_epoch", real)
+    assert torch.load(split / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    torch.manual_seed(1234)          # the global RNG state comes from the checkpoint
+    run_ferd(config(split, options, epochs=2, resume=True), teacher=teacher_model(),
+             student_module=tiny_student(seed=99))
+    a = torch.load(straight / "checkpoint.pt", weights_only=True)
+    b = torch.load(split / "checkpoint.pt", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in a["student"]:
+        assert torch.equal(a["student"][key], b["student"][key]), key
+    for state_a, state_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(state_a["momentum_buffer"], state_b["momentum_buffer"])
+    assert a["scheduler"] == b["scheduler"]
+    for key in ("images", "labels", "ids", "epochs"):
+        assert torch.equal(a["bank"][key], b["bank"][key]), key
+    assert torch.equal(a["class_probs"], b["class_probs"]) and torch.equal(a["nonrobust_mask"], b["nonrobust_mask"])
+    assert all(torch.equal(a["generator"][k], b["generator"][k]) for k in a["generator"])
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+
+    def without_seconds(path):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in read_metrics(path)]
+
+    assert without_seconds(straight / "metrics.csv") == without_seconds(split / "metrics.csv")
+    with pytest.raises(UserError, match="cannot resume.*bank_size"):
+        run_ferd(config(split, {**options, "bank_size": 30}, epochs=2, resume=True), teacher=teacher_model(),
+                 student_module=tiny_student())
+
+
+# ================================================================= end to end
+def test_end_to_end_exports_audits_and_reports_synthetic_examples(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    y = torch.arange(C).repeat_interleave(4)
+    test_data = EvalData(name="synthetic", split="test", x=torch.rand(len(y), *SHAPE, generator=g), y=y,
+                         index=torch.arange(len(y)), classes=list(CLASSES),
+                         subset={"limit": None, "n_per_class": 4, "total_in_split": len(y)}, source="tests")
+    cfg = config(tmp_path, {"image_shape": None}, export_formats=("pt2",), audit_attacks=("clean", "pgd"),
+                 audit_overrides={"pgd": {"steps": 2}}, audit_batch_size=64)
+    summary = run_ferd(cfg, teacher=teacher_model(), test_data=test_data, student_module=tiny_student())
+    assert summary["exports"]["pt2"]["ok"] and summary["selected_epoch"] == 2 and summary["best"] is None
+    results = json.loads((tmp_path / "student" / "results.json").read_text())
+    training = results["training"]
+    assert training["method"] == "ferd" and training["teacher"] == "tiny-teacher"
+    assert training["options"]["data_free"] is True and training["epochs"] == 2
+    assert len(training["class_probabilities"]) == 2 and all(len(p) == C for p in training["class_probabilities"])
+    examples = training["synthetic_examples"]
+    assert {e["class"] for e in examples} <= set(CLASSES) and examples
+    from PIL import Image
+    import io
+
+    image = Image.open(io.BytesIO(base64.b64decode(examples[0]["png"])))
+    assert image.size[1] == 8 and image.size[0] in (8, 17, 26)       # up to 3 images, 1 px gaps
+    assert set(results["attacks"]) == {"clean", "pgd"}
+    assert (tmp_path / "student" / "report.html").exists()
