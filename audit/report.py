@@ -91,6 +91,7 @@ TRAINING_CURVE_LABELS = {
     "val_robust_worst": "Validation robust accuracy (worst class)",
 }
 TRAJECTORY_LABELS = {
+    "class_probabilities": "Class sampling probability of synthetic labels (FERD; more for less robust classes)",
     "tau_adv": "Teacher temperature per class on adversarial inputs (τ_adv)",
     "tau_nat": "Teacher temperature per class on clean inputs (τ_nat)",
     "class_weights": "Per-class loss weights",
@@ -876,6 +877,8 @@ def _trajectory_sources(training: dict) -> Iterable[tuple[str, Any]]:
                 yield f"temperatures.{key}", rows
     if training.get("class_weights") is not None:
         yield "class_weights", training["class_weights"]
+    if training.get("class_probabilities") is not None:  # FERD: label distribution of synthetic data
+        yield "class_probabilities", training["class_probabilities"]
 
 
 def _shown_epochs(count: int) -> list[int]:
@@ -967,6 +970,9 @@ def _training(results: dict, figures: dict) -> dict | None:
         "method": training.get("method"), "teacher": training.get("teacher"), "epochs": training.get("epochs"),
         "options": [(str(k), _display(v)) for k, v in options.items()] if isinstance(options, dict) else [],
         "curves": curves, "trajectories": trajectories,
+        "synthetic": [{"class": str(item.get("class")), "src": uri}
+                      for item in (training.get("synthetic_examples") or []) if isinstance(item, dict)
+                      for uri in [_png_data_uri(item.get("png"))] if uri is not None],
     }
 
 

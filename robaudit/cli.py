@@ -294,16 +294,20 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
 @click.option("--student", default=None, help="Student architecture (see `robaudit list`); default resnet18.")
 @click.option("--student-init", default=None, type=click.Path(), help="Fine-tune this model file instead of a fresh student.")
 @click.option("--method", default="absld", show_default=True, help="absld, rslad, sat, trades, fair-rslad, cfa.")
+@click.option("--data-free", is_flag=True,
+              help="No training data: distill from the teacher alone with FERD (synthetic images); "
+                   "the dataset's test split is only audited. Options via --method-opt (fae, reweight, uta, ...).")
 @click.option("--beta", type=float, default=None,
               help="absld: temperature learning rate (0.1); trades/cfa: KL weight (6).")
 @click.option("--tau-min", type=float, default=None, help="absld: lower temperature bound (dataset default).")
 @click.option("--tau-max", type=float, default=None, help="absld: upper temperature bound (dataset default).")
-@click.option("--alpha", type=float, default=None, help="Weight of the adversarial term (5/6).")
+@click.option("--alpha", type=float, default=None,
+              help="Weight of the adversarial term (5/6; with --data-free, FERD's 1/6).")
 @click.option("--reference-compat", is_flag=True, help="absld: reproduce the authors' code behaviour (see docs).")
 @click.option("--reweight", type=click.Choice(["fair-ard"]), default=None,
               help="absld: combine with Fair-ARD sample re-weighting (our construction of the journal idea).")
 @click.option("--method-opt", multiple=True, help="Any method option: KEY=VALUE (repeatable).")
-@click.option("--epochs", type=int, default=300, show_default=True)
+@click.option("--epochs", type=int, default=None, help="Training epochs [300; 220 with --data-free].")
 @click.option("--lr", type=float, default=0.1, show_default=True)
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=2e-4, show_default=True)
@@ -326,7 +330,7 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
 @click.option("--attack-opt", multiple=True, help="Audit attack parameter: ATTACK.PARAM=VALUE (repeatable).")
 @click.option("--out", "out_dir", default="robaudit-remediate", show_default=True, type=click.Path())
 def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir,
-              limit, n_per_class, student, student_init, method, beta, tau_min, tau_max, alpha,
+              limit, n_per_class, student, student_init, method, data_free, beta, tau_min, tau_max, alpha,
               reference_compat, reweight, method_opt, epochs, lr, momentum, weight_decay, batch_size,
               milestones, steps, eps, val_per_class, no_augment, seed, device, precision, resume, sync_bn,
               audit_attacks, audit_limit, audit_n_per_class, attack_opt, out_dir):
@@ -336,7 +340,17 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
     from robaudit.remediate import METHODS
     from robaudit.remediate.train import RemediateConfig
 
-    method_cls = METHODS.get(method)
+    if data_free:
+        if reweight is not None or reference_compat or tau_min is not None or tau_max is not None:
+            raise UserError("--reweight, --reference-compat and --tau-min/--tau-max are ABSLD options; "
+                            "with --data-free pass FERD options via --method-opt (e.g. reweight=false)")
+        if milestones:
+            raise UserError("--data-free trains with a cosine schedule: drop --milestones")
+        if teacher_path is None:
+            raise UserError("--data-free distills from a teacher: pass --teacher MODEL")
+        method = "ferd"
+    epochs = epochs if epochs is not None else (220 if data_free else 300)
+    method_cls = None if data_free else METHODS.get(method)
     options = _parse_attack_opts([f"m.{kv}" for kv in method_opt], None).get("m", {})
     for key, value in (("beta", beta), ("alpha", alpha), ("reweight", reweight)):
         if value is not None:
@@ -347,7 +361,7 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         raise UserError("give both --tau-min and --tau-max, or neither")
     if tau_min is not None:
         options["tau_bounds"] = (tau_min, tau_max)
-    if method_cls.needs_teacher and teacher_path is None:
+    if method_cls is not None and method_cls.needs_teacher and teacher_path is None:
         raise UserError(f"method {method} distills from a teacher: pass --teacher MODEL")
     if student is None and student_init is None:
         student = "resnet18"
@@ -365,15 +379,17 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
     except ValueError:
         raise UserError(f"malformed --milestones {milestones!r}: give epochs like 215,260,285")
 
-    train = load_dataset(dataset, split="train", data_dir=data_dir, limit=limit, n_per_class=n_per_class)
     test = load_dataset(dataset, split="test", data_dir=data_dir, limit=audit_limit, n_per_class=audit_n_per_class)
+    train = test if data_free else load_dataset(dataset, split="train", data_dir=data_dir, limit=limit,
+                                                n_per_class=n_per_class)
     teacher = None
     if teacher_path is not None:
         teacher = load_model_from_options(teacher_path, model_format=model_format, arch=arch,
                                           num_classes=num_classes, trust_pickle=trust_pickle, mean=mean,
                                           std=std, device=torch_device, dataset_classes=train.classes,
                                           input_shape=tuple(train.x.shape[1:]))
-        test.classes[:] = train.classes  # --class-names renames train.classes in place: audit with them too
+        if train is not test:
+            test.classes[:] = train.classes  # --class-names renames train.classes in place: audit with them too
     out = Path(out_dir)
     cfg = RemediateConfig(
         out_dir=out, method=method, method_options=options, student=student, student_init=student_init,
@@ -386,7 +402,7 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
 
 
 def _remediate_and_compare(cfg, audit_cfg, teacher, train, test):
-    """Teacher audit (before) -> training -> student audit (after) -> comparison report.
+    """Teacher audit (before) -> training (FERD when data-free) -> student audit (after) -> comparison.
 
     Every audit goes through engine.run_scan.
     """
@@ -401,7 +417,12 @@ def _remediate_and_compare(cfg, audit_cfg, teacher, train, test):
         before = _run_and_print(replace(audit_cfg, out_dir=out / "teacher"), teacher, test)
     click.echo(f"remediate: training a {cfg.student or 'student'} with {cfg.method} "
                f"for {cfg.epochs} epochs ...", err=True)
-    summary = run_remediate(cfg, teacher=teacher, train_data=train, test_data=test)
+    if cfg.method == "ferd":
+        from robaudit.remediate.ferd import run_ferd
+
+        summary = run_ferd(cfg, teacher=teacher, test_data=test)
+    else:
+        summary = run_remediate(cfg, teacher=teacher, train_data=train, test_data=test)
     _print_comparison(before, summary["student_results"], out)
     return summary
 

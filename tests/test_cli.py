@@ -347,3 +347,19 @@ def test_subprocess_bad_model_and_gate(files, tmp_path):
     assert "gate failed" in _assert_one_error_line(gated.stderr, allow_checks=True)
     assert (tmp_path / "b" / "results.json").exists()
     assert all(name in gated.stdout for name in CLASSES)
+
+
+def test_data_free_remediate_refuses_abs_ld_only_options_and_missing_teacher(tmp_path, capsys):
+    from robaudit.cli import main
+
+    for args, needle in (
+        (["--data-free", "--dataset", "demo"], "--teacher"),
+        (["--data-free", "--teacher", "t.pt2", "--dataset", "demo", "--reweight", "fair-ard"], "--method-opt"),
+        (["--data-free", "--teacher", "t.pt2", "--dataset", "demo", "--milestones", "3,4"], "cosine"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["remediate", *args, "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2
+        assert err.startswith("robaudit: error:") and needle in err and "Traceback" not in err
+        assert not (tmp_path / "o").exists()
