@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import sys
 import tempfile
 import time
@@ -130,7 +131,6 @@ def main() -> None:
         args.n, args.steps, args.repeats = 128, 2, 1
     train = common.load_split(common.data_path(args.data), "train", limit=args.n)
     num_classes = len(train.classes)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     equality = loss_equality(args.arch, train.x[:64], train.y[:64], num_classes, args.steps)
 
@@ -139,7 +139,7 @@ def main() -> None:
     student_init = create_architecture(args.arch, num_classes=num_classes)
     teacher = LoadedModel(module=teacher_module, format="eager", path="<in-memory>", sha256="0" * 64,
                           num_params=None, arch=args.arch, white_box=True, adaptations={}, refusal=None)
-    import torch._dynamo  # noqa: F401  (the optimizer imports it once: a start-up cost, not per epoch)
+    importlib.import_module("torch._dynamo")  # the optimizer imports it once: start-up, not per epoch
 
     tau = torch.ones(num_classes)
     ours_runs, plain_runs = [], []
