@@ -27,7 +27,6 @@ import json
 import math
 import os
 import re
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable
@@ -36,6 +35,7 @@ import jinja2
 from markupsafe import Markup
 
 from robaudit import __version__ as ROBAUDIT_VERSION
+from robaudit.audit.io import write_bytes_atomic
 from robaudit.errors import UserError
 
 __all__ = ["build_context", "render_report", "render_html", "load_results", "validate_results"]
@@ -1142,27 +1142,7 @@ def render_report(results: dict, out_path, *, baseline: dict | None = None, reda
     page = render_html(results, baseline=baseline, redact_paths=redact_paths, rendered_at=rendered_at)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_path, page.encode("utf-8"))
+        write_bytes_atomic(out_path, page.encode("utf-8"))
     except OSError as err:
         raise UserError(f"cannot write the report to {out_path}: {err.strerror or err}") from None
     return out_path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # A temporary sibling then os.replace: readers see the old file or the new one,
-    # never half a report. os.open with 0o666 lets the umask decide the permissions,
-    # as for any file the user creates (mkstemp would force 0600).
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        try:
-            os.unlink(temporary)
-        except OSError:
-            pass
-        raise
