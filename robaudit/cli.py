@@ -237,7 +237,7 @@ def main(argv=None):
 @click.option("--attacks", default="clean,fgsm,pgd,cw,tpgd", show_default=True,
               help="AutoAttack (aa) is left out by default: its FAB-T stage takes many minutes on a "
                    "CPU; add it with --attacks clean,fgsm,pgd,cw,aa.")
-@click.option("--remediate-epochs", type=int, default=2, show_default=True,
+@click.option("--remediate-epochs", type=int, default=3, show_default=True,
               help="ABSLD fine-tuning epochs after the audit (0: audit only).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -277,7 +277,7 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
     rem_out = out / "remediate"
     click.echo(f"demo: ABSLD fine-tuning for {remediate_epochs} epochs into {rem_out} ...", err=True)
     rem_cfg = RemediateConfig(out_dir=rem_out, method="absld", student="smallcnn", dataset="demo",
-                              epochs=remediate_epochs, lr=0.01, steps=3, step_size=2.5 * cfg.eps / 3,
+                              epochs=remediate_epochs, lr=0.01, steps=5, step_size=2.5 * cfg.eps / 5,
                               val_per_class=20, augment=False, seed=seed, device=str(torch_device),
                               audit_attacks=cfg.attacks, command=_command_line(),
                               resume=(rem_out / "checkpoint.pt").exists())
