@@ -1,8 +1,8 @@
 """AutoAttack through robaudit's engine vs pyautoattack called directly.
 
-    python benchmarks/bench_autoattack.py            # N = 100 test images, ~10 min on 2 CPU cores
+    python benchmarks/bench_autoattack.py --threads 1   # N = 100 test images, ~7 min on 2 CPU cores
     python benchmarks/bench_autoattack.py --n 200
-    python benchmarks/bench_autoattack.py --quick    # N = 16, < 1 min
+    python benchmarks/bench_autoattack.py --quick    # N = 16, reduced AA budget, ~1 min
 
 On the same model and the same first N test images of the CIFAR-10 subset, each
 in ONE batch (pyautoattack seeds per run, so its results depend on which points
@@ -36,12 +36,19 @@ import torch
 import common
 
 
-def robaudit_aa(loaded, data, seed: int) -> dict:
+STANDARD_ITER, STANDARD_QUERIES = 100, 5000
+
+
+def robaudit_aa(loaded, data, seed: int, n_iter: int, n_queries: int) -> dict:
     from robaudit.audit.engine import ScanConfig, run_scan
 
+    overrides = {}
+    if (n_iter, n_queries) != (STANDARD_ITER, STANDARD_QUERIES):
+        overrides = {"aa": {"n_iter": n_iter, "n_queries": n_queries}}
     with tempfile.TemporaryDirectory(prefix="bench-aa-") as tmp:
         cfg = ScanConfig(out_dir=Path(tmp), attacks=["clean", "aa"], eps=common.EPS, seed=seed,
-                         batch_size=len(data.y), device="cpu", write_report=False)
+                         batch_size=len(data.y), device="cpu", write_report=False,
+                         attack_overrides=overrides)
         results, times = common.timed(lambda: run_scan(cfg, model=loaded, data=data))
         with np.load(Path(tmp) / "samples.npz") as f:
             robust = f["robust_aa"].astype(bool)
@@ -51,13 +58,26 @@ def robaudit_aa(loaded, data, seed: int) -> dict:
             "checks": [c.get("id") for c in results["checks"]]}
 
 
-def reference_aa(module, data, seed: int) -> dict:
+def set_budget(adversary, n_iter: int, n_queries: int) -> None:
+    """Reduced budgets (--quick only), set as pyautoattack's constructors derive them."""
+    for apgd in (adversary.apgd, adversary.apgd_targeted):
+        apgd.n_iter = apgd.n_iter_orig = n_iter
+        apgd.n_iter_2 = max(int(0.22 * n_iter), 1)
+        apgd.n_iter_min = max(int(0.06 * n_iter), 1)
+        apgd.size_decr = max(int(0.03 * n_iter), 1)
+    adversary.fab.n_iter = n_iter
+    adversary.square.n_queries = n_queries
+
+
+def reference_aa(module, data, seed: int, n_iter: int, n_queries: int) -> dict:
     from pyautoattack import AutoAttack
 
     def run():
         adversary = AutoAttack(module, norm="Linf", eps=common.EPS, version="standard", seed=seed,
                                device="cpu")
         adversary.verbose = False
+        if (n_iter, n_queries) != (STANDARD_ITER, STANDARD_QUERIES):
+            set_budget(adversary, n_iter, n_queries)
         return adversary.run_standard_evaluation(data.x, data.y, batch_size=len(data.y))
 
     (x_adv, y_adv), times = common.timed(run)
@@ -65,7 +85,7 @@ def reference_aa(module, data, seed: int) -> dict:
     return {"robust": (y_adv == data.y).numpy(), "wall_s": times[0]}
 
 
-def torchattacks_aa(module, data, seed: int):
+def torchattacks_aa(module, data, seed: int, n_queries: int):
     try:
         import torchattacks
     except ImportError:
@@ -76,6 +96,7 @@ def torchattacks_aa(module, data, seed: int):
         attack = torchattacks.AutoAttack(module, norm="Linf", eps=common.EPS, version="standard",
                                          n_classes=10, seed=seed)
         attack.set_device("cpu")
+        attack._autoattack.attacks[-1].n_queries = n_queries   # Square; 5000 unless --quick
         x_adv = attack(data.x, data.y)
         with torch.no_grad():
             return module(x_adv).argmax(1), module(data.x).argmax(1)
@@ -91,20 +112,25 @@ def torchattacks_aa(module, data, seed: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100, help="first N test images, one AA batch")
-    parser.add_argument("--quick", action="store_true", help="N = 16 (smoke test)")
+    parser.add_argument("--n", type=int, default=100, help="first N test images, one AA batch (100: ~7 min with --threads 1)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: N = 16 and a reduced AA budget (10 iterations, 100 Square "
+                             "queries) on both sides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--models", default="natural,adversarial")
     parser.add_argument("--forms", default="onnx,torchscript",
                         help="extra forms of the adversarial model to scan through robaudit ('' for none)")
     parser.add_argument("--no-torchattacks", action="store_true")
     parser.add_argument("--data", default=None)
+    common.add_threads_option(parser)
     parser.add_argument("--models-dir", default=None)
     args = parser.parse_args()
 
     path = common.data_path(args.data)
     root = common.models_dir(args.models_dir, args.quick)
     n = 16 if args.quick else args.n
+    n_iter, n_queries = (10, 100) if args.quick else (STANDARD_ITER, STANDARD_QUERIES)
+    common.set_threads(args.threads)
     info = common.machine()
     print(common.machine_line(info))
     data = common.load_split(path, "test", limit=n)
@@ -114,10 +140,10 @@ def main() -> None:
     records, rows = [], []
     for name in names:
         loaded = common.load(name, "pt2", root)
-        with torch.no_grad():   # warm-up, so neither side pays first-call costs
-            loaded.module(data.x[:8])
-        ours = robaudit_aa(loaded, data, args.seed)
-        ref = reference_aa(loaded.module, data, args.seed)
+        warm = data.x[:8].clone().requires_grad_(True)   # warm-up: neither side pays first-call costs
+        torch.autograd.grad(loaded.module(warm).sum(), warm)
+        ours = robaudit_aa(loaded, data, args.seed, n_iter, n_queries)
+        ref = reference_aa(loaded.module, data, args.seed, n_iter, n_queries)
         agree = float((ours["robust"] == ref["robust"]).mean())
         differing = np.flatnonzero(ours["robust"] != ref["robust"]).tolist()
         rec = {"model": name, "form": "pt2", "n": n, "clean_acc": float(ours["clean_correct"].mean()),
@@ -136,7 +162,7 @@ def main() -> None:
         if name == "adversarial":
             for form in forms:
                 other = common.load(name, form, root)
-                res = robaudit_aa(other, data, args.seed)
+                res = robaudit_aa(other, data, args.seed, n_iter, n_queries)
                 same = float((res["robust"] == ours["robust"]).mean())
                 records.append({"model": name, "form": form, "n": n, "clean_acc": float(res["clean_correct"].mean()),
                                 "robaudit_robust_acc": float(res["robust"].mean()),
@@ -151,7 +177,7 @@ def main() -> None:
                 print(f"  {name}/{form}: done ({res['wall_s']:.0f}s)", flush=True)
 
         if not args.no_torchattacks:
-            ta = torchattacks_aa(loaded.module, data, args.seed)
+            ta = torchattacks_aa(loaded.module, data, args.seed, n_queries)
             if ta is None:
                 print("  torchattacks is not installed: its AutoAttack row is skipped")
             else:
@@ -166,14 +192,18 @@ def main() -> None:
                              common.pct(records[-1]["agreement_with_reference"]), f"{ta['wall_s']:.1f}", "",
                              f"{ref['wall_s']:.1f}", f"{ta['wall_s'] / ref['wall_s']:.2f}"])
 
-    print(f"\nAutoAttack standard, Linf eps 8/255, seed {args.seed}, first {n} test images in one batch, CPU")
+    budget = ("" if not args.quick else
+              f" - QUICK: reduced budget {n_iter} iterations / {n_queries} queries, not the standard AA")
+    print(f"\nAutoAttack standard, Linf eps 8/255, seed {args.seed}, first {n} test images in one batch, "
+          f"CPU{budget}")
     print(common.table(["model", "form / tool", "clean", "robust (robaudit/tool)", "robust (reference)",
                         "agreement", "tool s", "AA-only s", "reference s", "time ratio"], rows))
     print("agreement = same per-sample robust flag; time ratio = tool wall time / direct pyautoattack "
           "wall time (robaudit: whole run_scan, incl. clean pass, model checks and file writes)")
     out = common.write_result("bench_autoattack_quick" if args.quick else "bench_autoattack",
                               {"machine": info, "data": str(path), "models_dir": str(root), "n": n,
-                               "seed": args.seed, "eps": common.EPS, "records": records})
+                               "seed": args.seed, "eps": common.EPS, "n_iter": n_iter, "n_queries": n_queries,
+                               "records": records})
     print(f"results in {out}")
 
 

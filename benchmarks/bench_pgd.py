@@ -106,6 +106,7 @@ def main() -> None:
     parser.add_argument("--models", default="natural,adversarial")
     parser.add_argument("--no-torchattacks", action="store_true")
     parser.add_argument("--data", default=None)
+    common.add_threads_option(parser)
     parser.add_argument("--models-dir", default=None)
     args = parser.parse_args()
 
@@ -115,6 +116,7 @@ def main() -> None:
     root = common.models_dir(args.models_dir, args.quick)
     n = 64 if args.quick else args.n
     repeats = 1 if args.quick else args.repeats
+    common.set_threads(args.threads)
     info = common.machine()
     print(common.machine_line(info), flush=True)
     data = common.load_split(path, "test", limit=n)

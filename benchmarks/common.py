@@ -111,6 +111,20 @@ def loadavg() -> Optional[List[float]]:
         return None
 
 
+def add_threads_option(parser) -> None:
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's, = the core count). On a shared, "
+                             "loaded machine use 1: oversubscribed OpenMP threads make small-batch "
+                             "passes 10-40x slower")
+
+
+def set_threads(n: Optional[int]) -> None:
+    if n:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 def machine() -> Dict[str, object]:
     import torch
 

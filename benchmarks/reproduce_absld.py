@@ -1,37 +1,46 @@
 """ABSLD vs RSLAD / Fair-RSLAD / SAT students from one robust teacher, several seeds (issue 5 §2).
 
-    python benchmarks/reproduce_absld.py --quick    # smoke test, ~2-3 min on 2 CPU cores
-    python benchmarks/reproduce_absld.py            # the small-scale study (~1 h on 2 shared CPU cores)
+    python benchmarks/reproduce_absld.py --quick --no-aa   # smoke test, ~2 min on 2 CPU cores (AA adds minutes)
+    python benchmarks/reproduce_absld.py            # study A of docs/reproduction.md: ~30 min on 2 shared CPU cores
+    python benchmarks/reproduce_absld.py --teacher benchmarks/_results/reproduce_absld/teacher/best.pt \
+        --epochs 10 --distill-loss-scale 1 --out benchmarks/_results/reproduce_absld_b   # study B
 
 What it does, all through robaudit's Python API (no method is re-implemented here):
 
 1. Teacher: run_remediate(method="sat", teacher=None) on the training images of the
-   CIFAR-10 subset (../shared/data/cifar10_subset.npz), loaded back from its best.pt
-   with robaudit.audit.loading.load_model. Skipped when --teacher FILE is given.
+   CIFAR-10 subset (../shared/data/cifar10_subset.npz; all 5085 by default,
+   --teacher-n-per-class to reduce), SmallCNN, --teacher-epochs 10, PGD-3 inner attack;
+   loaded back from its best.pt with robaudit.audit.loading.load_model. Skipped when
+   --teacher FILE (+ --teacher-arch) is given.
 2. Students: run_remediate(method=m, teacher=that teacher) for m in sat, rslad,
-   fair-rslad, absld and every seed of --seeds, at equal budget: same architecture,
-   training images, epochs, inner PGD steps, lr schedule (the paper's milestones scaled
-   to --epochs), checkpoint selection (PGD-`--val-steps` on --val-per-class held-out
-   training images per class; the held-out split is drawn with the seed, so it is the
-   same for every method at one seed). The SAT student does not use the teacher.
+   fair-rslad, absld and every seed of --seeds (0,1,2), at equal budget: same
+   architecture (SmallCNN), training images (--n-per-class 200 per class of the train
+   split), epochs (--epochs 7), inner attack (PGD-3, step 3/255: three steps of the
+   paper's 2/255 could not reach the 8/255 boundary), lr schedule (SGD 0.1, the paper's
+   milestones 215/260/285 of 300 scaled to the epochs), checkpoint selection
+   (PGD-`--val-steps` 10 on --val-per-class 20 held-out training images per class; the
+   held-out split is drawn with the seed, so it is the same for every method at one
+   seed). The SAT student does not use the teacher. Every method runs with robaudit's
+   defaults otherwise (ABSLD: beta 0.1 decayed at the milestones, tau in [0.5, 5]).
    Each student is audited by run_remediate's own engine.run_scan on the subset's test
    images (all 1017) with clean and PGD-20 (eps 8/255, step 2/255, robaudit defaults:
    worst over iterates, clean-correct required).
-3. AutoAttack (reference pyautoattack, standard version) is slow on CPU: it runs, after
-   all training, on a class-balanced test subset of --audit-n-per-class images per class
-   (default 20, i.e. 200 images; PGD-20 is re-run on the same images for comparison).
-   Those AA numbers carry much wider per-class intervals (about +-20 points at n = 20).
+3. AutoAttack (reference pyautoattack, standard version) costs minutes per model on
+   CPU even on a few images: after all training it runs on the students of --aa-seeds
+   (default seed 0 only) on a class-balanced test subset of --audit-n-per-class images
+   per class (default 10, i.e. 100 images; PGD-20 is re-run on the same images for
+   comparison). Those numbers carry very wide per-class intervals (about +-30 points).
 4. Prints and writes, per method, mean +- sample SD (ddof 1) over seeds of clean avg,
    PGD-20 avg / worst class / NSD and AA avg / worst / NSD, the per-class PGD-20 table
    (mean over seeds, with the mean of the per-seed Wilson 95% intervals), the ABSLD
-   temperatures at the selected epoch, and comparison reports (report.py comparison
-   mode: each student vs the RSLAD student of the same seed; the ABSLD one shows the
+   temperatures of the last epoch, and comparison reports (report.py comparison mode:
+   each student vs the RSLAD student of the same seed; the ABSLD one shows the
    temperature trajectories) under <out>/compare/.
 
---deadline HH:MM (UTC) stops starting new trainings / AA audits after that time, so a
-shared machine still yields partial, honestly labelled figures. Everything lands in
-benchmarks/_results/reproduce_absld[_quick]/ and benchmarks/_results/reproduce_absld[_quick].json
-(git-ignored). docs/reproduction.md records the configuration and the figures.
+--deadline HH:MM (UTC) stops starting new student trainings after that time, and
+--aa-deadline new AA audits, so a shared machine still yields partial, labelled figures.
+Everything lands in benchmarks/_results/reproduce_absld[_quick]/ (+ .json, table.md;
+git-ignored). docs/reproduction.md records the configuration and the figures.
 """
 
 from __future__ import annotations
@@ -99,8 +108,10 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny settings, 1 seed: a smoke test")
     parser.add_argument("--data", default=None, help="the CIFAR-10 subset .npz (default ../shared/data/...)")
-    parser.add_argument("--n-per-class", type=int, default=150,
-                        help="training images per class taken from the subset's train split (default 150)")
+    parser.add_argument("--n-per-class", type=int, default=200,
+                        help="students' training images per class from the subset's train split (default 200)")
+    parser.add_argument("--teacher-n-per-class", type=int, default=None,
+                        help="teacher's training images per class (default: the whole train split, 5085)")
     parser.add_argument("--val-per-class", type=int, default=20, help="held out of those for selection")
     parser.add_argument("--val-steps", type=int, default=10, help="PGD steps of the selection attack")
     parser.add_argument("--student", default="smallcnn")
@@ -108,14 +119,21 @@ def main() -> None:
     parser.add_argument("--teacher-arch", default="smallcnn")
     parser.add_argument("--teacher-method", default="sat", choices=("sat", "trades"))
     parser.add_argument("--teacher-epochs", type=int, default=10)
-    parser.add_argument("--teacher-steps", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=5, help="student epochs (paper: 300)")
-    parser.add_argument("--steps", type=int, default=5, help="students' inner PGD steps (paper: 10)")
+    parser.add_argument("--teacher-steps", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=7, help="student epochs (paper: 300)")
+    parser.add_argument("--steps", type=int, default=3, help="inner PGD steps, teacher and students (paper: 10)")
+    parser.add_argument("--step-size", default="3/255", help="inner PGD step (paper: 2/255 with 10 steps; "
+                        "3 steps of 2/255 could not reach the 8/255 boundary)")
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--distill-loss-scale", type=float, default=None,
+                        help="loss_scale of rslad / fair-rslad / absld (robaudit default 0.1 = the code's "
+                             "(batch-mean KL)/10; 1 = plain batch mean, 10x larger distillation gradients)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--test-limit", type=int, default=None, help="first N test images (default all)")
-    parser.add_argument("--audit-n-per-class", type=int, default=20, help="AA test images per class")
+    parser.add_argument("--audit-n-per-class", type=int, default=10, help="AA test images per class")
+    parser.add_argument("--aa-seeds", default="0", help="seeds whose students get the AA audit (slow on CPU)")
+    parser.add_argument("--aa-deadline", default=None, help="UTC HH:MM after which no AA audit starts")
     parser.add_argument("--no-aa", action="store_true", help="skip AutoAttack")
     parser.add_argument("--deadline", default=None, help="UTC HH:MM after which nothing new starts")
     parser.add_argument("--device", default="cpu")
@@ -138,24 +156,32 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     deadline = parse_deadline(args.deadline)
+    aa_deadline = parse_deadline(args.aa_deadline) or deadline
+    aa_seeds = {int(v) for v in args.aa_seeds.split(",") if v.strip()}
+    from robaudit.audit.engine import parse_eps
+    step_size = parse_eps(args.step_size)
     tag = "reproduce_absld_quick" if args.quick else "reproduce_absld"
     out_root = Path(args.out) if args.out else common.RESULTS_DIR / tag
+    if args.out:  # results json named after the run folder, so two studies never overwrite one another
+        tag = out_root.name
     path = common.data_path(args.data)
     info = common.machine()
     print(common.machine_line(info), flush=True)
     command = "benchmarks/reproduce_absld.py" + (" --quick" if args.quick else "")
 
     train = load_dataset(str(path), split="train", n_per_class=args.n_per_class)
+    teacher_train = (train if args.quick else
+                     load_dataset(str(path), split="train", n_per_class=args.teacher_n_per_class))
     test = load_dataset(str(path), split="test", limit=args.test_limit)
     aa_test = load_dataset(str(path), split="test", n_per_class=args.audit_n_per_class)
-    print(f"train {len(train.y)} images ({args.val_per_class}/class held out), test {len(test.y)}, "
+    print(f"teacher train {len(teacher_train.y)} images, students' train {len(train.y)} images ({args.val_per_class}/class held out), test {len(test.y)}, "
           f"AA subset {len(aa_test.y)}; milestones {scale_milestones(args.epochs)} of {args.epochs} epochs",
           flush=True)
     if out_root.exists():
         shutil.rmtree(out_root)
     out_root.mkdir(parents=True)
     payload = {"machine": info, "data": str(path), "args": vars(args), "command": command,
-               "train_images": len(train.y), "test_images": len(test.y), "aa_images": len(aa_test.y),
+               "train_images": len(train.y), "teacher_train_images": len(teacher_train.y), "test_images": len(test.y), "aa_images": len(aa_test.y),
                "milestones": list(scale_milestones(args.epochs)), "teacher": None, "runs": [], "skipped": []}
     result_path = None
 
@@ -170,12 +196,12 @@ def main() -> None:
         teacher_info = {"file": str(teacher_file), "arch": args.teacher_arch, "trained_here": False}
     else:
         tcfg = RemediateConfig(out_dir=out_root / "teacher", method=args.teacher_method, student=args.teacher_arch,
-                               epochs=args.teacher_epochs, steps=args.teacher_steps, batch_size=args.batch_size,
+                               epochs=args.teacher_epochs, steps=args.teacher_steps, step_size=step_size, batch_size=args.batch_size,
                                val_per_class=args.val_per_class, val_steps=args.val_steps, seed=0,
                                device=args.device, progress=False, export_formats=("pt2",),
                                audit_attacks=["clean", "pgd"], dataset=train.name,
                                command=command + " (teacher)")
-        tsum = run_remediate(tcfg, teacher=None, train_data=train, test_data=test)
+        tsum = run_remediate(tcfg, teacher=None, train_data=teacher_train, test_data=test)
         teacher_file = Path(tsum["best"])
         teacher_info = {"file": str(teacher_file), "arch": args.teacher_arch, "trained_here": True,
                         "method": args.teacher_method, "epochs": args.teacher_epochs,
@@ -202,10 +228,12 @@ def main() -> None:
                 continue
             t0 = time.perf_counter()
             cfg = RemediateConfig(out_dir=out_root / f"{method}_s{seed}", method=method, student=args.student,
-                                  epochs=args.epochs, steps=args.steps, batch_size=args.batch_size,
+                                  epochs=args.epochs, steps=args.steps, step_size=step_size, batch_size=args.batch_size,
                                   val_per_class=args.val_per_class, val_steps=args.val_steps, seed=seed,
                                   device=args.device, progress=False, export_formats=("pt2",),
                                   audit_attacks=["clean", "pgd"], dataset=train.name,
+                                  method_options=({"loss_scale": args.distill_loss_scale}
+                                                  if args.distill_loss_scale and method != "sat" else {}),
                                   command=f"{command} ({method}, seed {seed})")
             summary = run_remediate(cfg, teacher=None if method == "sat" else teacher,
                                     train_data=train, test_data=test)
@@ -231,7 +259,9 @@ def main() -> None:
     # 3. AutoAttack on the class-balanced subset --------------------------------------
     if not args.no_aa:
         for run in payload["runs"]:
-            if past(deadline):
+            if run["seed"] not in aa_seeds:
+                continue
+            if past(aa_deadline):
                 payload["skipped"].append({"seed": run["seed"], "method": run["method"], "why": "deadline (AA)"})
                 print(f"skip AA of {run['method']} seed {run['seed']}: past the deadline", flush=True)
                 continue

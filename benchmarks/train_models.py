@@ -88,10 +88,12 @@ def main() -> None:
     parser.add_argument("--adversarial-epochs", type=int, default=8)
     parser.add_argument("--adversarial-steps", type=int, default=5, help="inner PGD steps of SAT")
     parser.add_argument("--seed", type=int, default=0)
+    common.add_threads_option(parser)
     parser.add_argument("--models-dir", default=None, help="default benchmarks/_models (quick: _models/quick)")
     args = parser.parse_args()
 
     path = common.data_path(args.data)
+    common.set_threads(args.threads)
     info = common.machine()
     print(common.machine_line(info))
     out_root = (common.Path(args.models_dir) if args.models_dir else
