@@ -1,8 +1,8 @@
 """AutoAttack through robaudit's engine vs pyautoattack called directly.
 
-    python benchmarks/bench_autoattack.py --threads 1   # N = 100 test images, ~7 min on 2 CPU cores
-    python benchmarks/bench_autoattack.py --n 200
-    python benchmarks/bench_autoattack.py --quick    # N = 16, reduced AA budget, ~1 min
+    python benchmarks/bench_autoattack.py            # N = 200 test images, ~5 min on 2 idle CPU cores
+    python benchmarks/bench_autoattack.py --threads 1 --n 100   # on a loaded machine (~6 min)
+    python benchmarks/bench_autoattack.py --quick    # N = 16, reduced AA budget, ~20 s
 
 On the same model and the same first N test images of the CIFAR-10 subset, each
 in ONE batch (pyautoattack seeds per run, so its results depend on which points
@@ -112,7 +112,7 @@ def torchattacks_aa(module, data, seed: int, n_queries: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=100, help="first N test images, one AA batch (100: ~7 min with --threads 1)")
+    parser.add_argument("--n", type=int, default=200, help="first N test images, one AA batch")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: N = 16 and a reduced AA budget (10 iterations, 100 Square "
                              "queries) on both sides")

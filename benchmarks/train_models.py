@@ -1,7 +1,7 @@
 """Train the two benchmark models with robaudit itself, and export each in three forms.
 
-    python benchmarks/train_models.py            # ~8 min on 2 CPU cores
-    python benchmarks/train_models.py --quick    # tiny smoke-test models, < 1 min
+    python benchmarks/train_models.py            # 14 min at load 4.7 on 2 CPU cores (~7 idle)
+    python benchmarks/train_models.py --quick    # tiny smoke-test models, ~15 s
 
 Both are `robaudit.remediate.run_remediate(method="sat", teacher=None)` runs on the
 training images of ../shared/data/cifar10_subset.npz (5085; 20 per class held out
