@@ -34,7 +34,9 @@ table printed at the end is the one for docs/reproduction.md.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -62,6 +64,11 @@ def fmt_cell(cell) -> str:
             f"{100 * lo:.0f}-{100 * hi:.0f}) / {nsd}")
 
 
+VARIANTS = ("teacher", "absld", "ferd", "ferd-baseline")
+LABELS = {"teacher": "teacher", "absld": "absld (data)", "ferd": "ferd (data-free)",
+          "ferd-baseline": "data-free baseline"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,10 +80,16 @@ def main() -> None:
     parser.add_argument("--student", default="smallcnn")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="which runs to (re)do, comma-separated from " + ", ".join(VARIANTS) +
+                             "; the table covers every run found in the output folder, so variants can "
+                             "run in separate processes (one per core) and a last call with "
+                             "--variants '' prints the joint table")
     parser.add_argument("--ferd-epochs", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=None, help="FERD warm-up epochs (default 20/220 of them)")
     parser.add_argument("--g-steps", type=int, default=200)
     parser.add_argument("--synthesis-batch", type=int, default=256)
+    parser.add_argument("--ngf", type=int, default=64, help="generator width (spec: 64, i.e. conv 128 -> 64)")
     parser.add_argument("--kd-steps", type=int, default=100)
     parser.add_argument("--bank-size", type=int, default=50_000)
     parser.add_argument("--absld-epochs", type=int, default=60)
@@ -86,7 +99,9 @@ def main() -> None:
     parser.add_argument("--audit-limit", type=int, default=None)
     parser.add_argument("--no-baseline", action="store_true", help="skip the all-off FERD baseline")
     parser.add_argument("--out", default=None, help="default benchmarks/_results/reproduce_ferd[_quick]/")
+    common.add_threads_option(parser)
     args = parser.parse_args()
+    common.set_threads(args.threads)
 
     from robaudit.audit.datasets import load_dataset
     from robaudit.audit.engine import ScanConfig, resolve_device, run_scan
@@ -94,6 +109,12 @@ def main() -> None:
     from robaudit.remediate.ferd import run_ferd
     from robaudit.remediate.train import RemediateConfig, run_remediate
 
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        common.die(f"unknown --variants {', '.join(unknown)} (choose from {', '.join(VARIANTS)})")
+    if args.no_baseline and "ferd-baseline" in variants:
+        variants.remove("ferd-baseline")
     if args.quick:
         args.ferd_epochs, args.warmup, args.g_steps, args.synthesis_batch = 3, 1, 5, 64
         args.kd_steps, args.absld_epochs, args.batch_size, args.steps = 5, 1, 64, 2
@@ -106,75 +127,92 @@ def main() -> None:
     print(common.machine_line(info))
     device = str(resolve_device(args.device))
     attacks = [a.strip() for a in args.audit_attacks.split(",") if a.strip()]
-    if args.quick:
-        train = load_dataset(str(path), split="train", n_per_class=30)
-    else:
-        train = common.load_split(path, "train")
     test = common.load_split(path, "test", limit=args.audit_limit)
-
     models_dir = common.models_dir(args.models_dir, args.quick)
     teacher_path = Path(args.teacher) if args.teacher else models_dir / "adversarial" / "best.pt"
-    if not teacher_path.is_file():
-        quick = " --quick" if args.quick else ""
-        common.die(f"teacher {teacher_path} is missing: run `python benchmarks/train_models.py{quick}` first "
-                   f"(or pass --teacher FILE --arch NAME)")
-    teacher = load_model(str(teacher_path), arch=args.arch, num_classes=10, device=device,
-                         input_shape=tuple(test.x.shape[1:]))
-    if out_root.exists():
-        shutil.rmtree(out_root)
-    out_root.mkdir(parents=True)
-    command = f"benchmarks/reproduce_ferd.py{' --quick' if args.quick else ''}"
+    command = "benchmarks/reproduce_ferd.py " + " ".join(sys.argv[1:])
+    out_root.mkdir(parents=True, exist_ok=True)
 
-    rows, runs = [], {}
-    t0 = time.perf_counter()
-    teacher_results = run_scan(ScanConfig(out_dir=out_root / "teacher", attacks=attacks, seed=args.seed,
-                                          device=device, command=command), model=teacher, data=test)
-    rows.append(audit_row("teacher", teacher_results, time.perf_counter() - t0, attacks))
-
+    if variants:
+        if not teacher_path.is_file():
+            quick = " --quick" if args.quick else ""
+            common.die(f"teacher {teacher_path} is missing: run `python benchmarks/train_models.py{quick}` first "
+                       f"(or pass --teacher FILE --arch NAME)")
+        teacher = load_model(str(teacher_path), arch=args.arch, num_classes=10, device=device,
+                             input_shape=tuple(test.x.shape[1:]))
     common_cfg = dict(student=args.student, batch_size=args.batch_size, steps=args.steps, seed=args.seed,
                       device=device, progress=False, export_formats=("pt2",), audit_attacks=attacks,
                       command=command)
-    t0 = time.perf_counter()
-    absld = run_remediate(RemediateConfig(out_dir=out_root / "absld", method="absld", epochs=args.absld_epochs,
-                                          val_per_class=5 if args.quick else 20, val_steps=2 if args.quick else 10,
-                                          dataset=train.name, **common_cfg),
-                          teacher=teacher, train_data=train, test_data=test)
-    rows.append(audit_row("absld (data)", absld["student_results"], time.perf_counter() - t0, attacks))
-    runs["absld"] = {"epochs": absld["epochs"], "selected_epoch": absld["selected_epoch"],
-                     "training_options": absld["training"]["options"]}
-
     ferd_options = {"g_steps": args.g_steps, "synthesis_batch_size": args.synthesis_batch,
-                    "kd_steps": args.kd_steps, "bank_size": args.bank_size}
+                    "kd_steps": args.kd_steps, "bank_size": args.bank_size, "ngf": args.ngf}
     if args.warmup is not None:
         ferd_options["warmup"] = args.warmup
-    variants = [("ferd", "ferd (data-free)", {})]
-    if not args.no_baseline:
-        variants.append(("ferd-baseline", "data-free baseline", {"fae": False, "reweight": False, "uta": False}))
-    for key, label, switches in variants:
-        t0 = time.perf_counter()
-        summary = run_ferd(RemediateConfig(out_dir=out_root / key, method="ferd", epochs=args.ferd_epochs,
-                                           method_options={**ferd_options, **switches}, **common_cfg),
-                           teacher=teacher, test_data=test)
-        rows.append(audit_row(label, summary["student_results"], time.perf_counter() - t0, attacks))
-        training = summary["training"]
-        runs[key] = {"epochs": summary["epochs"], "bank_size": summary["bank_size"],
-                     "training_options": training["options"],
-                     "class_probabilities_last": training["class_probabilities"][-1]}
-        for note in training["options"].get("notes", []):
-            print(f"{key}: note: {note}")
+    switches_off = {"fae": False, "reweight": False, "uta": False}
 
-    headers = ["model", "seconds"] + [f"{a} avg / worst (class, 95% CI) / NSD" for a in attacks]
-    table_rows = [[r["model"], r["seconds"]] + [fmt_cell(r.get(a)) for a in attacks] for r in rows]
-    print(f"\nteacher {teacher_path} ({args.arch}); test = first {len(test.y)} CIFAR-10 subset test images; "
-          f"eps 8/255; accuracies in %")
+    for key in variants:
+        run_dir = out_root / key
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        t0 = time.perf_counter()
+        summary = {"variant": key, "teacher": str(teacher_path), "args": vars(args), "machine": info}
+        if key == "teacher":
+            results = run_scan(ScanConfig(out_dir=run_dir, attacks=attacks, seed=args.seed, device=device,
+                                          command=command), model=teacher, data=test)
+        elif key == "absld":
+            train = (load_dataset(str(path), split="train", n_per_class=30) if args.quick
+                     else common.load_split(path, "train"))
+            absld = run_remediate(RemediateConfig(out_dir=run_dir, method="absld", epochs=args.absld_epochs,
+                                                  val_per_class=5 if args.quick else 20,
+                                                  val_steps=2 if args.quick else 10,
+                                                  dataset=train.name, **common_cfg),
+                                  teacher=teacher, train_data=train, test_data=test)
+            results = absld["student_results"]
+            summary["run"] = {"epochs": absld["epochs"], "selected_epoch": absld["selected_epoch"],
+                              "training_options": absld["training"]["options"]}
+        else:
+            switches = switches_off if key == "ferd-baseline" else {}
+            ferd = run_ferd(RemediateConfig(out_dir=run_dir, method="ferd", epochs=args.ferd_epochs,
+                                            method_options={**ferd_options, **switches}, **common_cfg),
+                            teacher=teacher, test_data=test)
+            results = ferd["student_results"]
+            training = ferd["training"]
+            summary["run"] = {"epochs": ferd["epochs"], "bank_size": ferd["bank_size"],
+                              "training_options": training["options"],
+                              "class_probabilities_last": training["class_probabilities"][-1]}
+            for note in training["options"].get("notes", []):
+                print(f"{key}: note: {note}")
+        summary["seconds"] = time.perf_counter() - t0
+        summary["row"] = audit_row(LABELS[key], results, summary["seconds"], attacks)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+        print(f"{key}: done in {summary['seconds']:.0f} s")
+
+    # The table: every run found in out_root (this process's and earlier ones').
+    summaries = {}
+    for key in VARIANTS:
+        file = out_root / key / "summary.json"
+        if file.is_file():
+            summaries[key] = json.loads(file.read_text())
+    if not summaries:
+        common.die(f"no finished run in {out_root}: run some --variants first")
+    rows = [summaries[k]["row"] for k in VARIANTS if k in summaries]
+    shown = [a for a in attacks if any(a in r for r in rows)]
+    headers = ["model", "seconds"] + [f"{a} avg / worst (class, 95% CI) / NSD" for a in shown]
+    table_rows = [[r["model"], r["seconds"]] + [fmt_cell(r.get(a)) for a in shown] for r in rows]
+    teachers = {s["teacher"] for s in summaries.values()}
+    if len(teachers) > 1:
+        print(f"WARNING: the runs in {out_root} used different teachers: {sorted(teachers)}")
+    print(f"\nteacher {', '.join(sorted(teachers))} ({args.arch}); test = first {len(test.y)} CIFAR-10 subset "
+          f"test images; eps 8/255; accuracies in %")
     print(common.table(headers, table_rows))
     print("\nfor docs/reproduction.md:\n")
     print("| " + " | ".join(headers) + " |")
     print("|" + "---|" * len(headers))
     for row in table_rows:
         print("| " + " | ".join("" if c is None else str(c) for c in row) + " |")
-    result = common.write_result(tag, {"machine": info, "data": str(path), "teacher": str(teacher_path),
-                                       "args": vars(args), "rows": rows, "runs": runs, "out": str(out_root)})
+    result = common.write_result(tag, {"machine": info, "data": str(path), "teachers": sorted(teachers),
+                                       "rows": rows, "runs": {k: s.get("run") for k, s in summaries.items()},
+                                       "args": {k: s["args"] for k, s in summaries.items()},
+                                       "out": str(out_root)})
     print(f"\nruns in {out_root}; results in {result}")
 
 

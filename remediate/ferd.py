@@ -617,7 +617,7 @@ def run_ferd(cfg: "loop.RemediateConfig", *, teacher, test_data=None,
         raise UserError(f"--method {cfg.method} needs training images; data-free remediation trains with ferd")
     if cfg.milestones is not None:
         raise UserError("--milestones does not apply to data-free remediation: its schedule is cosine annealing")
-    loop._check_config(cfg, 1)
+    loop.check_config(cfg, 1)
     warmup = opts.warmup if opts.warmup is not None else default_warmup(cfg.epochs)
     if warmup >= cfg.epochs:
         raise UserError(f"data-free remediation needs more epochs ({cfg.epochs}) than warm-up epochs ({warmup}): "

@@ -519,7 +519,7 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
     method_cls = METHODS.get(cfg.method)
     ctx = distributed.current()
     world, rank = ctx.world_size, ctx.rank
-    _check_config(cfg, world)
+    check_config(cfg, world)
     runtime = resolve_runtime(cfg, ctx)
     device, memory_format, channels_last = runtime.device, runtime.memory_format, runtime.channels_last
     autocast = runtime.autocast
@@ -818,7 +818,7 @@ def _set_cuda_rng(cuda_state, device: torch.device) -> None:
     torch.cuda.set_rng_state(cuda_state, device)
 
 
-def _check_config(cfg: RemediateConfig, world_size: int = 1) -> None:
+def check_config(cfg: RemediateConfig, world_size: int = 1) -> None:
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}")
     if cfg.batch_size < 1:
@@ -828,6 +828,8 @@ def _check_config(cfg: RemediateConfig, world_size: int = 1) -> None:
                         f"processes: it must be at least {world_size}")
     if cfg.val_per_class < 0:
         raise UserError(f"--val-per-class must be >= 0, got {cfg.val_per_class}")
+    if cfg.val_steps < 1:
+        raise UserError(f"--val-steps must be at least 1, got {cfg.val_steps}")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.milestones is not None and any(int(m) < 1 for m in cfg.milestones):

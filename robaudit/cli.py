@@ -17,7 +17,8 @@ from pathlib import Path
 import click
 
 from robaudit.audit import distributed
-from robaudit.cli_options import check_subset_args, dataset_options, load_model_from_options, model_options
+from robaudit.cli_options import (check_subset_args, dataset_options, load_model_from_options, model_options,
+                                  threads_option)
 from robaudit.errors import UserError
 
 
@@ -117,6 +118,7 @@ def cli(verbose):
 @click.option("--redact-paths", is_flag=True, help="Hide filesystem paths in the report.")
 @click.option("--fail-under-worst", type=float, default=None, help="Exit 3 if the ensemble worst-class accuracy is below this.")
 @click.option("--fail-over-nsd", type=float, default=None, help="Exit 3 if the ensemble NSD is above this.")
+@threads_option
 def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir, limit,
          n_per_class, split, attacks, eps, seed, batch_size, device, attack_opt, tpgd_temperature,
          iterates, score, out_dir, no_report, redact_paths, fail_under_worst, fail_over_nsd):
@@ -218,7 +220,12 @@ def main(argv=None):
     except click.exceptions.Exit as exit_:
         sys.exit(exit_.exit_code)
     except click.ClickException as err:
-        err.show()
+        # Usage mistakes (unknown option, bad choice, missing argument) get the same one line
+        # as every other bad input, with a pointer to --help instead of click's usage block.
+        hint = ""
+        if isinstance(err, click.UsageError) and err.ctx is not None:
+            hint = f" (see `{err.ctx.command_path} --help`)"
+        click.echo(f"robaudit: error: {err.format_message()}{hint}", err=True)
         sys.exit(err.exit_code)
     except (KeyboardInterrupt, click.exceptions.Abort):
         click.echo("robaudit: interrupted; re-run the same command with the same --out to resume", err=True)
@@ -241,6 +248,7 @@ def main(argv=None):
               help="ABSLD fine-tuning epochs after the audit (0: audit only).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
+@threads_option
 def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
     """Offline end-to-end demo: generate data, train a small robust CNN, audit it, remediate it."""
     import copy
@@ -317,6 +325,8 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
 @click.option("--eps", default="8/255", show_default=True)
 @click.option("--val-per-class", type=int, default=100, show_default=True,
               help="Training images per class held out for checkpoint selection (0: last epoch).")
+@click.option("--val-steps", type=int, default=20, show_default=True,
+              help="PGD steps of the checkpoint-selection attack on the held-out images.")
 @click.option("--no-augment", is_flag=True, help="No random crop / flip.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -329,16 +339,17 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
 @click.option("--audit-n-per-class", type=int, default=None, help="Audit only the first K test samples per class.")
 @click.option("--attack-opt", multiple=True, help="Audit attack parameter: ATTACK.PARAM=VALUE (repeatable).")
 @click.option("--out", "out_dir", default="robaudit-remediate", show_default=True, type=click.Path())
+@threads_option
 def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir,
               limit, n_per_class, student, student_init, method, data_free, beta, tau_min, tau_max, alpha,
               reference_compat, reweight, method_opt, epochs, lr, momentum, weight_decay, batch_size,
-              milestones, steps, eps, val_per_class, no_augment, seed, device, precision, resume, sync_bn,
+              milestones, steps, eps, val_per_class, val_steps, no_augment, seed, device, precision, resume, sync_bn,
               audit_attacks, audit_limit, audit_n_per_class, attack_opt, out_dir):
     """Distill a fairer robust student (ABSLD by default), then audit teacher and student."""
     from robaudit.audit.datasets import load_dataset
     from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps, resolve_device
     from robaudit.remediate import METHODS
-    from robaudit.remediate.train import RemediateConfig
+    from robaudit.remediate.train import RemediateConfig, check_config
 
     if data_free:
         if reweight is not None or reference_compat or tau_min is not None or tau_max is not None:
@@ -395,9 +406,10 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         out_dir=out, method=method, method_options=options, student=student, student_init=student_init,
         dataset=train.name, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
         batch_size=batch_size, milestones=milestone_list, steps=steps, eps=eps_value,
-        val_per_class=val_per_class, augment=not no_augment, seed=seed, device=str(torch_device),
-        precision=precision, resume=resume, sync_bn=sync_bn, audit_attacks=audit_cfg.attacks,
+        val_per_class=val_per_class, val_steps=val_steps, augment=not no_augment, seed=seed,
+        device=str(torch_device), precision=precision, resume=resume, sync_bn=sync_bn, audit_attacks=audit_cfg.attacks,
         audit_overrides=audit_cfg.attack_overrides, command=_command_line())
+    check_config(cfg, distributed.current().world_size)  # before the teacher audit writes anything
     _remediate_and_compare(cfg, audit_cfg, teacher, train, test)
 
 

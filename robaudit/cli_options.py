@@ -87,6 +87,27 @@ def model_options(f):
     return command
 
 
+def _set_threads(ctx, param, value):
+    if value is None:
+        return None
+    if value < 1:
+        raise UserError(f"--threads must be at least 1, got {value}")
+    import torch
+
+    # torch's default is one thread per core; on a shared or busy machine that
+    # oversubscribes the cores and small-batch CPU passes get many times slower.
+    torch.set_num_threads(value)
+    return value
+
+
+def threads_option(f):
+    """--threads N: torch's CPU threads for this run (applied before anything loads)."""
+    return click.option("--threads", type=int, default=None, expose_value=False, is_eager=True,
+                        callback=_set_threads,
+                        help="CPU threads torch may use (default: one per core). Use fewer on a shared "
+                             "machine; results do not depend on it.")(f)
+
+
 def dataset_options(f):
     options = [
         click.option("--dataset", required=True, help="cifar10, cifar100, svhn, demo, an .npz file, or an image folder."),

@@ -288,6 +288,9 @@ BAD_INPUT = {
     "limit 0": (["--limit", "0"], {}, "--limit"),
     "gate in percent": (["--fail-under-worst", "30"], {}, "fail-under-worst"),
     "bad mean": (["--mean", "a,b,c", "--std", "1,1,1"], {}, "--mean"),
+    "threads 0": (["--threads", "0"], {}, "--threads"),
+    "unknown option": (["--no-such-flag"], {}, "--no-such-flag"),
+    "bad choice": (["--iterates", "some"], {}, "--iterates"),
 }
 
 
@@ -347,6 +350,40 @@ def test_subprocess_bad_model_and_gate(files, tmp_path):
     assert "gate failed" in _assert_one_error_line(gated.stderr, allow_checks=True)
     assert (tmp_path / "b" / "results.json").exists()
     assert all(name in gated.stdout for name in CLASSES)
+
+
+def test_threads_sets_torch_threads_and_leaves_results_unchanged(files, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, _, stderr = run_cli(capsys, *_scan_args(files, tmp_path / "two", "--attacks", "clean,pgd",
+                                                       "--no-report", *FAST))
+        assert code == 0, stderr
+        code, _, stderr = run_cli(capsys, *_scan_args(files, tmp_path / "one", "--attacks", "clean,pgd",
+                                                       "--no-report", "--threads", "1", *FAST))
+        assert code == 0, stderr
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    two = np.load(tmp_path / "two" / "samples.npz")
+    one = np.load(tmp_path / "one" / "samples.npz")
+    assert sorted(two.files) == sorted(one.files)
+    for name in two.files:
+        np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+
+
+def test_remediate_bad_training_options_fail_before_the_teacher_audit(files, tmp_path, capsys):
+    """--epochs 0 / --val-steps 0 must not leave a teacher/ audit behind (checked before any write)."""
+    x, y = make_arrays()
+    np.savez(tmp_path / "split.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(CLASSES))
+    for extra, needle in ((["--epochs", "0"], "--epochs"), (["--val-steps", "0"], "--val-steps")):
+        out = tmp_path / "o"
+        code, _, stderr = run_cli(capsys, "remediate", "--teacher", files / "centroid.pt2", "--dataset",
+                                  tmp_path / "split.npz", "--student", "smallcnn", "--device", "cpu",
+                                  "--out", out, *extra)
+        assert code == 2, stderr
+        assert needle in _assert_one_error_line(stderr)
+        assert not out.exists()
 
 
 def test_data_free_remediate_refuses_abs_ld_only_options_and_missing_teacher(tmp_path, capsys):

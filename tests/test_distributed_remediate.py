@@ -304,7 +304,7 @@ def test_single_process_helpers_are_no_ops():
 def test_global_batch_must_cover_the_processes():
     cfg = RemediateConfig(out_dir=Path("unused"), batch_size=3)
     with pytest.raises(UserError, match="global batch"):
-        train_mod._check_config(cfg, world_size=4)
+        train_mod.check_config(cfg, world_size=4)
 
 
 # ---------------------------------------------------------------------------- torchrun worker
