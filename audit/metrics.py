@@ -46,9 +46,10 @@ def wilson_interval(correct, n, z: float = Z_95):
     denom = 1.0 + z2 / safe_n
     center = (p + z2 / (2.0 * safe_n)) / denom
     half_width = z * np.sqrt(p * (1.0 - p) / safe_n + z2 / (4.0 * safe_n * safe_n)) / denom
-    # Clip: at p = 0 or 1 the exact bound is 0 or 1, but rounding can step just past it.
-    lo = np.where(has_data, np.clip(center - half_width, 0.0, 1.0), 0.0)
-    hi = np.where(has_data, np.clip(center + half_width, 0.0, 1.0), 1.0)
+    # At p = 0 (p = 1) the exact lower (upper) bound is 0 (1); the subtraction leaves
+    # rounding residue on either side of it (e.g. 3.5e-18), so set those ends exactly.
+    lo = np.where(has_data & (correct_arr > 0), np.clip(center - half_width, 0.0, 1.0), 0.0)
+    hi = np.where(has_data & (correct_arr < n_arr), np.clip(center + half_width, 0.0, 1.0), 1.0)
     if lo.ndim == 0:
         return float(lo), float(hi)
     return lo, hi

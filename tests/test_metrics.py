@@ -49,6 +49,15 @@ def test_wilson_is_vectorised_and_n0_gives_full_range():
     assert wilson_interval(0, 0) == (0.0, 1.0)
 
 
+@pytest.mark.parametrize("n", [10, 87, 92, 104, 1017])
+def test_wilson_ends_are_exact_at_zero_and_all(n):
+    # 0/n and n/n: the bound at the edge is exactly 0 / 1, not rounding residue (0/104 gave 3.5e-18).
+    assert wilson_interval(0, n)[0] == 0.0
+    assert wilson_interval(n, n)[1] == 1.0
+    lo, hi = wilson_interval(np.array([0, n]), np.array([n, n]))
+    assert lo[0] == 0.0 and hi[1] == 1.0 and 0.0 < hi[0] < 1.0 and 0.0 < lo[1] < 1.0
+
+
 def test_wilson_rejects_impossible_counts():
     with pytest.raises(ValueError):
         wilson_interval(11, 10)
