@@ -22,6 +22,11 @@ shows per attack avg / worst class / NSD (population SD / mean) and the worst cl
 Wilson 95% interval; with ~100 test images per class a class accuracy carries about
 +-5 points of sampling error, so differences inside the intervals are not evidence.
 
+Runs can be split over processes (one per core is faster than one process with two
+threads on a small CPU): `--variants teacher,absld,ferd-baseline` in one and `--variants
+ferd` in another, same options, then `--variants ''` prints the joint table from the run
+folders (docs/reproduction.md has the exact commands of the recorded run).
+
 Scale. The spec's FERD schedule is 220 epochs (20 warm-up), 200 generator steps,
 256 synthetic images per epoch and (our default) 400 student steps per epoch; ABSLD's is
 300 epochs. The defaults here are smaller (--ferd-epochs 60, --kd-steps 100,

@@ -828,8 +828,8 @@ def check_config(cfg: RemediateConfig, world_size: int = 1) -> None:
                         f"processes: it must be at least {world_size}")
     if cfg.val_per_class < 0:
         raise UserError(f"--val-per-class must be >= 0, got {cfg.val_per_class}")
-    if cfg.val_steps < 1:
-        raise UserError(f"--val-steps must be at least 1, got {cfg.val_steps}")
+    if cfg.val_steps < 0:  # 0: the uniform start alone (clean accuracy when eps is 0)
+        raise UserError(f"--val-steps must be >= 0, got {cfg.val_steps}")
     if cfg.precision not in ("fp32", "bf16"):
         raise UserError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
     if cfg.milestones is not None and any(int(m) < 1 for m in cfg.milestones):

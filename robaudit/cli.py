@@ -326,7 +326,7 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
 @click.option("--val-per-class", type=int, default=100, show_default=True,
               help="Training images per class held out for checkpoint selection (0: last epoch).")
 @click.option("--val-steps", type=int, default=20, show_default=True,
-              help="PGD steps of the checkpoint-selection attack on the held-out images.")
+              help="PGD steps of the checkpoint-selection attack on the held-out images (0: the random start alone).")
 @click.option("--no-augment", is_flag=True, help="No random crop / flip.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)

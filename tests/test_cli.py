@@ -376,7 +376,7 @@ def test_remediate_bad_training_options_fail_before_the_teacher_audit(files, tmp
     """--epochs 0 / --val-steps 0 must not leave a teacher/ audit behind (checked before any write)."""
     x, y = make_arrays()
     np.savez(tmp_path / "split.npz", x_train=x, y_train=y, x_test=x, y_test=y, class_names=np.array(CLASSES))
-    for extra, needle in ((["--epochs", "0"], "--epochs"), (["--val-steps", "0"], "--val-steps")):
+    for extra, needle in ((["--epochs", "0"], "--epochs"), (["--val-steps", "-1"], "--val-steps")):
         out = tmp_path / "o"
         code, _, stderr = run_cli(capsys, "remediate", "--teacher", files / "centroid.pt2", "--dataset",
                                   tmp_path / "split.npz", "--student", "smallcnn", "--device", "cpu",

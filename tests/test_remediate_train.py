@@ -217,7 +217,7 @@ def test_bad_input_fails_with_one_line(tmp_path):
         run_remediate(config(tmp_path / "d", method="cfa", val_per_class=0), teacher=teacher_model(),
                       train_data=data, student_module=tiny_student())
     with pytest.raises(UserError, match="val-steps"):
-        run_remediate(config(tmp_path / "d", val_steps=0), teacher=teacher_model(), train_data=data,
+        run_remediate(config(tmp_path / "d", val_steps=-1), teacher=teacher_model(), train_data=data,
                       student_module=tiny_student())
     assert not (tmp_path / "d").exists()
     run_remediate(config(tmp_path / "e", epochs=1, method="sat"), teacher=teacher_model(), train_data=data,
