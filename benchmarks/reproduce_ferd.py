@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
@@ -67,6 +68,41 @@ def fmt_cell(cell) -> str:
     lo, hi = cell["worst_ci95"]
     return (f"{100 * cell['avg']:.1f} / {100 * cell['worst']:.1f} ({cell['worst_class']}, "
             f"{100 * lo:.0f}-{100 * hi:.0f}) / {nsd}")
+
+
+def samples_file(out_root: Path, key: str) -> Path:
+    return out_root / key / ("samples.npz" if key == "teacher" else "student/samples.npz")
+
+
+def exact_mcnemar(a, b):
+    """(a-only, b-only, two-sided exact McNemar p) for paired boolean per-sample flags."""
+    a_only, b_only = int((a & ~b).sum()), int((~a & b).sum())
+    n, k = a_only + b_only, min(a_only, b_only)
+    p = min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n) if n else 1.0
+    return a_only, b_only, p
+
+
+def paired_lines(out_root: Path, keys, attacks) -> list:
+    """Paired comparisons on the same test images: every model pair's per-sample flags."""
+    import numpy as np
+
+    flags = {k: np.load(samples_file(out_root, k)) for k in keys if samples_file(out_root, k).is_file()}
+    pairs = [("ferd", "absld"), ("ferd", "ferd-baseline"), ("absld", "teacher"), ("ferd", "teacher"),
+             ("ferd-baseline", "teacher")]
+    lines = []
+    for a, b in pairs:
+        if a not in flags or b not in flags or not np.array_equal(flags[a]["index"], flags[b]["index"]):
+            continue
+        agree = float((flags[a]["clean_pred"] == flags[b]["clean_pred"]).mean())
+        cells = []
+        for attack in attacks:
+            name = f"robust_{attack}"
+            if name in flags[a].files and name in flags[b].files:
+                a_only, b_only, p = exact_mcnemar(flags[a][name].astype(bool), flags[b][name].astype(bool))
+                cells.append(f"{attack}: {a_only} vs {b_only} (p={p:.3f})")
+        lines.append(f"{a} vs {b}: clean predictions agree on {100 * agree:.1f}%; "
+                     f"points only {a} / only {b} keeps: " + ", ".join(cells))
+    return lines
 
 
 VARIANTS = ("teacher", "absld", "ferd", "ferd-baseline")
@@ -214,10 +250,15 @@ def main() -> None:
     print("|" + "---|" * len(headers))
     for row in table_rows:
         print("| " + " | ".join("" if c is None else str(c) for c in row) + " |")
+    paired = paired_lines(out_root, list(summaries), shown)
+    if paired:
+        print("\npaired on the same test images (exact McNemar test, two-sided):")
+        for line in paired:
+            print("- " + line)
     result = common.write_result(tag, {"machine": info, "data": str(path), "teachers": sorted(teachers),
                                        "rows": rows, "runs": {k: s.get("run") for k, s in summaries.items()},
                                        "args": {k: s["args"] for k, s in summaries.items()},
-                                       "out": str(out_root)})
+                                       "paired": paired, "out": str(out_root)})
     print(f"\nruns in {out_root}; results in {result}")
 
 
