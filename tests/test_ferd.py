@@ -375,3 +375,28 @@ def test_end_to_end_exports_audits_and_reports_synthetic_examples(tmp_path):
     assert image.size[1] == 8 and image.size[0] in (8, 17, 26)       # up to 3 images, 1 px gaps
     assert set(results["attacks"]) == {"clean", "pgd"}
     assert (tmp_path / "student" / "report.html").exists()
+
+
+def test_onnx_teacher_distills_and_says_whether_the_bn_loss_ran(tmp_path):
+    """The issue's user: an ONNX teacher and no data. robaudit converts it (onnx2torch) and
+    FERD runs; the BN-statistics loss runs exactly when the converted graph still has
+    BatchNorm modules to hook, and the results say which."""
+    import warnings
+
+    from robaudit.audit.loading import load_model
+
+    path = tmp_path / "teacher.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(BNTeacher(), (torch.rand(2, *SHAPE),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
+    teacher = load_model(str(path), num_classes=C, input_shape=SHAPE, dataset_classes=list(CLASSES))
+    assert teacher.white_box
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in teacher.module.modules())
+    summary = run_ferd(config(tmp_path / "run"), teacher=teacher, student_module=tiny_student())
+    options = summary["training"]["options"]
+    assert options["method"]["bn_loss_active"] is has_bn
+    assert any("BN-statistics loss off" in n for n in options["notes"]) is (not has_bn)
+    rows = read_metrics(tmp_path / "run" / "metrics.csv")
+    assert len(rows) == 2 and all((r["gen_bn"] != "") is has_bn for r in rows)
+    assert rows[-1]["loss"] != "" and math.isfinite(float(rows[-1]["loss"]))
