@@ -41,6 +41,12 @@ One epoch (epochs are numbered from 1; the first `warmup` epochs run steps 1-3 o
      starts in epoch 2 (inside the warm-up by default). A teacher without such a head
      (no hookable nn.Linear with C outputs taking [B, D] features) runs without L_uni,
      with a note.
+   The best batch is the step with the lowest L_G. metrics.csv records its terms
+   (gen_loss, gen_bn, gen_oh, gen_adv, gen_uni) and gen_teacher_agree, the share of its
+   images the teacher labels as their sampled class; when that share averages below
+   0.5 over the run, the results carry a note saying the synthetic data is weakly
+   class-specific and what to change (ours: with a small adversarially trained teacher
+   the 5 L_bn term kept it near 20 % in docs/reproduction.md).
 2. Bank. Best batches are stored as uint8 images (the reference implementations keep
    their pool as PNG files, i.e. 8-bit too) with their sampled labels and a unique id
    each (the key of their per-sample randomness). The bank holds at most `bank_size`
@@ -757,7 +763,8 @@ def _train(cfg, opts: FerdOptions, warmup: int, teacher, teacher_module: nn.Modu
                 image_shape, device, autocast, use_bn, use_fae)
             last_generator = generator
             record.update({"gen_loss": parts["total"], "gen_bn": parts["bn"], "gen_oh": parts["oh"],
-                           "gen_adv": parts["adv"], "gen_uni": parts["uni"]})
+                           "gen_adv": parts["adv"], "gen_uni": parts["uni"],
+                           "gen_teacher_agree": parts["teacher_agree"]})
             # 2. bank
             ids = (epoch - 1) * opts.synthesis_batch_size + torch.arange(len(y_best))
             bank.add(x_best, y_best, ids, epoch, generator=_torch_generator(cfg.seed, epoch, PURPOSE_EVICT))
@@ -816,6 +823,10 @@ def _train(cfg, opts: FerdOptions, warmup: int, teacher, teacher_module: nn.Modu
     exports = loop._export(student, torch.zeros(1, *image_shape), out_dir, cfg.export_formats) \
         if cfg.export_formats else {}
     selected_epoch = history[-1]["epoch"] if history else None
+    specificity = class_specificity_note(history, num_classes)
+    if specificity is not None:
+        log.warning("ferd: %s", specificity)
+        notes.append(specificity)
     training = ferd_training_block(cfg, opts, warmup, teacher, history, selected_epoch, bank, classes, notes,
                                    use_bn=use_bn, use_fae=use_fae)
     summary = {
@@ -874,6 +885,8 @@ def _generator_phase(generator: FerdGenerator, teacher: nn.Module, student: nn.M
                 best_cost, best_x = cost, x.detach().clone()
                 best_parts = {k: (None if v is None else float(v)) for k, v in parts.items()}
                 best_parts["total"] = cost
+                # How class-specific the batch is: the share the teacher labels as sampled.
+                best_parts["teacher_agree"] = float((t_logits.detach().argmax(1) == y).float().mean())
             grads = torch.autograd.grad(loss, params + [z])
             for tensor, grad in zip(params + [z], grads):
                 tensor.grad = grad
@@ -1011,6 +1024,28 @@ class _FerdMethodInfo:
 
     def options(self) -> dict:
         return self._options
+
+
+LOW_TEACHER_AGREEMENT = 0.5   # below this mean share the synthetic images are called weakly class-specific
+
+
+def class_specificity_note(history: Sequence[dict], num_classes: int,
+                           threshold: float = LOW_TEACHER_AGREEMENT) -> Optional[str]:
+    """A note when the teacher labels fewer than `threshold` of the synthetic images (mean over
+    the epochs' best batches) as the class they were generated for; None otherwise."""
+    shares = [h["method"].get("gen_teacher_agree") for h in history]
+    shares = [s for s in shares if s is not None]
+    if not shares:
+        return None
+    mean = sum(shares) / len(shares)
+    if mean >= threshold:
+        return None
+    return (f"The teacher labels only {100 * mean:.0f}% of the synthetic images as the class they were "
+            f"generated for (mean over {len(shares)} epochs; chance is {100 / num_classes:.0f}%): the "
+            f"synthetic data is weakly class-specific, so the student mostly learns the teacher's outputs on "
+            f"ambiguous images. More generator steps (ferd option g_steps) or a smaller bn_weight make the "
+            f"images more class-specific: the BN-statistics term can dominate the generator loss for "
+            f"low-confidence teachers such as small adversarially trained ones (docs/reproduction.md, FERD).")
 
 
 def ferd_training_block(cfg, opts: FerdOptions, warmup: int, teacher, history: List[dict], selected_epoch,

@@ -400,3 +400,30 @@ def test_onnx_teacher_distills_and_says_whether_the_bn_loss_ran(tmp_path):
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert len(rows) == 2 and all((r["gen_bn"] != "") is has_bn for r in rows)
     assert rows[-1]["loss"] != "" and math.isfinite(float(rows[-1]["loss"]))
+
+
+def test_class_specificity_note_follows_the_teacher_agreement():
+    from robaudit.remediate.ferd import class_specificity_note
+
+    def history(shares):
+        return [{"method": {"gen_teacher_agree": s}} for s in shares]
+
+    note = class_specificity_note(history([0.19, 0.23, 0.20]), num_classes=10)
+    assert note is not None and "only 21%" in note and "3 epochs" in note and "chance is 10%" in note
+    assert "g_steps" in note and "bn_weight" in note
+    assert class_specificity_note(history([0.4, 0.7]), num_classes=10) is None        # mean 0.55
+    assert class_specificity_note(history([0.5]), num_classes=10) is None               # the threshold itself
+    assert class_specificity_note(history([None, None]), num_classes=10) is None        # older checkpoints
+    assert class_specificity_note(history([0.6]), num_classes=10, threshold=0.7) is not None
+
+
+def test_teacher_agreement_is_recorded_per_epoch_and_drives_the_note(tmp_path):
+    summary = run_ferd(config(tmp_path), teacher=teacher_model(), student_module=tiny_student())
+    rows = read_metrics(tmp_path / "metrics.csv")
+    shares = [float(r["gen_teacher_agree"]) for r in rows]
+    assert len(shares) == 2 and all(0.0 <= s <= 1.0 for s in shares)
+    # 12 images per batch: each share is a multiple of 1/12.
+    assert all(abs(s * 12 - round(s * 12)) < 1e-6 for s in shares)
+    notes = summary["training"]["options"]["notes"]
+    low = sum(shares) / len(shares) < 0.5
+    assert any("weakly class-specific" in n for n in notes) is low
