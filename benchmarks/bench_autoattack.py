@@ -60,11 +60,10 @@ def robaudit_aa(loaded, data, seed: int, n_iter: int, n_queries: int) -> dict:
 
 def set_budget(adversary, n_iter: int, n_queries: int) -> None:
     """Reduced budgets (--quick only), set as pyautoattack's constructors derive them."""
+    from robaudit.audit.attacks.autoattack import set_apgd_iterations
+
     for apgd in (adversary.apgd, adversary.apgd_targeted):
-        apgd.n_iter = apgd.n_iter_orig = n_iter
-        apgd.n_iter_2 = max(int(0.22 * n_iter), 1)
-        apgd.n_iter_min = max(int(0.06 * n_iter), 1)
-        apgd.size_decr = max(int(0.03 * n_iter), 1)
+        set_apgd_iterations(apgd, n_iter)
     adversary.fab.n_iter = n_iter
     adversary.square.n_queries = n_queries
 
@@ -116,14 +115,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: N = 16 and a reduced AA budget (10 iterations, 100 Square "
                              "queries) on both sides")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", default="natural,adversarial")
     parser.add_argument("--forms", default="onnx,torchscript",
                         help="extra forms of the adversarial model to scan through robaudit ('' for none)")
-    parser.add_argument("--no-torchattacks", action="store_true")
-    parser.add_argument("--data", default=None)
-    common.add_threads_option(parser)
-    parser.add_argument("--models-dir", default=None)
+    common.add_model_benchmark_options(parser)
     args = parser.parse_args()
 
     path = common.data_path(args.data)

@@ -102,12 +102,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="64 images, 1 repeat (smoke test)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", default="natural,adversarial")
-    parser.add_argument("--no-torchattacks", action="store_true")
-    parser.add_argument("--data", default=None)
-    common.add_threads_option(parser)
-    parser.add_argument("--models-dir", default=None)
+    common.add_model_benchmark_options(parser)
     args = parser.parse_args()
 
     from robaudit.audit.attacks import create_attack

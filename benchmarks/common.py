@@ -118,6 +118,16 @@ def add_threads_option(parser) -> None:
                              "passes 10-40x slower")
 
 
+def add_model_benchmark_options(parser) -> None:
+    """Options shared by the benchmarks that attack the train_models.py models."""
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--models", default="natural,adversarial")
+    parser.add_argument("--no-torchattacks", action="store_true")
+    parser.add_argument("--data", default=None)
+    add_threads_option(parser)
+    parser.add_argument("--models-dir", default=None)
+
+
 def set_threads(n: Optional[int]) -> None:
     if n:
         import torch
