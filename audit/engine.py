@@ -35,6 +35,7 @@ from robaudit.audit import distributed
 from robaudit.audit.attacks import create_attack, list_attacks
 from robaudit.audit.io import check_writable_dir, write_npz_atomic, write_text_atomic
 from robaudit.audit.metrics import class_summary, target_flow
+from robaudit.audit.outlock import hold_out_dir
 from robaudit.errors import GateFailed, UserError
 
 log = logging.getLogger(__name__)
@@ -298,7 +299,6 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
     module = model.module.to(device).eval()
 
     ctx = distributed.current()
-    n = len(data.y)
     y_np = data.y.numpy()
     my_positions = distributed.shard_positions(y_np, ctx.rank, ctx.world_size)
     clean_pred = _gathered_clean_predictions(module, data, cfg, device, num_classes, my_positions)
@@ -319,53 +319,86 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
                "eps": cfg.eps, "seed": cfg.seed, "batch": cfg.batch_size, "device": str(device),
                "iterates": cfg.iterates, "score": cfg.score,
                "adapt": _hash(model.adaptations)}
-    state = ScanState(out_dir / STATE_DIR, run_key) if out_dir is not None else None
+    with hold_out_dir(out_dir):  # one run per --out; taken only now that the input checks passed
+        state = ScanState(out_dir / STATE_DIR, run_key) if out_dir is not None else None
+        per_sample = {"index": data.index.numpy().astype(np.int64), "y": y_np.astype(np.int64),
+                      "clean_pred": clean_pred.numpy().astype(np.int64)}
+        attacked = _run_attacks(cfg, attacks, model, module, data, clean_pred, my_positions, device, state,
+                                per_sample, flags)
+        results = _assemble_results(cfg, model, data, device, attacked, per_sample, flags,
+                                    started_at, t_start, extra)
+        if out_dir is not None and ctx.is_main:
+            _write_outputs(cfg, out_dir, results, per_sample)
+    check_gates(results, cfg)
+    return results
 
-    per_sample = {"index": data.index.numpy().astype(np.int64), "y": y_np.astype(np.int64),
-                  "clean_pred": clean_pred.numpy().astype(np.int64)}
-    attack_blocks, flows, seconds, kept_examples, config_attacks = {}, {}, {}, {}, {}
-    robust_by_attack = {}
+
+@dataclass
+class _AttackedBlocks:
+    """What the attack loop produced, per attack name."""
+    blocks: Dict[str, dict]
+    flows: Dict[str, dict]
+    seconds: Dict[str, float]
+    examples: Dict[str, tuple]
+    config: Dict[str, dict]
+    robust: Dict[str, np.ndarray]
+
+
+def _run_attacks(cfg, attacks, model, module, data, clean_pred, positions, device, state,
+                 per_sample, flags) -> _AttackedBlocks:
+    """Every attack over this rank's shard, gathered; fills per_sample and flags in place."""
+    num_classes, n, y_np = len(data.classes), len(data.y), data.y.numpy()
+    out = _AttackedBlocks({}, {}, {}, {}, {}, {})
     for name, attack in attacks.items():
         params = attack.params()
-        config_attacks[name] = params
+        out.config[name] = params
         if attack.white_box and not model.white_box:
             flags.append(checks_mod.refused_attack_flag(name, model.refusal or "no gradients"))
             continue
         shard, error = None, None
         try:
-            shard = _attack_shard(name, attack, params, module, data, clean_pred, my_positions,
+            shard = _attack_shard(name, attack, params, module, data, clean_pred, positions,
                                   cfg.batch_size, device, state, num_classes)
         except Exception as err:  # every rank must learn of it, or the others wait forever
             error = err
         distributed.agree_or_raise(error)
         robust, adv_pred, ex_pos, ex_img, spent = _merge_shards(
             distributed.all_gather_objects(shard), clean_pred.numpy(), y_np, data.x.shape[1:])
-        seconds[name] = round(spent, 3)
-        robust_by_attack[name] = robust
+        out.seconds[name] = round(spent, 3)
+        out.robust[name] = robust
         per_sample[f"robust_{name}"] = robust
         per_sample[f"adv_pred_{name}"] = adv_pred.astype(np.int64)
         block = class_summary(robust, y_np, data.classes)
         fooled = _fooled(robust, adv_pred, y_np, per_sample["clean_pred"], cfg.score)
         block["n_attacked"] = int(n if cfg.score == "adv-only" else (per_sample["clean_pred"] == y_np).sum())
-        block["seconds"] = seconds[name]
+        block["seconds"] = out.seconds[name]
         block["description"] = repr(attack)
-        attack_blocks[name] = block
+        out.blocks[name] = block
         if name != "clean":
-            flows[name] = target_flow(y_np, adv_pred, fooled, num_classes)
-            kept_examples[name] = (ex_pos, ex_img)
+            out.flows[name] = target_flow(y_np, adv_pred, fooled, num_classes)
+            out.examples[name] = (ex_pos, ex_img)
+    return out
 
-    ensemble = None
-    attacked = [a for a in robust_by_attack if a != "clean"]
-    if attacked:
-        robust_all = np.logical_and.reduce([robust_by_attack[a] for a in attacked])
-        if cfg.score == "robust":
-            robust_all &= per_sample["clean_pred"] == y_np
-        ensemble = class_summary(robust_all, y_np, data.classes)
-        ensemble["attacks"] = attacked
-        ensemble["n_attacked"] = max(attack_blocks[a]["n_attacked"] for a in attacked)
-        ensemble["seconds"] = round(sum(seconds[a] for a in attacked), 3)
-        ensemble["description"] = "robust against every attack run: " + ", ".join(attacked)
 
+def _ensemble_block(cfg, attacked: _AttackedBlocks, per_sample, data) -> Optional[dict]:
+    names = [a for a in attacked.robust if a != "clean"]
+    if not names:
+        return None
+    y_np = per_sample["y"]
+    robust_all = np.logical_and.reduce([attacked.robust[a] for a in names])
+    if cfg.score == "robust":
+        robust_all &= per_sample["clean_pred"] == y_np
+    ensemble = class_summary(robust_all, y_np, data.classes)
+    ensemble["attacks"] = names
+    ensemble["n_attacked"] = max(attacked.blocks[a]["n_attacked"] for a in names)
+    ensemble["seconds"] = round(sum(attacked.seconds[a] for a in names), 3)
+    ensemble["description"] = "robust against every attack run: " + ", ".join(names)
+    return ensemble
+
+
+def _assemble_results(cfg, model, data, device, attacked: _AttackedBlocks, per_sample, flags,
+                      started_at, t_start, extra) -> dict:
+    ensemble = _ensemble_block(cfg, attacked, per_sample, data)
     finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     results = {
         "schema_version": 1,
@@ -376,41 +409,41 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
         "model": {"path": str(model.path), "format": model.format, "sha256": model.sha256,
                   "num_params": model.num_params, "arch": model.arch, "white_box": model.white_box,
                   "adaptations": model.adaptations},
-        "dataset": {"name": data.name, "split": data.split, "n": n, "num_classes": num_classes,
+        "dataset": {"name": data.name, "split": data.split, "n": len(data.y), "num_classes": len(data.classes),
                     "classes": list(data.classes), "source": str(data.source), "subset": data.subset},
         "config": {"eps": cfg.eps, "eps_255": eps_as_255(cfg.eps), "seed": cfg.seed,
                    "device": str(device), "batch_size": cfg.batch_size,
                    "scoring": {"iterates": cfg.iterates, "score": cfg.score},
-                   "attacks": config_attacks},
-        "attacks": attack_blocks,
+                   "attacks": attacked.config},
+        "attacks": attacked.blocks,
         "ensemble": ensemble,
-        "target_flow": flows,
-        "examples": _select_examples(kept_examples, attack_blocks, ensemble, data, per_sample),
+        "target_flow": attacked.flows,
+        "examples": _select_examples(attacked.examples, attacked.blocks, ensemble, data, per_sample),
         "checks": flags,
-        "timing": {"total_seconds": round(time.perf_counter() - t_start, 3), "per_attack": seconds},
+        "timing": {"total_seconds": round(time.perf_counter() - t_start, 3), "per_attack": attacked.seconds},
         "environment": {**_versions(), "device": str(device),
                         "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                         else platform.processor() or platform.machine()),
-                        "world_size": ctx.world_size},
+                        "world_size": distributed.current().world_size},
         "notes": _notes(cfg),
         "training": None,
     }
     if extra:
         results.update(extra)
     results["checks"] = flags + checks_mod.result_checks(results)
-
-    if out_dir is not None and ctx.is_main:
-        # Serialise first: a value JSON cannot hold fails here, before either file is written.
-        # results.json goes last, so its presence means the whole scan finished.
-        results_text = json.dumps(results, indent=2, allow_nan=False) + "\n"
-        write_npz_atomic(out_dir / "samples.npz", **per_sample)
-        write_text_atomic(out_dir / "results.json", results_text)
-        if cfg.write_report:
-            from robaudit.audit.report import render_report
-
-            render_report(results, out_dir / "report.html", redact_paths=cfg.redact_paths)
-    check_gates(results, cfg)
     return results
+
+
+def _write_outputs(cfg, out_dir: Path, results: dict, per_sample: dict) -> None:
+    # Serialise first: a value JSON cannot hold fails here, before either file is written.
+    # results.json goes last, so its presence means the whole scan finished.
+    results_text = json.dumps(results, indent=2, allow_nan=False) + "\n"
+    write_npz_atomic(out_dir / "samples.npz", **per_sample)
+    write_text_atomic(out_dir / "results.json", results_text)
+    if cfg.write_report:
+        from robaudit.audit.report import render_report
+
+        render_report(results, out_dir / "report.html", redact_paths=cfg.redact_paths)
 
 
 def _notes(cfg: ScanConfig) -> List[str]:

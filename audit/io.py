@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +35,26 @@ def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
             pass
         raise
     return path
+
+
+# What _atomic and check_writable_dir name their temporary files (mkstemp adds 8 characters).
+_TEMP_NAME = re.compile(r"^\.(?:.+\.[A-Za-z0-9_]{8}\.tmp|robaudit-probe\.[A-Za-z0-9_]{8})$")
+
+
+def remove_stale_temp_files(folder) -> int:
+    """Delete the temporary files a killed writer left under `folder`; how many were removed.
+
+    Only safe while no other process writes there: outlock calls it once it holds --out.
+    """
+    removed = 0
+    for path in Path(folder).rglob(".*"):
+        if path.is_file() and not path.is_symlink() and _TEMP_NAME.match(path.name):
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def write_text_atomic(path, text: str) -> Path:

@@ -600,7 +600,7 @@ def synthetic_example_grid(bank: SyntheticBank, classes: Sequence[str], per_clas
 # ============================================================================ the run
 def run_ferd(cfg: "loop.RemediateConfig", *, teacher, test_data=None,
              student_module: Optional[nn.Module] = None,
-             classes: Optional[Sequence[str]] = None) -> dict:
+             classes: Optional[Sequence[str]] = None, dry_run: bool = False) -> Optional[dict]:
     """Distil a robust student from `teacher` (a LoadedModel) alone, with FERD; export it and,
     given `test_data` (an EvalData), audit it with engine.run_scan into out_dir/student/.
 
@@ -612,7 +612,8 @@ def run_ferd(cfg: "loop.RemediateConfig", *, teacher, test_data=None,
     run_remediate. There is no validation split (val_* are ignored) and the schedule is
     cosine (cfg.milestones must be None). `classes` names the classes (default: the test
     set's, else the teacher's, else "0".."C-1"). Returns the same summary as
-    run_remediate (best / best_score None: the last epoch is selected).
+    run_remediate (best / best_score None: the last epoch is selected). dry_run=True: every
+    check on the options, the models and an existing checkpoint, nothing written, None returned.
     """
     opts = FerdOptions.from_mapping(cfg.method_options)
     ctx = distributed.current()
@@ -638,7 +639,7 @@ def run_ferd(cfg: "loop.RemediateConfig", *, teacher, test_data=None,
                         f"--arch), a torch.export .pt2 or a TorchScript file")
 
     runtime = loop.resolve_runtime(cfg, ctx)
-    device, memory_format, autocast = runtime.device, runtime.memory_format, runtime.autocast
+    device = runtime.device
     out_dir = Path(cfg.out_dir)
 
     # ---------------------------------------------------------------- shapes, classes, models
@@ -678,12 +679,26 @@ def run_ferd(cfg: "loop.RemediateConfig", *, teacher, test_data=None,
         raise UserError(f"the student predicts {loop._output_classes(student, example)} classes but the teacher "
                         f"{num_classes}")
 
+    if dry_run:
+        fingerprint = _fingerprint(cfg, opts, warmup, num_classes, student_desc, image_shape, teacher)
+        _resume_state(cfg, out_dir, fingerprint, create=False)
+        return None
     taps = TeacherTaps(teacher_module, num_classes)
     try:
         return _train(cfg, opts, warmup, teacher, teacher_module, taps, student, student_desc, classes,
                       image_shape, runtime, out_dir, test_data)
     finally:
         taps.close()
+
+
+def _resume_state(cfg, out_dir: Path, fingerprint: dict, *, create: bool) -> Optional[dict]:
+    """The checkpoint to resume from (or None); refuses a data-based one. create=False writes nothing."""
+    checkpoint_path = out_dir / "checkpoint.pt"
+    state = loop.prepare_out_dir_for_resume(out_dir, checkpoint_path, cfg.resume, fingerprint, create=create)
+    if state is not None and not state.get("data_free"):
+        raise UserError(f"{checkpoint_path} is a data-based remediation checkpoint; resume it without "
+                        f"--data-free, or choose another --out")
+    return state
 
 
 def _train(cfg, opts: FerdOptions, warmup: int, teacher, teacher_module: nn.Module, taps: TeacherTaps,
@@ -723,11 +738,8 @@ def _train(cfg, opts: FerdOptions, warmup: int, teacher, teacher_module: nn.Modu
     history: List[dict] = []
     start_epoch = 1
 
-    state = loop.prepare_out_dir_for_resume(out_dir, checkpoint_path, cfg.resume, fingerprint)
+    state = _resume_state(cfg, out_dir, fingerprint, create=True)
     if state is not None:
-        if not state.get("data_free"):
-            raise UserError(f"{checkpoint_path} is a data-based remediation checkpoint; resume it without "
-                            f"--data-free, or choose another --out")
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -91,7 +91,7 @@ from tqdm.auto import tqdm
 from robaudit.audit import distributed
 from robaudit.audit.attacks.ascent import projected_ascent
 from robaudit.audit.rng import per_sample_uniform
-from robaudit.audit.io import write_bytes_atomic
+from robaudit.audit.io import check_writable_dir, write_bytes_atomic
 from robaudit.errors import UserError
 from robaudit.remediate.methods import DEFAULT_METHOD, METHODS, TALLY_DTYPE, class_sums, create_method, eval_mode
 
@@ -481,10 +481,17 @@ def resolve_runtime(cfg: RemediateConfig, ctx: Optional[distributed.DistContext]
 
 
 def prepare_out_dir_for_resume(out_dir: Path, checkpoint_path: Path, resume: bool,
-                               fingerprint: dict) -> Optional[dict]:
-    """Rank 0 only: create --out, refuse to overwrite a checkpoint, read one to resume (or None)."""
+                               fingerprint: dict, *, create: bool = True) -> Optional[dict]:
+    """Rank 0 only: create --out, refuse to overwrite a checkpoint, read one to resume (or None).
+
+    create=False (the pre-flight check): only check that --out could be created and read what
+    is there; nothing is written.
+    """
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if create:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            check_writable_dir(out_dir)
     except OSError as err:
         raise UserError(f"cannot create --out {out_dir}: {_describe_os_error(err)}")
     if checkpoint_path.exists() and not resume:
@@ -501,7 +508,7 @@ def prepare_out_dir_for_resume(out_dir: Path, checkpoint_path: Path, resume: boo
 
 # ---------------------------------------------------------------------------- the run
 def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
-                  student_module: Optional[nn.Module] = None) -> dict:
+                  student_module: Optional[nn.Module] = None, dry_run: bool = False) -> Optional[dict]:
     """Train a student from `teacher` (a LoadedModel) on `train_data` (an EvalData), export it,
     and, given `test_data`, audit it with `engine.run_scan` into out_dir/student/.
 
@@ -514,6 +521,10 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
 
     Under torchrun (torch.distributed initialised, e.g. by distributed.init_from_env) every
     rank calls this with the same arguments; see "Scaling out" in the module docstring.
+
+    dry_run=True makes every check on the options, the data, the models and an existing
+    checkpoint in --out, writes nothing and returns None: `robaudit remediate` calls it
+    before the teacher audit writes its first file.
     """
     out_dir = Path(cfg.out_dir)
     method_cls = METHODS.get(cfg.method)
@@ -598,7 +609,11 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
     checkpoint_path, best_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "best.pt", out_dir / "metrics.csv"
 
     def prepare_out_dir() -> Optional[dict]:
-        return prepare_out_dir_for_resume(out_dir, checkpoint_path, cfg.resume, fingerprint)
+        return prepare_out_dir_for_resume(out_dir, checkpoint_path, cfg.resume, fingerprint, create=not dry_run)
+
+    if dry_run:
+        _on_main(prepare_out_dir)
+        return None
 
     history: List[dict] = []
     best = {"epoch": None, "score": None}

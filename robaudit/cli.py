@@ -124,7 +124,7 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
          iterates, score, out_dir, no_report, redact_paths, fail_under_worst, fail_over_nsd):
     """Audit MODEL class by class and write results.json, samples.npz and report.html."""
     from robaudit.audit.datasets import load_dataset
-    from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps, resolve_device, run_scan
+    from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps, resolve_device
 
     cfg = ScanConfig(out_dir=Path(out_dir), attacks=attacks.split(","), eps=parse_eps(eps), seed=seed,
                      batch_size=batch_size, device=device, iterates=iterates, score=score,
@@ -251,19 +251,26 @@ def main(argv=None):
 @threads_option
 def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
     """Offline end-to-end demo: generate data, train a small robust CNN, audit it, remediate it."""
-    import copy
-
-    from robaudit.audit.datasets import load_dataset
-    from robaudit.audit.demo import train_demo_model
     from robaudit.audit.engine import ScanConfig, build_attacks, resolve_device
-    from robaudit.audit.loading import load_model, save_export
-    from robaudit.remediate.train import RemediateConfig, run_remediate
+    from robaudit.audit.outlock import hold_out_dir
 
     out = Path(out_dir)
     cfg = ScanConfig(out_dir=out, attacks=attacks.split(","), seed=seed, device=device,
                      command=_command_line())
     build_attacks(cfg)
     torch_device = resolve_device(device)
+    with hold_out_dir(out):
+        _run_demo(cfg, out, torch_device, epochs, remediate_epochs, seed)
+
+
+def _run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, seed: int) -> None:
+    import copy
+
+    from robaudit.audit.datasets import load_dataset
+    from robaudit.audit.demo import train_demo_model
+    from robaudit.audit.loading import load_model, save_export
+    from robaudit.remediate.train import RemediateConfig, run_remediate
+
     train = load_dataset("demo", split="train")
     test = load_dataset("demo", split="test")
     click.echo(f"demo: training a small CNN adversarially on {len(train.y)} generated images "
@@ -420,22 +427,29 @@ def _remediate_and_compare(cfg, audit_cfg, teacher, train, test):
     """
     from dataclasses import replace
 
+    from robaudit.audit.outlock import hold_out_dir
     from robaudit.remediate.train import run_remediate
 
-    out = Path(cfg.out_dir)
-    before = None
-    if teacher is not None:
-        click.echo(f"remediate: auditing the teacher into {out / 'teacher'} ...", err=True)
-        before = _run_and_print(replace(audit_cfg, out_dir=out / "teacher"), teacher, test)
-    click.echo(f"remediate: training a {cfg.student or 'student'} with {cfg.method} "
-               f"for {cfg.epochs} epochs ...", err=True)
     if cfg.method == "ferd":
         from robaudit.remediate.ferd import run_ferd
 
-        summary = run_ferd(cfg, teacher=teacher, test_data=test)
+        def train_student(dry_run=False):
+            return run_ferd(cfg, teacher=teacher, test_data=test, dry_run=dry_run)
     else:
-        summary = run_remediate(cfg, teacher=teacher, train_data=train, test_data=test)
-    _print_comparison(before, summary["student_results"], out)
+        def train_student(dry_run=False):
+            return run_remediate(cfg, teacher=teacher, train_data=train, test_data=test, dry_run=dry_run)
+
+    train_student(dry_run=True)  # every check on options, data and models before a file is written
+    out = Path(cfg.out_dir)
+    with hold_out_dir(out):
+        before = None
+        if teacher is not None:
+            click.echo(f"remediate: auditing the teacher into {out / 'teacher'} ...", err=True)
+            before = _run_and_print(replace(audit_cfg, out_dir=out / "teacher"), teacher, test)
+        click.echo(f"remediate: training a {cfg.student or 'student'} with {cfg.method} "
+                   f"for {cfg.epochs} epochs ...", err=True)
+        summary = train_student()
+        _print_comparison(before, summary["student_results"], out)
     return summary
 
 
