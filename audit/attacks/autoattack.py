@@ -30,7 +30,7 @@ from typing import Any, Dict, List
 
 import torch
 
-from robaudit.audit.attacks.base import Attack
+from robaudit.audit.attacks.base import Attack, register_attack
 from robaudit.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,7 @@ def build_autoattack(model, *, eps: float, seed: int, device, num_classes: int,
     return adversary
 
 
+@register_attack
 class AutoAttack(Attack):
     """AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack.
 

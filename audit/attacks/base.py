@@ -25,8 +25,19 @@ import torch
 from robaudit.audit.attacks.ascent import input_grad, linf_project, linf_step
 from robaudit.audit.rng import per_sample_normal, per_sample_uniform
 from robaudit.errors import UserError
+from robaudit.registry import Registry
 
 ITERATES = ("any", "final")
+
+# Every attack registers itself where it is defined (`@register_attack` on the class).
+ATTACKS = Registry("attack")
+
+
+def register_attack(cls):
+    """Class decorator: add an Attack subclass to ATTACKS under its `name` (help: its docstring)."""
+    ATTACKS.register(cls.name)(cls)
+    return cls
+
 SCORES = ("robust", "adv-only")
 RANDOM_STARTS = ("uniform", "normal", "none")
 

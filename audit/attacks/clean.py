@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from robaudit.audit.attacks.base import Attack
+from robaudit.audit.attacks.base import Attack, register_attack
 
 
+@register_attack
 class Clean(Attack):
     """No perturbation: robust = clean-correct, x_adv = x."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from robaudit.audit.attacks.base import SignGradientAttack
+from robaudit.audit.attacks.base import SignGradientAttack, register_attack
 from robaudit.errors import UserError
 
 
@@ -23,6 +23,7 @@ def cw_margin_loss(logits: torch.Tensor, y: torch.Tensor, kappa: float) -> torch
     return torch.clamp(best_other - true_logit, max=kappa)
 
 
+@register_attack
 class CW(SignGradientAttack):
     """CW-inf: 30 PGD steps of 2/255 on the margin loss clamped at kappa = 50."""
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robaudit.audit.attacks.base import SignGradientAttack
+from robaudit.audit.attacks.base import SignGradientAttack, register_attack
 
 
+@register_attack
 class FGSM(SignGradientAttack):
     """FGSM: one cross-entropy sign step of size eps."""
 

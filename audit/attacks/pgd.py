@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robaudit.audit.attacks.base import SignGradientAttack
+from robaudit.audit.attacks.base import SignGradientAttack, register_attack
 
 
+@register_attack
 class PGD(SignGradientAttack):
     """PGD-20: uniform start, 20 steps of 2/255 on cross-entropy."""
 

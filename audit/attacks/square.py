@@ -13,10 +13,11 @@ from __future__ import annotations
 from typing import List
 
 from robaudit.audit.attacks.autoattack import quiet_third_party
-from robaudit.audit.attacks.base import Attack
+from robaudit.audit.attacks.base import Attack, register_attack
 from robaudit.errors import UserError
 
 
+@register_attack
 class Square(Attack):
     """Square Attack (black-box, L-inf, 5000 queries) via pyautoattack."""
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from robaudit.audit.attacks.base import SignGradientAttack
+from robaudit.audit.attacks.base import SignGradientAttack, register_attack
 from robaudit.errors import UserError
 
 
@@ -43,6 +43,7 @@ def tempered_ce_loss(logits: torch.Tensor, y: torch.Tensor, temperature: float) 
     return F.cross_entropy(logits / temperature, y, reduction="none")
 
 
+@register_attack
 class TPGD(SignGradientAttack):
     """Temperature-PGD: PGD-20 on CE(softmax(z / T), y), T = 2 by default."""
 
