@@ -1,0 +1,70 @@
+"""Reading a validated results dict for the report: attack records, the headline, class order.
+
+Every section asks the same questions of the results: which attack summaries exist
+(in run order, the ensemble last), which one the verdict leads with, how an attack is
+named in a table and in a sentence, and in which order the classes go (least robust
+first). The answers live here so that the sections agree on them.
+"""
+
+from __future__ import annotations
+
+from robaudit.audit.report_format import finite
+
+CLEAN_KEY = "clean"
+ENSEMBLE_KEY = "ensemble"
+
+
+def records(results: dict) -> dict:
+    """Attack name -> summary block, in run order, with the ensemble last."""
+    found = {name: record for name, record in results["attacks"].items() if name != ENSEMBLE_KEY}
+    if results.get("ensemble"):
+        found[ENSEMBLE_KEY] = results["ensemble"]
+    return found
+
+
+def ensemble_members(results: dict) -> list[str]:
+    return [m for m in (results["ensemble"] or {}).get("attacks", []) if m != CLEAN_KEY]
+
+
+def attack_label(results: dict, key: str) -> str:
+    """The attack as it reads in a table row or a chart legend."""
+    if key == ENSEMBLE_KEY:
+        members = ensemble_members(results)
+        return f"Ensemble (worst case over {', '.join(members)})" if members else "Ensemble"
+    if key == CLEAN_KEY:
+        return "Clean (no attack)"
+    return key
+
+
+def attack_in_words(results: dict, key: str) -> str:
+    """The attack as it reads inside a sentence."""
+    if key == ENSEMBLE_KEY:
+        members = ensemble_members(results)
+        return (f"all attacks combined ({', '.join(members)}; an image counts as robust only if it survives "
+                "every one)") if members else "the attack ensemble"
+    return f"the {key} attack"
+
+
+def headline_key(results: dict) -> str:
+    """The robust accuracy the verdict leads with: the per-point worst case over all
+    attacks (ensemble) when present, else the strongest single attack, else clean."""
+    if results.get("ensemble"):
+        return ENSEMBLE_KEY
+    attacked = [(name, rec) for name, rec in results["attacks"].items() if name != CLEAN_KEY]
+    if attacked:
+        return min(attacked, key=lambda item: (finite(item[1].get("avg")) is None,
+                                               finite(item[1].get("avg")) or 0.0))[0]
+    return CLEAN_KEY
+
+
+def robustness_order(results: dict, key: str) -> list[int]:
+    """Class indices from least to most robust under `key` (the worst class first;
+    classes without a value last; ties keep dataset order)."""
+    record = records(results)[key]
+    worst = record.get("worst_class")
+
+    def sort_key(index: int):
+        accuracy = finite(record["per_class"][index]["accuracy"])
+        return (accuracy is None, accuracy or 0.0, record["per_class"][index]["class"] != worst, index)
+
+    return sorted(range(len(record["per_class"])), key=sort_key)

@@ -1,0 +1,281 @@
+"""The sections of a single audit's report, as plain dicts for the template.
+
+One builder per section of the page, in page order: the verdict (headline robust
+accuracy, weakest class and whether its gap is significant), the reliability flags,
+per-class robustness, where attacks push each class (target flow), the example
+adversarial images, and provenance. Builders that draw a chart add its plotly spec to
+the shared `figures` dict under a fixed id (see `report_figures`). The before/after
+comparison and remediation training sections live in `report_comparison` and
+`report_training`.
+"""
+
+from __future__ import annotations
+
+from robaudit.audit.report_figures import flow_heatmap, per_class_figure
+from robaudit.audit.report_format import ci, display, eps_as_fraction_of_255, finite, pct, png_data_uri, rounded
+from robaudit.audit.report_records import (
+    CLEAN_KEY, attack_in_words, attack_label, headline_key, records, robustness_order,
+)
+from robaudit.audit.report_redaction import basename
+
+# Above these class counts a heatmap or full matrix table stops being readable (and
+# grows the file quadratically); the top-destinations table still covers every class.
+MAX_HEATMAP_CLASSES = 100
+MAX_MATRIX_TABLE_CLASSES = 20
+TOP_DESTINATIONS = 3
+
+
+# --------------------------------------------------------------------------- verdict and flags
+
+
+def significance(worst: dict, average: float | None, measure: str) -> dict:
+    """Is the worst class significantly below the class average? CI-based: yes when
+    the upper end of its 95% Wilson interval lies below the average."""
+    low, high = worst["ci"]
+    name, n = worst["class"], worst["n"]
+    if average is None or high is None or low is None or not n:
+        return {"status": "unknown", "answer": "Cannot tell",
+                "explanation": f"There is no confidence interval for {name} (no test images of it were "
+                               "scored, or none was recorded), so its gap to the average cannot be judged."}
+    if high < average:
+        return {"status": "significant", "answer": "Yes",
+                "explanation": (
+                    f"{name} is significantly below the average class: even the top of its "
+                    f"95% confidence interval ({pct(high)}) is below the class average ({pct(average)}). "
+                    + (f"An attacker who targets {name} succeeds more often, and sampling noise "
+                       f"from {n} test images does not explain the gap." if measure == "robust accuracy" else
+                       f"Sampling noise from {n} test images does not explain the gap."))}
+    return {"status": "not_significant", "answer": "Not established",
+            "explanation": (
+                f"{name} has the lowest {measure}, but its 95% confidence interval "
+                f"({pct(low)} to {pct(high)}) reaches the class average ({pct(average)}), so with "
+                f"{n} test images of this class the gap may be sampling noise. Audit more images "
+                "per class to decide.")}
+
+
+def _verdict_rows(results: dict, key: str) -> list[dict]:
+    """One row per attack (clean and ensemble included) for the verdict's summary table."""
+    rows = []
+    for name, record in records(results).items():
+        worst_class = record.get("worst_class")
+        worst_ci = next((ci(e) for e in record["per_class"] if e["class"] == worst_class), (None, None))
+        rows.append({
+            "key": name, "label": attack_label(results, name),
+            "description": record.get("description") or "",
+            "avg": finite(record.get("avg")), "worst": finite(record.get("worst")),
+            "worst_class": worst_class, "worst_ci": worst_ci,
+            "nsd": finite(record.get("nsd")), "worst10": finite(record.get("worst10")),
+            "n_attacked": None if name == CLEAN_KEY else record.get("n_attacked"),
+            "seconds": finite(record.get("seconds")),
+            "is_headline": name == key, "is_clean": name == CLEAN_KEY,
+        })
+    return rows
+
+
+def verdict_section(results: dict) -> dict:
+    model, dataset, config = results["model"], results["dataset"], results["config"]
+    key = headline_key(results)
+    headline = records(results)[key]
+    classes = dataset["classes"]
+    worst_name = headline.get("worst_class")
+    worst_index = classes.index(worst_name) if worst_name in classes else robustness_order(results, key)[0]
+    worst_entry = headline["per_class"][worst_index]
+    worst = {"class": worst_entry["class"], "accuracy": finite(worst_entry["accuracy"]),
+             "ci": ci(worst_entry), "n": worst_entry.get("n")}
+    average = finite(headline.get("avg"))
+    clean = results["attacks"].get(CLEAN_KEY)
+    rows = _verdict_rows(results, key)
+    warnings = [check for check in results["checks"] if check.get("severity") == "warning"]
+    eps_text = eps_as_fraction_of_255(config.get("eps"), config.get("eps_255"))
+    if key == CLEAN_KEY:
+        summary = (f"Only clean accuracy was measured: {pct(average)} on average across classes; "
+                   f"no attack ran, so this report says nothing about robustness.")
+    else:
+        summary = (f"Against {attack_in_words(results, key)} at ε = {eps_text}, {pct(average)} of test images "
+                   f"stay correctly classified on average across classes"
+                   + (f" (clean: {pct(clean.get('avg'))})" if clean else "")
+                   + f". The weakest class is {worst['class']} at {pct(worst['accuracy'])}.")
+    return {
+        "model_name": basename(model.get("path") or "") if model.get("path") else "model",
+        "model_path": model.get("path"), "arch": model.get("arch"), "format": model.get("format"),
+        "white_box": model.get("white_box", True),
+        "dataset_name": dataset.get("name"), "split": dataset.get("split"), "n": dataset.get("n"),
+        "num_classes": len(classes),
+        "eps": finite(config.get("eps")), "eps_255": eps_text,
+        "scoring": config.get("scoring") or {},
+        "clean_avg": finite(clean.get("avg")) if clean else None,
+        "headline_key": key, "headline_label": attack_label(results, key),
+        "is_robustness": key != CLEAN_KEY,
+        "average": average, "worst": worst,
+        "nsd": finite(headline.get("nsd")), "worst10": finite(headline.get("worst10")),
+        "significance": significance(worst, average, "robust accuracy" if key != CLEAN_KEY else "clean accuracy"),
+        "summary": summary, "rows": rows,
+        "warning_count": len(warnings), "check_count": len(results["checks"]),
+        "finished_at": display(results.get("finished_at")),
+    }
+
+
+def checks_section(results: dict) -> list[dict]:
+    order = {"warning": 0, "info": 1}
+    checks = [{
+        "id": str(check.get("id") or ""), "severity": str(check.get("severity") or "info"),
+        "message": str(check.get("message") or ""), "why": str(check.get("why") or ""),
+    } for check in results["checks"]]
+    return sorted(checks, key=lambda c: order.get(c["severity"], 2))  # stable: scan order within a severity
+
+
+# --------------------------------------------------------------------------- per class and target flow
+
+
+def _accuracy_cell(entry: dict) -> dict:
+    low, high = ci(entry)
+    return {"accuracy": finite(entry["accuracy"]), "ci": (low, high), "correct": entry.get("correct"),
+            "n": entry.get("n")}
+
+
+def per_class_section(results: dict, figures: dict) -> dict:
+    by_attack = records(results)
+    key = headline_key(results)
+    order = robustness_order(results, key)
+    classes = results["dataset"]["classes"]
+    worst_name = by_attack[key].get("worst_class")
+    columns = [{"key": name, "label": name, "is_headline": name == key} for name in by_attack]
+    rows = []
+    for rank, index in enumerate(order, start=1):
+        reference = next(iter(by_attack.values()))["per_class"][index]
+        rows.append({
+            "rank": rank, "index": index, "class": classes[index], "n": reference.get("n"),
+            "is_worst": classes[index] == worst_name,
+            "cells": [_accuracy_cell(record["per_class"][index]) for record in by_attack.values()],
+        })
+    figure_id, table_id = "fig-per-class", "table-per-class"
+    figures[figure_id] = per_class_figure(by_attack, classes, order, worst_name)
+    return {"columns": columns, "rows": rows, "figure_id": figure_id, "table_id": table_id,
+            "sorted_by": attack_label(results, key), "worst_class": worst_name}
+
+
+def _flow_for(results: dict, name: str, position: int, figures: dict) -> dict:
+    classes = results["dataset"]["classes"]
+    matrix = [[int(count or 0) for count in row] for row in results["target_flow"][name]]
+    num_classes = len(classes)
+    rows, largest = [], None
+    for source, row in enumerate(matrix):
+        fooled = sum(count for target, count in enumerate(row) if target != source)
+        ranked = sorted(((count, target) for target, count in enumerate(row) if target != source and count > 0),
+                        key=lambda item: (-item[0], item[1]))
+        top = [{"class": classes[target], "count": count, "share": count / fooled}
+               for count, target in ranked[:TOP_DESTINATIONS]]
+        rows.append({"class": classes[source], "fooled": fooled, "top": top,
+                     "more": max(0, len(ranked) - TOP_DESTINATIONS)})
+        if ranked and (largest is None or ranked[0][0] > largest["count"]):
+            largest = {"source": classes[source], "target": classes[ranked[0][1]], "count": ranked[0][0]}
+    total = sum(row["fooled"] for row in rows)
+    figure_id = f"fig-flow-{position}"
+    has_chart = num_classes <= MAX_HEATMAP_CLASSES
+    if has_chart:
+        figures[figure_id] = flow_heatmap(classes, matrix, [r["fooled"] for r in rows])
+    return {
+        "key": name, "label": attack_label(results, name), "position": position,
+        "figure_id": figure_id if has_chart else None, "table_id": f"table-flow-{position}",
+        "matrix_table_id": f"table-flow-matrix-{position}",
+        "rows": rows, "total_fooled": total, "largest": largest,
+        "matrix": matrix if num_classes <= MAX_MATRIX_TABLE_CLASSES else None, "classes": classes,
+    }
+
+
+def target_flow_section(results: dict, figures: dict) -> dict:
+    flows = results["target_flow"]
+    run_order = [name for name in records(results) if name in flows]
+    names = run_order + [name for name in flows if name not in run_order]
+    return {"attacks": [_flow_for(results, name, position, figures) for position, name in enumerate(names)],
+            "has_heatmaps": len(results["dataset"]["classes"]) <= MAX_HEATMAP_CLASSES,
+            "max_heatmap_classes": MAX_HEATMAP_CLASSES}
+
+
+# --------------------------------------------------------------------------- examples and provenance
+
+
+def examples_section(results: dict) -> dict:
+    classes = results["dataset"]["classes"]
+    key = headline_key(results)
+    order = robustness_order(results, key)
+    rank_of = {classes[index]: rank for rank, index in enumerate(order)}
+    attack_rank = {name: rank for rank, name in enumerate(records(results))}
+    worst_name = records(results)[key].get("worst_class")
+    pairs, skipped = [], 0
+    for example in results["examples"]:
+        clean_src, adv_src = png_data_uri(example.get("clean_png")), png_data_uri(example.get("adv_png"))
+        if clean_src is None or adv_src is None:
+            skipped += 1
+            continue
+        true_class = str(example.get("class", ""))
+        pairs.append({
+            "attack": str(example.get("attack", "")), "index": example.get("index"), "class": true_class,
+            "clean_pred": str(example.get("clean_pred", "")), "adv_pred": str(example.get("adv_pred", "")),
+            "clean_src": clean_src, "adv_src": adv_src,
+            "fooled": example.get("adv_pred") != true_class,
+        })
+    pairs.sort(key=lambda p: (rank_of.get(p["class"], len(classes)), attack_rank.get(p["attack"], len(attack_rank)),
+                              p["index"] if isinstance(p["index"], int) else 0))
+    groups: list[dict] = []
+    for pair in pairs:
+        if not groups or groups[-1]["class"] != pair["class"]:
+            accuracy = None
+            if pair["class"] in classes:
+                accuracy = finite(records(results)[key]["per_class"][classes.index(pair["class"])]["accuracy"])
+            groups.append({"class": pair["class"], "is_worst": pair["class"] == worst_name,
+                           "accuracy": accuracy, "pairs": []})
+        groups[-1]["pairs"].append(pair)
+    return {"groups": groups, "count": len(pairs), "skipped": skipped,
+            "headline_label": attack_label(results, key)}
+
+
+def provenance_section(results: dict, role: str, anchor: str) -> dict:
+    model, dataset, config = results["model"], results["dataset"], results["config"]
+    subset = dataset.get("subset") or {}
+    adaptations = model.get("adaptations") or {}
+    timing = results["timing"] or {}
+    per_attack_seconds = timing.get("per_attack") or {}
+    attacks = []
+    for name, params in (config.get("attacks") or {}).items():
+        params = params if isinstance(params, dict) else {"value": params}
+        record = results["attacks"].get(name) or {}
+        attacks.append({
+            "name": name, "class": display(params.get("class")),
+            "params": [(k, display(v)) for k, v in params.items() if k not in ("class", "repr")],
+            "repr": params.get("repr") or record.get("description") or "",
+            "seconds": finite(per_attack_seconds.get(name, record.get("seconds"))),
+        })
+    scoring = config.get("scoring") or {}
+    subset_text = ", ".join(f"{k} = {display(v)}" for k, v in subset.items()) if subset else "—"
+    return {
+        "role": role, "anchor": anchor,
+        "tool": f"{results['tool'].get('name', 'robaudit')} {results['tool'].get('version', '')}".strip()
+        if isinstance(results["tool"], dict) else display(results["tool"]),
+        "command": results.get("command") or "",
+        "model": [
+            ("File", display(model.get("path"))), ("Format", display(model.get("format"))),
+            ("SHA-256", display(model.get("sha256"))),
+            ("Parameters", f"{model['num_params']:,}" if isinstance(model.get("num_params"), int) else "—"),
+            ("Architecture", display(model.get("arch"))),
+            ("Gradient (white-box) attacks", "allowed" if model.get("white_box", True)
+             else "not possible: only black-box attacks ran"),
+        ] + [(f"Adaptation: {k}", display(v)) for k, v in adaptations.items()],
+        "dataset": [
+            ("Dataset", display(dataset.get("name"))), ("Split", display(dataset.get("split"))),
+            ("Images audited", display(dataset.get("n"))), ("Classes", display(len(dataset["classes"]))),
+            ("Subset", subset_text), ("Source", display(dataset.get("source"))),
+        ],
+        "config": [
+            ("ε (L∞ budget)", f"{eps_as_fraction_of_255(config.get('eps'), config.get('eps_255'))} "
+                             f"= {display(config.get('eps'))}"),
+            ("Seed", display(config.get("seed"))), ("Device", display(config.get("device"))),
+            ("Batch size", display(config.get("batch_size"))),
+            ("Iterates scored", display(scoring.get("iterates"))), ("Score", display(scoring.get("score"))),
+        ],
+        "attacks": attacks,
+        "environment": [(str(k), display(v)) for k, v in (results["environment"] or {}).items()],
+        "timing": [("Started", display(results.get("started_at"))), ("Finished", display(results.get("finished_at"))),
+                   ("Total seconds", display(rounded(timing.get("total_seconds"), 1)))],
+        "notes": [str(note) for note in results["notes"]],
+    }

@@ -1,0 +1,114 @@
+"""The remediation training part of the report: training curves and per-class trajectories.
+
+Results written by `robaudit remediate` carry a `training` block: the method and its
+options, per-epoch curves (loss, validation accuracies), per-class quantities the
+method adapts over the epochs (class weights, teacher temperatures, FERD's class
+sampling probabilities) and, for FERD, synthetic example images. This module turns
+that block into the charts and tables of the page's comparison section; which
+trajectories a block holds is `trajectory_sources`, shared with validation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from robaudit.audit.report_comparison import delta
+from robaudit.audit.report_figures import trajectory_figure, training_curves_figure
+from robaudit.audit.report_format import display, finite, png_data_uri
+
+MAX_TRAJECTORY_TABLE_EPOCHS = 10
+
+TRAINING_CURVE_SHORT_LABELS = {
+    "loss": "Loss", "val_clean_avg": "Clean (avg)", "val_robust_avg": "Robust (avg)",
+    "val_robust_worst": "Robust (worst)",
+}
+TRAINING_CURVE_LABELS = {
+    "loss": "Training loss",
+    "val_clean_avg": "Validation clean accuracy (class average)",
+    "val_robust_avg": "Validation robust accuracy (class average)",
+    "val_robust_worst": "Validation robust accuracy (worst class)",
+}
+TRAJECTORY_LABELS = {
+    "class_probabilities": "Class sampling probability of synthetic labels (FERD; more for less robust classes)",
+    "tau_adv": "Teacher temperature per class on adversarial inputs (τ_adv)",
+    "tau_nat": "Teacher temperature per class on clean inputs (τ_nat)",
+    "class_weights": "Per-class loss weights",
+}
+
+
+def trajectory_sources(training: dict) -> Iterable[tuple[str, Any]]:
+    """(dotted key, per-epoch rows of one value per class) for each trajectory recorded."""
+    temperatures = training.get("temperatures")
+    if isinstance(temperatures, dict):
+        for key, rows in temperatures.items():
+            if rows is not None:
+                yield f"temperatures.{key}", rows
+    if training.get("class_weights") is not None:
+        yield "class_weights", training["class_weights"]
+    if training.get("class_probabilities") is not None:  # FERD: label distribution of synthetic data
+        yield "class_probabilities", training["class_probabilities"]
+
+
+def shown_epochs(count: int) -> list[int]:
+    """At most MAX_TRAJECTORY_TABLE_EPOCHS epoch positions, evenly spread, first and last included."""
+    if count <= MAX_TRAJECTORY_TABLE_EPOCHS:
+        return list(range(count))
+    step = (count - 1) / (MAX_TRAJECTORY_TABLE_EPOCHS - 1)
+    return sorted({round(i * step) for i in range(MAX_TRAJECTORY_TABLE_EPOCHS)})
+
+
+def _curves(training: dict, figures: dict) -> dict | None:
+    """The training-curves chart and table; None when no curves were recorded."""
+    curves_rows = [curve for curve in (training.get("curves") or [])]
+    if not curves_rows:
+        return None
+    keys: list[str] = []
+    for curve in curves_rows:
+        keys += [k for k in curve if k != "epoch" and k not in keys]
+    known = [k for k in TRAINING_CURVE_LABELS if k in keys]
+    keys = known + [k for k in keys if k not in TRAINING_CURVE_LABELS]
+    columns = [{"key": k, "label": TRAINING_CURVE_LABELS.get(k, k),
+                "short_label": TRAINING_CURVE_SHORT_LABELS.get(k, k), "is_fraction": k.startswith("val_")}
+               for k in keys]
+    epochs = [curve.get("epoch", position + 1) for position, curve in enumerate(curves_rows)]
+    figures["fig-training-curves"] = training_curves_figure(columns, epochs, curves_rows)
+    return {"columns": columns, "figure_id": "fig-training-curves", "table_id": "table-training-curves",
+            "rows": [{"epoch": epoch, "cells": [finite(curve.get(c["key"])) for c in columns]}
+                     for epoch, curve in zip(epochs, curves_rows)]}
+
+
+def _trajectory(classes: list[str], position: int, source: str, per_epoch: list, figures: dict) -> dict:
+    """One per-class trajectory: its chart and a table of at most MAX_TRAJECTORY_TABLE_EPOCHS epochs."""
+    key = source.split(".")[-1]
+    figure_id = f"fig-trajectory-{position}"
+    figures[figure_id] = trajectory_figure(classes, key, per_epoch)
+    shown = shown_epochs(len(per_epoch))
+    return {
+        "key": key, "label": TRAJECTORY_LABELS.get(key, key), "figure_id": figure_id,
+        "table_id": f"table-trajectory-{position}", "epochs": [i + 1 for i in shown],
+        "total_epochs": len(per_epoch),
+        "rows": [{"class": name,
+                  "cells": [finite(per_epoch[i][index]) for i in shown],
+                  "change": delta(per_epoch[-1][index], per_epoch[0][index]) if per_epoch else None}
+                 for index, name in enumerate(classes)],
+    }
+
+
+def training_section(results: dict, figures: dict) -> dict | None:
+    """The training block as the template shows it; None for results of a plain scan."""
+    training = results.get("training")
+    if not training:
+        return None
+    classes = results["dataset"]["classes"]
+    curves = _curves(training, figures)
+    trajectories = [_trajectory(classes, position, source, per_epoch, figures)
+                    for position, (source, per_epoch) in enumerate(trajectory_sources(training))]
+    options = training.get("options") or {}
+    return {
+        "method": training.get("method"), "teacher": training.get("teacher"), "epochs": training.get("epochs"),
+        "options": [(str(k), display(v)) for k, v in options.items()] if isinstance(options, dict) else [],
+        "curves": curves, "trajectories": trajectories,
+        "synthetic": [{"class": str(item.get("class")), "src": uri}
+                      for item in (training.get("synthetic_examples") or []) if isinstance(item, dict)
+                      for uri in [png_data_uri(item.get("png"))] if uri is not None],
+    }
