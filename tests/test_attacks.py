@@ -2,6 +2,12 @@
 our own losses and steps, and agreement of `aa` with a direct pyautoattack run.
 
 Everything runs on tiny seeded models and 3x8x8 inputs (seconds on one CPU core).
+
+Exactness (docs/testing.md): an attack run twice on the same batch in this process repeats
+every kernel call, so its results are compared bit for bit. Results computed from other
+batch compositions (the early-stopping active set, other chunks, "any" vs "final") differ
+in the last bits, which a sign step or an argmax can turn into a flipped point: those
+comparisons go through conftest's assert_is_argmax / assert_flags_agree.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from robaudit.audit.attacks import (ATTACKS, AttackResult, create_attack, cw_mar
                                     list_attacks, tempered_ce_loss)
 from robaudit.audit.rng import per_sample_uniform
 from robaudit.errors import UserError
+
+from conftest import allowed_flips, assert_flags_agree, assert_is_argmax
 
 EPS = 8 / 255
 OUR_ATTACKS = ["fgsm", "pgd", "cw", "tpgd"]
@@ -131,15 +139,16 @@ def test_attack_invariants(setup, name):
     # The attack never raises accuracy: robust implies clean-correct.
     assert not (result.robust & (clean_pred != y)).any()
     assert torch.equal(result.robust, result.adv_pred == y)
-    # adv_pred is the model's prediction on the returned x_adv (the fooling iterate).
+    # adv_pred is the model's prediction on the returned x_adv (the fooling iterate); it was
+    # computed on the attack's active set, this forward sees the whole batch: up to rounding.
     with torch.no_grad():
-        assert torch.equal(model(result.x_adv).argmax(1), result.adv_pred)
+        assert_is_argmax(model(result.x_adv), result.adv_pred)
     # Points not attacked are untouched.
     wrong = clean_pred != y
     assert torch.equal(result.x_adv[wrong], x[wrong])
     assert torch.equal(result.adv_pred[wrong], clean_pred[wrong])
 
-    again = run(name, model, x, y, index, clean_pred)
+    again = run(name, model, x, y, index, clean_pred)  # same batch, same kernels: bitwise
     assert torch.equal(again.robust, result.robust)
     assert torch.equal(again.adv_pred, result.adv_pred)
     assert torch.equal(again.x_adv, result.x_adv)
@@ -153,7 +162,7 @@ def test_eval_mode_is_what_the_attack_sees(setup):
     model.train()
     train_result = run("pgd", model, x, y, index, clean_pred)
     model.eval()
-    assert torch.equal(eval_result.x_adv, train_result.x_adv)
+    assert torch.equal(eval_result.x_adv, train_result.x_adv)  # the same eval-mode computation
 
 
 def test_pgd_fools_some_but_not_all_points(setup):
@@ -178,8 +187,11 @@ def test_adv_only_scoring_attacks_every_point(setup, name):
     attack = create_attack(name, score="adv-only")
     assert bool(attack.attacked_mask(y, clean_pred).all())
     with torch.no_grad():
-        final_pred = model(result.x_adv).argmax(1)
-    assert torch.equal(result.robust, final_pred == y)
+        final_logits = model(result.x_adv)
+    # robust is adv_pred == y, and adv_pred is the final iterate's prediction (from the
+    # attack's own forward, so compared as an argmax up to rounding).
+    assert torch.equal(result.robust, result.adv_pred == y)
+    assert_is_argmax(final_logits, result.adv_pred)
     wrong = clean_pred != y
     if name != "clean":  # clean-wrong points were perturbed too
         assert (result.x_adv[wrong] != x[wrong]).any()
@@ -202,9 +214,12 @@ def test_results_do_not_depend_on_batching(setup, name, kw):
     for chunk in torch.split(order, [5, 16, 11]):
         part = run(name, model, x[chunk], y[chunk], index[chunk], clean_pred[chunk], **kw)
         robust[chunk], adv_pred[chunk], x_adv[chunk] = part.robust, part.adv_pred, part.x_adv
-    assert torch.equal(robust, whole.robust)
-    assert torch.equal(adv_pred, whole.adv_pred)
-    assert torch.allclose(x_adv, whole.x_adv, atol=1e-6, rtol=0)
+    # Per-sample randomness makes the chunked run the same attack, but the chunks are other
+    # batch compositions (other GEMM blocking on some CPUs): a stated few points may flip.
+    # Randomness that depended on the batch would move nearly every x_adv.
+    assert_flags_agree(robust, whole.robust, what="robust")
+    assert_flags_agree(adv_pred, whole.adv_pred, what="adv_pred")
+    assert_flags_agree(x_adv, whole.x_adv, atol=1e-6, what="x_adv")
 
 
 def test_random_start_depends_on_seed_and_dataset_index(setup):
@@ -223,9 +238,11 @@ def test_any_iterate_is_at_least_as_strong_as_final(setup, name, kw):
     any_result = run(name, model, x, y, index, clean_pred, iterates="any", **kw)
     final_result = run(name, model, x, y, index, clean_pred, iterates="final", **kw)
     # Trajectories coincide until a point is fooled, so robust under "any" implies
-    # robust under "final", point by point.
-    assert not (any_result.robust & ~final_result.robust).any()
-    assert int(any_result.robust.sum()) <= int(final_result.robust.sum())
+    # robust under "final", point by point, up to rounding: early stopping shrinks the
+    # batch under "any", so the two runs' forwards see other batch compositions.
+    violations = int((any_result.robust & ~final_result.robust).sum())
+    assert violations <= allowed_flips(len(y)), violations
+    assert int(any_result.robust.sum()) <= int(final_result.robust.sum()) + violations
 
 
 def test_any_iterate_catches_points_the_final_iterate_misses(setup):
@@ -280,6 +297,8 @@ def test_pgd_one_step_on_linear_model_matches_hand_computation(random_start):
     p /= p.sum(1, keepdims=True)
     grad = (p - np.eye(num_classes)[y.numpy()]) @ W
     expected = np.clip(np.clip(start + step * np.sign(grad), x_np - eps, x_np + eps), 0, 1)
+    # float64 throughout: the smallest gradient component here is 2.5e-4 (of up to 3.7), far
+    # from float64 rounding, so the signs agree and x_adv matches to rounding of the clips.
     assert np.allclose(result.x_adv.reshape(6, -1).numpy(), expected, atol=1e-12, rtol=0)
     assert np.array_equal(result.adv_pred.numpy(), (expected @ W.T + b).argmax(1))
 
@@ -305,6 +324,7 @@ def test_tempered_ce_divides_logits_by_temperature():
     y = torch.tensor([0, 2])
     expected = [-np.log(np.exp(1.0) / (np.exp(1.0) + 1 + np.exp(-0.5))),
                 -np.log(1 / (np.exp(0.25) + np.exp(0.75) + 1))]
+    # float32 vs float64 on losses of ~1: float32 rounding is 1e-7
     assert torch.allclose(tempered_ce_loss(logits, y, 2.0),
                           torch.tensor(expected, dtype=torch.float32), atol=1e-6)
     assert create_attack("tpgd").temperature == 2.0
@@ -314,6 +334,8 @@ def test_tpgd_at_temperature_one_is_pgd(setup):
     model, x, y, index, clean_pred = setup
     pgd = run("pgd", model, x, y, index, clean_pred)
     tpgd = run("tpgd", model, x, y, index, clean_pred, temperature=1.0)
+    # Exact: logits / 1.0 is the identity in IEEE arithmetic (and so is its backward), the
+    # rest is the same cross_entropy on the same batches.
     assert torch.equal(pgd.robust, tpgd.robust)
     assert torch.equal(pgd.adv_pred, tpgd.adv_pred)
     assert torch.equal(pgd.x_adv, tpgd.x_adv)
@@ -357,6 +379,13 @@ def test_aa_matches_a_direct_pyautoattack_run(setup):
     ours = attack(model, x, y, index, clean_pred)
     y_adv = reference_autoattack(model, x, y, eps=EPS, seed=4, n_targets=3, **FAST["aa"])
     reference_robust = (y_adv == y) & (clean_pred == y)
+    # Exact: pyautoattack seeds per call and attacks, in one batch, the points its clean pass
+    # finds correct; both runs hand it the same points (its clean pass on our subset or on the
+    # whole batch agrees: every clean margin is far above rounding), so it repeats the same
+    # kernel calls on the same batches.
+    with torch.no_grad():
+        top2 = model(x).topk(2, dim=1).values
+    assert float((top2[:, 0] - top2[:, 1]).min()) > 1e3 * 6e-8 * float(top2.abs().max())
     assert torch.equal(ours.robust, reference_robust)
     fooled = ~ours.robust & (clean_pred == y)
     assert torch.equal(ours.adv_pred[fooled], y_adv[fooled])
@@ -376,7 +405,7 @@ def test_aa_runs_on_non_contiguous_nhwc_input(setup):
                              eps=EPS, seed=0, n_targets=3, **FAST["aa"])
     result = run("aa", model, x_permuted, y, index, clean_pred, score="adv-only")
     contiguous = run("aa", model, x, y, index, clean_pred, score="adv-only")
-    assert torch.equal(result.robust, contiguous.robust)
+    assert torch.equal(result.robust, contiguous.robust)  # exact: the attack makes its input contiguous
 
 
 @pytest.mark.parametrize("num_classes", [3, 5])
@@ -422,5 +451,5 @@ def test_square_runs_on_a_gradient_free_model(setup):
     assert not (result.robust & (clean_pred != y)).any()
     correct = int((clean_pred == y).sum())
     assert 0 < int(result.robust.sum()) < correct
-    with torch.no_grad():
-        assert torch.equal(model(result.x_adv).argmax(1), result.adv_pred)
+    with torch.no_grad():  # Square predicted on its own batches: an argmax up to rounding
+        assert_is_argmax(model(result.x_adv), result.adv_pred)

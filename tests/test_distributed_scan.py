@@ -1,4 +1,10 @@
-"""torchrun scan: 2 gloo ranks give exactly the per-sample results of 1 process (issue 9)."""
+"""torchrun scan: 2 gloo ranks give exactly the per-sample results of 1 process (issue 9).
+
+Exact by construction: --batch-size 1, so every forward and backward of either run sees a
+batch holding one sample, whatever shard it landed in, with one thread per process. With
+larger batches the ranks' batches hold other samples than one process's, and other batch
+compositions round differently on some CPUs (a sign step can flip a point).
+"""
 
 import json
 import os
@@ -56,7 +62,7 @@ def tiny_case(tmp_path):
 def _scan(tmp_path, data, model_path, out, nproc):
     args = [str(model_path), "--dataset", str(data), "--attacks", "clean,fgsm,pgd,cw",
             "--eps", "8/255", "--attack-opt", "pgd.steps=3", "--attack-opt", "cw.steps=3",
-            "--batch-size", "8", "--device", "cpu", "--out", str(out), "--no-report"]
+            "--batch-size", "1", "--device", "cpu", "--out", str(out), "--no-report"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     if nproc == 1:
         cmd = [sys.executable, "-m", "robaudit", "scan", *args]

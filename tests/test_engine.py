@@ -3,6 +3,10 @@
 The model is a hand-built nearest-centroid classifier on per-image channel means, so
 at eps = 8/255 some points stay robust, some are fooled and a few are clean-wrong:
 every consistency rule below is exercised by real data, in well under a second a scan.
+
+Exactness: two scans with the same batch size repeat the same kernel calls on the same
+batches (resume reuses chunks of the same positions), so their samples are compared bit for
+bit; scans with other batch sizes are compared with conftest.assert_flags_agree.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from robaudit.audit.engine import ScanConfig, parse_eps, run_scan
 from robaudit.audit.io import check_writable_dir, write_json_atomic
 from robaudit.audit.loading import LoadedModel
 from robaudit.errors import GateFailed, UserError
+
+from conftest import assert_flags_agree, assert_is_argmax
 
 C, K, HW = 5, 8, 8
 CLASSES = [f"c{k}" for k in range(C)]
@@ -203,8 +209,8 @@ def test_samples_npz_follow_the_schema(full_scan):
     for key, arr in s.items():
         assert arr.shape == (n,), key
         assert arr.dtype == (np.bool_ if key.startswith("robust_") else np.int64), key
-    with torch.no_grad():
-        assert (s["clean_pred"] == Centroid()(data.x).argmax(1).numpy()).all()
+    with torch.no_grad():  # the scan predicted in batches of 16, this forward sees all 40
+        assert_is_argmax(Centroid()(data.x), torch.from_numpy(s["clean_pred"]))
     clean_correct = s["clean_pred"] == s["y"]
     assert (s["robust_clean"] == clean_correct).all()
     for a in ALL_OURS:
@@ -373,7 +379,7 @@ def test_interrupted_scan_resumes_without_recomputing(tmp_path, monkeypatch):
     chunks = math.ceil(C * K / 8)
     assert fgsm_calls.calls == 0          # fgsm had finished: all of it is reused
     assert pgd_calls.calls == chunks - 1  # pgd's first chunk had finished
-    resumed, ref = _flags(out), _flags(reference)
+    resumed, ref = _flags(out), _flags(reference)   # same batch size, same chunks: bitwise
     assert set(resumed) == set(ref)
     for key in ref:
         assert (resumed[key] == ref[key]).all(), key
@@ -457,8 +463,10 @@ def test_batch_size_does_not_change_per_sample_flags(tmp_path, attack):
     scan(tmp_path / "b4", attacks=attacks, batch_size=4)
     scan(tmp_path / "b16", attacks=attacks, batch_size=16)
     a, b = load_samples(tmp_path / "b4"), load_samples(tmp_path / "b16")
-    assert (a[f"robust_{attack}"] == b[f"robust_{attack}"]).all()
-    assert (a[f"adv_pred_{attack}"] == b[f"adv_pred_{attack}"]).all()
+    # Other batch compositions round differently on some CPUs; sign steps may flip a stated
+    # few points. Randomness keyed by batch position instead of dataset index flips most.
+    assert_flags_agree(a[f"robust_{attack}"], b[f"robust_{attack}"], what="robust")
+    assert_flags_agree(a[f"adv_pred_{attack}"], b[f"adv_pred_{attack}"], what="adv_pred")
 
 
 # ---------------------------------------------------------------------------- gates
@@ -641,6 +649,13 @@ def test_autoattack_and_square_through_the_engine(tmp_path):
     assert not strided.x.is_contiguous()
     scan(tmp_path / "b", attacks=attacks, attack_overrides=overrides, data=strided)
     a, b = load_samples(tmp_path / "a"), load_samples(tmp_path / "b")
+    # Exact: the attacks get contiguous copies of each batch (engine._attack_chunk), so they
+    # repeat the same kernel calls. The clean pass sees the strided batch, whose channel
+    # means are summed in another order (~1e-6 on these logits); every clean margin here is
+    # above 1e-3, so the clean predictions (which decide what is attacked) agree too.
+    with torch.no_grad():
+        top2 = Centroid()(data.x).topk(2, dim=1).values
+    assert float((top2[:, 0] - top2[:, 1]).min()) > 1e-3
     for key in a:
         assert (a[key] == b[key]).all(), key
     clean = results["attacks"]["clean"]["per_class"]

@@ -6,6 +6,13 @@ softmax output, permuted classes), and ONNX through both torch exporters (NHWC/0
 softmax, fixed batch 1). Fixtures are built here from one small CNN; nothing binary is
 committed. Labels are the plain model's own predictions on balanced classes, so the plain
 model is 100% clean-accurate and a model fed the wrong range collapses to chance.
+
+Tolerances (docs/testing.md): every form computes the same function with other kernels
+(onnx2torch, a folded BatchNorm, an exported graph, chunked batches), so outputs agree to
+`assert_logits_close` and the per-sample attack flags to `assert_flags_agree` (sign-gradient
+steps can flip a point whose gradient or margin sits within rounding of 0). Clean
+predictions are compared exactly: the fixture keeps only points whose top-2 logit margin is
+far above any rounding (MIN_MARGIN).
 """
 
 import json
@@ -24,11 +31,16 @@ from robaudit.audit.engine import ScanConfig, run_scan
 from robaudit.audit.loading import LoadedModel, load_model, save_export
 from robaudit.errors import UserError
 
+from conftest import assert_flags_agree, assert_logits_close, logit_tolerance
+
 SHAPE = (3, 16, 16)
 NUM_CLASSES = 4
 PER_CLASS = 8
 EPS = 2 / 255
 ATTACKS = ["clean", "fgsm", "pgd"]
+# Clean top-2 logit margin of every kept point, in logits (which reach ~9 here): 50x the
+# logit tolerance (1e-4 x 9), so no form's rounding can change a clean prediction.
+MIN_MARGIN = 0.05
 
 
 class NHWC255(nn.Module):
@@ -100,8 +112,12 @@ def world(tmp_path_factory):
         spread = (net.classifier(feats) - net.classifier(feats).mean(0)).std()
         net.classifier.weight.mul_(3.0 / spread)
         net.classifier.bias.copy_(-(net.classifier.weight @ feats.mean(0)))
-        pred = net(pool).argmax(1)
-    keep = torch.cat([torch.nonzero(pred == k).flatten()[:PER_CLASS] for k in range(NUM_CLASSES)])
+        logits = net(pool)
+        pred = logits.argmax(1)
+        top2 = logits.topk(2, dim=1).values
+        clear = top2[:, 0] - top2[:, 1] > MIN_MARGIN
+    assert MIN_MARGIN > 20 * logit_tolerance(logits)
+    keep = torch.cat([torch.nonzero((pred == k) & clear).flatten()[:PER_CLASS] for k in range(NUM_CLASSES)])
     keep = keep.sort().values
     assert len(keep) == NUM_CLASSES * PER_CLASS
     root = tmp_path_factory.mktemp("interop")
@@ -109,7 +125,7 @@ def world(tmp_path_factory):
     x_u8 = (pool[keep] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     np.savez(npz, x_test=x_u8, y_test=pred[keep].numpy())
     data = load_dataset(str(npz))
-    assert torch.equal(data.x, pool[keep])
+    assert torch.equal(data.x, pool[keep])  # uint8 round trip of k/255 values: exact IEEE arithmetic
     return {"net": net, "data": data, "npz": str(npz), "root": root}
 
 
@@ -231,9 +247,11 @@ def test_every_form_audits_like_the_plain_model(name, files, world, plain, tmp_p
         assert ("forward calls" in adaptations["batch_size"]["note"]) is chunked
     json.dumps(adaptations)  # results.json must hold it
 
+    # Clean: exact (margins > MIN_MARGIN). Attacks: other kernels, so a stated few flips.
     assert results["attacks"]["clean"]["per_class"] == plain_results["attacks"]["clean"]["per_class"]
-    for attack in ATTACKS:
-        assert np.array_equal(flags[attack], plain_flags[attack]), (attack, flags[attack] ^ plain_flags[attack])
+    assert np.array_equal(flags["clean"], plain_flags["clean"])
+    for attack in ATTACKS[1:]:
+        assert_flags_agree(flags[attack], plain_flags[attack], what=f"{name} {attack}")
     assert {c["id"] for c in results["checks"]} == {c["id"] for c in plain_results["checks"]}
 
 
@@ -250,7 +268,10 @@ def test_adapted_gradients_match_the_plain_model(files, world):
     for name in ("onnx-dynamo-nhwc-255-softmax-batch1", "onnx-legacy-softmax", "pt2-permuted"):
         path, options = files[name]
         loaded = load_model(path, dataset_classes=world["data"].classes, input_shape=SHAPE, **options)
-        assert torch.allclose(grad(loaded.module), expected, atol=1e-6, rtol=1e-3), name
+        # Other kernels, and log(softmax) instead of log_softmax (1 - p cancels): measured
+        # ~6e-6 of the gradient's scale; 1e-3 of it still fails a wrong scale or class order.
+        torch.testing.assert_close(grad(loaded.module), expected, rtol=0,
+                                   atol=1e-3 * float(expected.abs().max()), msg=name)
 
 
 def test_wrong_range_is_flagged_near_chance(files, world, tmp_path):
@@ -328,7 +349,7 @@ def test_multi_output_models(world, tmp_path):
         load_model(pt2, dataset_classes=classes, input_shape=SHAPE, output_name="features")
     loaded = load_model(pt2, dataset_classes=classes, input_shape=SHAPE, output_name="logits")
     assert loaded.adaptations["output"]["name"] == "logits" and loaded.adaptations["output"]["kind"] == "logits"
-    assert torch.allclose(loaded.module(x), expected, atol=1e-5)
+    assert_logits_close(loaded.module(x), expected, msg="pt2 logits output")  # exported graph, batch 5 vs 2
     with pytest.raises(UserError, match="not one of the model's outputs"):
         load_model(pt2, dataset_classes=classes, input_shape=SHAPE, output_name="scores")
 
@@ -348,7 +369,7 @@ def test_multi_output_models(world, tmp_path):
     assert loaded.adaptations["output"]["kind"] == "probs"
     loaded = load_model(onnx_path, dataset_classes=classes, input_shape=SHAPE, output_name="logits")
     assert loaded.white_box and loaded.adaptations["output"]["kind"] == "logits"
-    assert torch.allclose(loaded.module(x), expected, atol=1e-5)
+    assert_logits_close(loaded.module(x), expected, msg="onnx logits output")  # onnx2torch, BN folded
 
 
 def test_torchscript_keeps_loading_with_its_deprecation_note(world, tmp_path):
@@ -358,7 +379,7 @@ def test_torchscript_keeps_loading_with_its_deprecation_note(world, tmp_path):
     loaded = load_model(str(tmp_path / "m.ts"), dataset_classes=world["data"].classes, input_shape=SHAPE)
     assert any("TorchScript is deprecated" in n for n in loaded.adaptations["notes"])
     with torch.no_grad():
-        assert torch.allclose(loaded.module(world["data"].x), world["net"](world["data"].x), atol=1e-5)
+        assert_logits_close(loaded.module(world["data"].x), world["net"](world["data"].x), msg="torchscript")
 
 
 def test_undeclared_channels_last_model_is_found(world, tmp_path):
@@ -371,11 +392,12 @@ def test_undeclared_channels_last_model_is_found(world, tmp_path):
     layout = loaded.adaptations["input_layout"]
     assert layout["layout"] == "nhwc" and "fails on NCHW input" in layout["reason"]
     with torch.no_grad():
-        assert torch.allclose(loaded.module(world["data"].x), world["net"](world["data"].x), atol=1e-4)
+        assert_logits_close(loaded.module(world["data"].x), world["net"](world["data"].x), msg="torchscript nhwc")
 
 
 def test_round_trips_keep_the_logits(files, world):
-    """.safetensors with --arch and .pt2 give back the plain model's logits exactly."""
+    """.safetensors with --arch gives back the plain model's logits exactly (the same module
+    class and weights, the same batch, in this process); .pt2 runs an exported graph: close."""
     x = world["data"].x
     with torch.no_grad():
         expected = world["net"](x)
@@ -383,7 +405,10 @@ def test_round_trips_keep_the_logits(files, world):
             path, options = files[name]
             loaded = load_model(path, dataset_classes=world["data"].classes, input_shape=SHAPE, **options)
             assert loaded.format == {"safetensors": "safetensors", "pt2": "export"}[name]
-            assert torch.allclose(loaded.module(x), expected, atol=1e-6), name
+            if name == "safetensors":
+                assert torch.equal(loaded.module(x), expected), name
+            else:
+                assert_logits_close(loaded.module(x), expected, msg=name)
             assert loaded.adaptations["pipeline"][-1] == "the model"
 
 
@@ -402,7 +427,7 @@ def test_class_map_forms(files, world, tmp_path):
     for spec in (str(as_names), str(as_list), Permuted.ORDER):
         loaded = load_model(path, dataset_classes=classes, input_shape=SHAPE, class_map=spec)
         with torch.no_grad():
-            assert torch.allclose(loaded.module(x), expected, atol=1e-6)
+            assert_logits_close(loaded.module(x), expected, msg=str(spec))  # exported graph
         entry = loaded.adaptations["class_map"]
         assert entry["model_to_dataset"] == Permuted.ORDER and entry["identity"] is False
 
@@ -483,7 +508,7 @@ def test_cli_scan_with_boundary_flags(files, world, plain, tmp_path, capsys):
     plain_clean = plain[0]["attacks"]["clean"]["per_class"]
     assert [c["correct"] for c in results["attacks"]["clean"]["per_class"]] == [c["correct"] for c in plain_clean]
     with np.load(out / "samples.npz") as samples:
-        assert np.array_equal(samples["robust_fgsm"], plain[1]["fgsm"])
+        assert_flags_agree(samples["robust_fgsm"], plain[1]["fgsm"], what="fgsm")  # onnx2torch: a few flips
 
 
 def test_cli_bad_class_map_is_one_line_and_writes_nothing(files, world, tmp_path, capsys):

@@ -59,7 +59,12 @@ def new_method(name: str, **options):
 
 # ---------------------------------------------------------------- independent reference pieces
 def reference_pgd(loss_fn, x, start, eps, steps=STEPS, step=STEP):
-    """Plain sign-gradient PGD written out here, independent of audit/attacks/ascent.py."""
+    """Plain sign-gradient PGD written out here, independent of audit/attacks/ascent.py.
+
+    Independent code, not other arithmetic: the same torch ops in the same order (kl_div or
+    cross_entropy, sign, max/min, clamp) on the same batch of the same weights, so its
+    x_adv equals the methods' bit for bit on any CPU (a sign step would turn any
+    last-bit difference into a 2/255 one, which atol 1e-6 in check_method does not hide)."""
     x_adv = torch.min(torch.max(start, x - eps), x + eps).clamp(0, 1)
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)
@@ -216,11 +221,14 @@ def test_reference_compat_changes_the_loss_value_not_its_gradient():
     p = F.softmax(z / torch.tensor(aliased)[y][:, None], dim=1)
     # Per sample the compat KL adds sum p * (log(p + 1e-5) - log p); both terms share p here.
     offset = (p * (torch.log(p + 1e-5) - torch.log(p))).sum(1).mean()
+    # The attack is bitwise the same in both (the same kl_div on the same p); the losses are
+    # two formulas and their small difference is compared: float32 rounding of the losses
+    # (~1e-7) is the atol.
     torch.testing.assert_close(loss_compat - loss_paper, 0.1 * offset, rtol=1e-4, atol=1e-7)
     assert abs(float(offset)) > 1e-6
     loss_paper.backward()
     loss_compat.backward()
-    for pa, pb in zip(student_a.parameters(), student_b.parameters()):
+    for pa, pb in zip(student_a.parameters(), student_b.parameters()):  # log(softmax) vs log_softmax
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-7)
 
 
@@ -235,10 +243,12 @@ def rslad_reference(model, target_adv, target_nat, x, y, index, weights=None, al
 
 def check_method(method, reference_x_adv, reference_loss, x, y, index, z, student, max_eps=EPS):
     x_adv = method.attack(copy.deepcopy(student), z, x, y, index, EPOCH)
-    torch.testing.assert_close(x_adv, reference_x_adv, rtol=0, atol=1e-6)
+    torch.testing.assert_close(x_adv, reference_x_adv, rtol=0, atol=1e-6)  # bitwise: see reference_pgd
     assert (x_adv - x).abs().max() <= max_eps + 1e-6
     loss, stats = method.loss(student, z, x, y, index, EPOCH)
     assert student.training
+    # The same x_adv, other reductions (per-sample sums and means in another order): float32
+    # rounding, ~1e-7 relative; a wrong weight, temperature or term is O(1e-2) or more.
     torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=1e-7)
     assert torch.isfinite(stats["loss"])
 
@@ -482,7 +492,7 @@ def test_state_dict_round_trip_is_exact(name):
     student_a, student_b = copy.deepcopy(student), copy.deepcopy(student)
     loss_a, _ = method.loss(student_a, z, x, y, index, 2)
     loss_b, _ = restored.loss(student_b, z, x, y, index, 2)
-    assert torch.equal(loss_a, loss_b)
+    assert torch.equal(loss_a, loss_b)   # same state, same calls on the same batch: bitwise
     record_a = method.end_epoch(2, student=student_a, val_robust=val)
     record_b = restored.end_epoch(2, student=student_b, val_robust=val)
     assert record_a == record_b

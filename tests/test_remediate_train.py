@@ -25,6 +25,8 @@ from robaudit.remediate.train import (
     selection_score, split_validation, worst_metric,
 )
 
+from conftest import assert_logits_close
+
 C = 4
 CLASSES = ["red", "green", "blue", "mixed"]
 COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.9, 0.1], [0.1, 0.1, 0.9]])
@@ -110,7 +112,7 @@ def test_augmentation_is_a_padded_crop_and_flip_keyed_by_dataset_index():
         windows = [padded[i, :, r:r + 8, c:c + 8] for r in range(9) for c in range(9)]
         assert any(torch.equal(out[i], w) or torch.equal(out[i], w.flip(-1)) for w in windows)
     # Per sample: the same image with the same index gets the same crop in any batch.
-    torch.testing.assert_close(augment_batch(x[3:], index[3:], seed=1, epoch=3), out[3:], rtol=0, atol=0)
+    torch.testing.assert_close(augment_batch(x[3:], index[3:], seed=1, epoch=3), out[3:], rtol=0, atol=0)  # copies, no arithmetic
     assert not torch.equal(augment_batch(x, index, seed=1, epoch=4), out)
     assert torch.equal(epoch_permutation(50, 0, 2), epoch_permutation(50, 0, 2))
     assert not torch.equal(epoch_permutation(50, 0, 2), epoch_permutation(50, 0, 3))
@@ -155,6 +157,8 @@ def test_resume_is_bitwise_equal_to_a_straight_run(tmp_path, method):
                   teacher=teacher_model(), train_data=data, student_module=tiny_student(seed=99))
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(split / "checkpoint.pt", weights_only=True)
+    # Bitwise: the resumed run repeats the straight run's kernel calls on the same batches
+    # from the same saved state, in this process.
     assert a["epoch"] == b["epoch"] == 3
     for key in a["student"]:
         assert torch.equal(a["student"][key], b["student"][key]), key
@@ -285,10 +289,12 @@ def test_end_to_end_remediate_exports_and_reaudits_the_student(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)   # torch.jit is deprecated, still loadable
         scripted = torch.jit.load(str(tmp_path / "student.torchscript.pt"))
-    torch.testing.assert_close(scripted(x), expected, rtol=1e-4, atol=1e-5)
+    # Exported graphs run other kernels (TorchScript; onnxruntime on a graph whose exporter
+    # may fold BatchNorm into the convs): logits agree to a relative tolerance
+    assert_logits_close(scripted(x), expected, msg="torchscript")
     session = onnxruntime.InferenceSession(str(tmp_path / "student.onnx"))
     onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
-    torch.testing.assert_close(torch.from_numpy(onnx_out), expected, rtol=1e-4, atol=1e-5)
+    assert_logits_close(torch.from_numpy(onnx_out), expected, msg="onnx")
 
 
 def test_fine_tunes_from_student_init_weights_without_a_teacher(tmp_path):
