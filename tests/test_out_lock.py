@@ -85,27 +85,35 @@ def test_a_lock_left_by_a_killed_process_does_not_block(files, tmp_path, capsys)
     assert (out / "results.json").exists() and not (out / LOCK_NAME).exists()
 
 
-def test_two_scans_started_at_once_cannot_both_succeed(files, tmp_path):
-    """Both pass their checks at about the same moment; the second must not overwrite the first."""
+def test_a_second_scan_while_the_first_runs_is_refused_and_cannot_overwrite(files, tmp_path):
+    """Two real `robaudit scan` processes into one --out: the second, started while the first
+    holds the folder, exits 2 with one line; the first is still running, unharmed."""
     out = tmp_path / "out"
-    args = [str(a) for a in _scan(files, out, "--attacks", "clean,pgd", "--attack-opt", "pgd.steps=400")]
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-m", "robaudit", *args], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
-    outcomes = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    for p in procs:
-        p.stdout.close()
-        p.stderr.close()
-    codes = sorted(code for code, _ in outcomes)
-    refused = [err for code, err in outcomes if code == 2]
-    # Either one run was refused (it arrived while the other held --out), or, on a machine so
-    # loaded that one finished before the other reached the lock, they ran one after the other;
-    # never both at once. The second case is detected by the refusal missing AND both succeeding:
-    # then the test cannot tell and says so rather than pass silently.
-    if codes == [0, 0]:
-        pytest.skip("the two runs did not overlap on this machine (one finished before the other started)")
-    assert codes == [0, 2], outcomes
-    assert "in use by another robaudit run" in _assert_one_error_line(refused[0])
+
+    def start(*extra):
+        args = [str(a) for a in _scan(files, out, "--attacks", "clean,pgd", *extra)]
+        return subprocess.Popen([sys.executable, "-m", "robaudit", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
+
+    # --iterates final: no early stop, so the first run attacks for far longer than the test waits.
+    first = start("--iterates", "final", "--attack-opt", "pgd.steps=10000000")
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / LOCK_NAME).exists():
+            assert first.poll() is None, first.stderr.read()
+            assert time.monotonic() < deadline, "the first scan never took its lock"
+            time.sleep(0.05)
+        second = start()
+        _, stderr = second.communicate(timeout=120)
+        assert second.returncode == 2, stderr
+        line = _assert_one_error_line(stderr)
+        assert "in use by another robaudit run" in line and f"process {first.pid}" in line
+        assert first.poll() is None  # the holder was not disturbed
+        assert not (out / "results.json").exists()  # the refused run wrote nothing
+    finally:
+        first.kill()
+        first.communicate()
 
 
 def test_nested_holds_in_one_process_and_an_empty_created_folder_is_removed(tmp_path):
