@@ -1,5 +1,10 @@
 """The model boundary: robaudit's attack space on one side, the model as it arrived on the other.
 
+`build_boundary(module, info, request)` is the one place the boundary is decided and
+built, for every format (audit/formats.py): a format's reader returns the model as it
+arrived and a `ModelInfo`; the user's flags arrive as a `BoundaryRequest`
+(`resolve_request`).
+
 robaudit always attacks images in NCHW layout with values in [0, 1] and an eps in [0, 1]
 units, and always attacks logits. Models arrive otherwise: NHWC (TensorFlow/Keras
 exports), pixel values in 0..255, a fixed batch size, a final softmax, several outputs,
@@ -25,129 +30,45 @@ log(FLOOR) = -87.3 instead of -inf, with zero gradient (they carried none anyway
 
 from __future__ import annotations
 
-import json
+import math
 import os
+import time
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from robaudit.audit.adaptations import describe
+from robaudit.audit.boundary_modules import PROB_FLOOR, BoundaryModel, FixedBatchModule, SelectOutput
+from robaudit.audit.class_maps import column_order, read_class_names, resolve_class_map
 from robaudit.errors import UserError
+
+# Re-exported: the boundary's modules and class-map helpers live in their own modules.
+__all__ = ["PROB_FLOOR", "BoundaryModel", "FixedBatchModule", "SelectOutput", "column_order",
+           "read_class_names", "resolve_class_map"]
 
 LAYOUTS = ("auto", "nchw", "nhwc")
 INPUT_RANGES: Dict[str, float] = {"0-1": 1.0, "0-255": 255.0}
 OUTPUT_KINDS = ("auto", "logits", "probs", "log-probs")
-PROB_FLOOR = float(torch.finfo(torch.float32).tiny)   # 1.1755e-38; log -> -87.34
 # Row-sum tolerance for "these outputs are probabilities" (float32 softmax sums to 1
 # within ~1e-6; float16 within ~1e-3).
 PROB_SUM_TOL = {torch.float32: 1e-3, torch.float64: 1e-3}
 PROB_SUM_TOL_LOW_PRECISION = 1e-2
+PROBE_TEXT = "a probe batch of 4 uniform-random images"
+# Spatial sizes tried when the model rejects the requested input shape, to tell the user
+# what it seems to need; probing stops after this many seconds.
+PROBE_SIZES = (32, 28, 64, 96, 224, 299)
+PROBE_BUDGET_S = 10.0
 
 
-# --- modules -----------------------------------------------------------------------------
-
-def _cat_outputs(outputs: List[Any]) -> Any:
-    """Concatenate per-chunk outputs along the batch: tensors, tuples/lists or dicts of them."""
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(outputs)
-    if isinstance(first, (tuple, list)):
-        return type(first)(_cat_outputs([o[i] for o in outputs]) for i in range(len(first)))
-    if isinstance(first, Mapping):
-        return {k: _cat_outputs([o[k] for o in outputs]) for k in first}
-    return first
-
-
-def _take_rows(output: Any, n: int) -> Any:
-    if isinstance(output, torch.Tensor):
-        return output[:n] if output.ndim else output
-    if isinstance(output, (tuple, list)):
-        return type(output)(_take_rows(o, n) for o in output)
-    if isinstance(output, Mapping):
-        return {k: _take_rows(v, n) for k, v in output.items()}
-    return output
-
-
-class FixedBatchModule(nn.Module):
-    """Runs a module that only accepts batch size `batch_size` on any batch, in chunks.
-
-    The last chunk is zero-padded and the padding rows dropped. Differentiable: the
-    chunks are concatenated with torch ops. Tuple/list/dict outputs are concatenated
-    element by element.
-    """
-
-    def __init__(self, module: nn.Module, batch_size: int):
-        super().__init__()
-        self.module = module
-        self.batch_size = int(batch_size)
-
-    def forward(self, x: torch.Tensor) -> Any:
-        outputs = []
-        for part in torch.split(x, self.batch_size):
-            short = self.batch_size - len(part)
-            if short:
-                part = torch.cat([part, part.new_zeros((short,) + tuple(part.shape[1:]))])
-            outputs.append(_take_rows(self.module(part), self.batch_size - short))
-        return _cat_outputs(outputs)
-
-
-class SelectOutput(nn.Module):
-    """Picks one output (tuple index or dict key) of a module that returns several."""
-
-    def __init__(self, module: nn.Module, key: Any):
-        super().__init__()
-        self.module = module
-        self.key = key
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)[self.key]
-
-
-class BoundaryModel(nn.Module):
-    """NCHW [0, 1] images in, logits in dataset class order out (see the module docstring)."""
-
-    def __init__(self, model: nn.Module, *, scale: float = 1.0, mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None, layout: str = "nchw", output_kind: str = "logits",
-                 column_order: Optional[Sequence[int]] = None):
-        super().__init__()
-        self.model = model
-        self.scale = float(scale)
-        as_buffer = (lambda v: None if v is None else
-                     torch.tensor(list(v), dtype=torch.float32).reshape(1, -1, 1, 1))
-        self.register_buffer("mean", as_buffer(mean))
-        self.register_buffer("std", as_buffer(std))
-        self.register_buffer("column_order", None)
-        self.layout = layout
-        self.output_kind = output_kind
-        self.set_column_order(column_order)
-
-    def set_column_order(self, column_order: Optional[Sequence[int]]) -> None:
-        """Output column k becomes the model's column column_order[k] (None: as given)."""
-        self.column_order = (None if column_order is None
-                             else torch.tensor(list(column_order), dtype=torch.long))
-
-    def is_identity(self) -> bool:
-        return (self.scale == 1.0 and self.mean is None and self.layout == "nchw"
-                and self.output_kind != "probs" and self.column_order is None)
-
-    def adapt_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.scale != 1.0:
-            x = x * self.scale
-        if self.mean is not None:
-            x = (x - self.mean.to(x.device)) / self.std.to(x.device)
-        if self.layout == "nhwc":
-            x = x.permute(0, 2, 3, 1).contiguous()  # as a channels-last model receives its input
-        return x
-
-    def adapt_output(self, out: torch.Tensor) -> torch.Tensor:
-        if self.output_kind == "probs":
-            out = torch.log(out.float().clamp_min(PROB_FLOOR))
-        if self.column_order is not None:
-            out = out.index_select(1, self.column_order.to(out.device))
-        return out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapt_output(self.model(self.adapt_input(x)))
+def first_line(err: BaseException) -> str:
+    """The line of an exception's message worth showing (at most 200 characters)."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    # TorchScript puts a generic header first and the actual error last.
+    return (lines[-1] if "TorchScript interpreter" in lines[0] else lines[0])[:200]
 
 
 # --- input layout --------------------------------------------------------------------------
@@ -313,123 +234,307 @@ def decide_output_kind(requested: str, out: torch.Tensor, probe_text: str) -> Tu
     return requested, f"--output {requested}", notes
 
 
-# --- class names and class maps ----------------------------------------------------------
+# --- what the user asked for -----------------------------------------------------------
 
-def _read_text(path: str, flag: str) -> str:
-    try:
-        with open(os.fspath(path), encoding="utf-8") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise UserError(f"{flag} file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {flag} {path}: {getattr(err, 'strerror', None) or err}") from None
-
-
-def read_class_names(path: str, dataset_classes: Sequence[str]) -> List[str]:
-    """Names from FILE (one per line, or a JSON list), in dataset label order."""
-    text = _read_text(path, "--class-names")
-    if text.lstrip().startswith("["):
-        try:
-            names = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--class-names {path} is not valid JSON ({err.msg}, line {err.lineno}); "
-                            f"give a JSON list of names or one name per line") from None
-        if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
-            raise UserError(f"--class-names {path} must be a JSON list of names (strings)")
-        names = [str(n).strip() for n in names]
-    else:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
-    count = len(dataset_classes)
-    if len(names) != count:
-        raise UserError(f"--class-names {path} lists {len(names)} names but the dataset has {count} "
-                        f"classes; give one name per class, in dataset label order (0..{count - 1})")
-    if any(not n for n in names):
-        raise UserError(f"--class-names {path} contains an empty name")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise UserError(f"--class-names {path} names {duplicates[0]!r} more than once; names must differ")
-    if sorted(names) == sorted(dataset_classes) and list(names) != list(dataset_classes):
-        raise UserError(f"--class-names {path} lists the dataset's own class names in another order; "
-                        f"--class-names renames the dataset's classes in label order. If the model "
-                        f"orders its outputs differently, pass --class-map FILE (model index -> "
-                        f"dataset class) instead")
-    return names
+@dataclass
+class BoundaryRequest:
+    """The boundary flags, checked (`resolve_request`); `build_boundary` applies them."""
+    input_shape: Tuple[int, ...] = (3, 32, 32)    # the dataset's (C, H, W)
+    device: str = "cpu"
+    input_layout: str = "auto"                   # --input-layout auto|nchw|nhwc
+    input_range: str = "0-1"                     # --input-range, and the factor it means
+    scale: float = 1.0
+    mean: Optional[List[float]] = None           # --mean/--std, one value per channel
+    std: Optional[List[float]] = None
+    output: str = "auto"                         # --output auto|logits|probs|log-probs
+    output_name: Optional[str] = None
+    num_classes: Optional[int] = None
+    dataset_classes: Optional[List[str]] = None
+    names: Optional[List[str]] = None            # --class-names, in dataset label order
+    names_source: Optional[str] = None           # the file they came from
+    mapping: Optional[List[int]] = None          # --class-map: model index -> dataset class index
+    map_source: Optional[str] = None
 
 
-def _class_index(value: Any, names: Sequence[str], alt_names: Sequence[str], where: str) -> int:
-    count = len(names)
-    if isinstance(value, bool):
-        value = None
-    if isinstance(value, int):
-        if 0 <= value < count:
-            return value
-        raise UserError(f"--class-map {where} maps to class index {value}, outside 0..{count - 1}")
-    if isinstance(value, str):
-        for table in (names, alt_names):
-            if value in table:
-                return list(table).index(value)
-        if value.strip().lstrip("-").isdigit():
-            return _class_index(int(value), names, alt_names, where)
-    shown = ", ".join(list(names)[:5]) + (", ..." if count > 5 else "")
-    raise UserError(f"--class-map {where} maps to {value!r}, which is neither a dataset class index "
-                    f"0..{count - 1} nor a class name ({shown})")
+def check_mean_std(mean, std, channels: int) -> Tuple[List[float], List[float]]:
+    if (mean is None) != (std is None):
+        raise UserError("pass both --mean and --std (or neither)")
+    mean, std = [float(v) for v in mean], [float(v) for v in std]
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) not in (1, channels):
+            raise UserError(f"--{name} needs 1 or {channels} values (one per input channel), got {len(values)}")
+        if not all(math.isfinite(v) for v in values):
+            raise UserError(f"--{name} values must be finite numbers")
+    if any(v <= 0 for v in std):
+        raise UserError("--std values must be positive")
+    if len(mean) != len(std):
+        mean = mean * channels if len(mean) == 1 else mean
+        std = std * channels if len(std) == 1 else std
+    return mean, std
 
 
-def resolve_class_map(spec: Any, dataset_classes: Sequence[str],
-                      alt_names: Sequence[str] = (), source: str = "--class-map") -> List[int]:
-    """model index -> dataset class index, checked to be a permutation of the dataset's classes.
+def resolve_request(*, input_shape=(3, 32, 32), device="cpu", mean=None, std=None, input_layout="auto",
+                    input_range="0-1", output="auto", output_name=None, num_classes=None,
+                    class_map=None, class_names=None, dataset_classes=None) -> BoundaryRequest:
+    """Check load_model's boundary arguments and read the files they name (so a typo
+    fails before the model is read)."""
+    input_shape = tuple(int(d) for d in input_shape)
+    if mean is not None or std is not None:
+        mean, std = check_mean_std(mean, std, input_shape[0])
+    scale = range_scale(input_range)
+    decide_layout(input_layout, None, input_shape)  # validates the choice early
+    check_output_kind(output)
+    if dataset_classes is not None:
+        dataset_classes = [str(c) for c in dataset_classes]
+        if num_classes is None:
+            num_classes = len(dataset_classes)
+        elif num_classes != len(dataset_classes):
+            raise UserError(f"num_classes {num_classes} does not match the dataset's {len(dataset_classes)} classes")
+    request = BoundaryRequest(input_shape=input_shape, device=device, input_layout=input_layout,
+                              input_range=input_range, scale=scale, mean=mean, std=std, output=output,
+                              output_name=output_name, num_classes=num_classes,
+                              dataset_classes=dataset_classes)
+    _resolve_classes(request, class_names, class_map)
+    return request
 
-    spec: a path to a JSON file, or its content: a list (position = model index) or a dict
-    {"model index": dataset class}, with dataset classes as indices or names.
+
+def _resolve_classes(request: BoundaryRequest, class_names, class_map) -> None:
+    dataset_classes = request.dataset_classes
+    if class_names is not None:
+        if dataset_classes is None:
+            raise UserError("--class-names needs the dataset's classes to check the count against")
+        if isinstance(class_names, (str, os.PathLike)):
+            request.names_source = os.fspath(class_names)
+            request.names = read_class_names(request.names_source, dataset_classes)
+        else:
+            request.names = [str(n) for n in class_names]
+            if len(request.names) != len(dataset_classes):
+                raise UserError(f"{len(request.names)} class names given but the dataset has "
+                                f"{len(dataset_classes)} classes")
+    if class_map is not None:
+        if request.num_classes is None:
+            raise UserError("--class-map needs the dataset's classes to map the model's outputs to")
+        target_names = request.names or dataset_classes or [str(k) for k in range(request.num_classes)]
+        request.map_source = os.fspath(class_map) if isinstance(class_map, (str, os.PathLike)) else None
+        request.mapping = resolve_class_map(class_map, target_names, alt_names=dataset_classes or ())
+
+
+# --- what the format's reader found ----------------------------------------------------
+
+@dataclass
+class ModelInfo:
+    """What a format's reader learned about the model as it arrived (formats.ModelFormat.read)."""
+    format: str                                   # the name LoadedModel.format reports
+    arch: Optional[str] = None                    # architecture the weights were loaded into
+    declared_input_shape: Optional[List[Any]] = None  # the model's own input dims (str: symbolic)
+    fixed_batch: Optional[int] = None             # the batch size the model was exported with, if fixed
+    batch_chunked: bool = False                   # whether the module is fed chunks of fixed_batch
+    white_box: bool = True                        # False: only black-box attacks (see refusal)
+    refusal: Optional[str] = None
+    num_params: Optional[int] = None              # None: counted from the module's parameters
+    on_device: bool = False                       # already on the device (not moved with .to)
+    notes: List[str] = field(default_factory=list)  # -> adaptations["notes"]
+    onnx: Optional[Dict[str, Any]] = None         # -> adaptations["onnx"]
+    deferred: Optional["DeferredModel"] = None    # a model finished once layout and output are known
+
+
+class DeferredModel:
+    """A model that its reader can only finish once the boundary has decided the input
+    layout and the output (ONNX: onnxruntime's outputs on a probe in the model's layout,
+    then the onnx2torch conversion checked against the chosen one; audit/onnx_support.py).
+
+    `build_boundary` calls `outputs`, chooses the output among them as for any model, and
+    attacks what `finish` returns.
     """
-    count = len(dataset_classes)
-    if isinstance(spec, (str, os.PathLike)):
-        source = os.fspath(spec)
-        text = _read_text(source, "--class-map")
+
+    def outputs(self, native_shape: Tuple[int, ...], scale: float, layout: str,
+                layout_reason: str) -> Tuple[Dict[str, Any], int]:
+        """Every output on the reader's probe batch of images of `native_shape` with values
+        in [0, scale], and that batch's size."""
+        raise NotImplementedError
+
+    def finish(self, key: Any, names: List[str], outputs: Dict[str, Any], info: ModelInfo) -> nn.Module:
+        """The module (model layout in, output `key` out) to attack; may update `info`."""
+        raise NotImplementedError
+
+
+# --- the builder -----------------------------------------------------------------------
+
+@dataclass
+class Boundary:
+    module: nn.Module              # NCHW [0, 1] in -> logits in dataset class order out; eval mode
+    native: nn.Module              # what the boundary feeds: the model's layout and units, one output
+    num_classes: int
+    layout: str
+    layout_reason: str
+    output_name: Optional[str]
+    output_names: List[str]
+    output_reason: str
+    adaptations: Dict[str, Any]    # -> LoadedModel.adaptations (docs/results-schema.md)
+
+
+def build_boundary(module: nn.Module, info: ModelInfo, request: BoundaryRequest,
+                   notes: Sequence[str] = ()) -> Boundary:
+    """Adapt `module` (in eval mode, on the device) to NCHW [0, 1] in, logits in dataset
+    class order out, checking it on an all-zero batch and on a probe batch; every problem
+    ends in a one-line UserError. `notes` (the caller's) are recorded after the format's."""
+    boundary, layout_reason, chosen = start_boundary(module, info, request)
+    all_notes = list(info.notes) + list(notes)
+    out, layout_reason = _first_forward(boundary, info, request, layout_reason)
+    if chosen is None:
+        key, names, reason = choose_output(out, request.output_name, 2, request.num_classes)
+        if key is not None:
+            boundary.model = SelectOutput(boundary.model, key)
+            out = out[key]
+        chosen = (None if key is None else str(key), names, reason)
+    classes = _check_scores(out, 2, request.num_classes, request.mapping is not None)
+    native = boundary.model
+    output_kind, kind_reason = _output_side(boundary, request, classes, all_notes)
+
+    adaptations: Dict[str, Any] = {"normalize": None, "onnx": info.onnx, "notes": all_notes}
+    adaptations.update(describe(request, info, boundary.layout, layout_reason, chosen,
+                                output_kind, kind_reason))
+    if request.mean is not None:
+        adaptations["normalize"] = {"mean": request.mean, "std": request.std}
+        if request.scale != 1.0 and max(request.mean) <= 1.0 and max(request.std) <= 1.0:
+            all_notes.append(f"--mean/--std are applied after scaling inputs to {request.input_range} "
+                             f"(the model's units); values <= 1 look like [0, 1]-unit statistics")
+    final = boundary.model if boundary.is_identity() else boundary
+    final.eval()
+    return Boundary(module=final, native=native, num_classes=classes, layout=boundary.layout,
+                    layout_reason=layout_reason, output_name=chosen[0], output_names=chosen[1],
+                    output_reason=chosen[2], adaptations=adaptations)
+
+
+def start_boundary(module: nn.Module, info: ModelInfo, request: BoundaryRequest
+                   ) -> Tuple[BoundaryModel, str, Optional[Tuple[Optional[str], List[str], str]]]:
+    """The input side: (boundary, why its layout, output choice or None).
+
+    Decides the layout from --input-layout and the declared input shape, and finishes a
+    deferred model, whose output is chosen here (on the reader's probe); build_boundary
+    goes on from there, and onnx_support.load_onnx stops here.
+    """
+    layout, layout_reason = decide_layout(request.input_layout, info.declared_input_shape,
+                                          request.input_shape)
+    boundary = BoundaryModel(module, scale=request.scale, mean=request.mean, std=request.std, layout=layout)
+    if info.deferred is None:
+        return boundary, layout_reason, None
+    native = native_shape(request.input_shape, layout)
+    outputs, batch = info.deferred.outputs(native, request.scale, layout, layout_reason)
+    key, names, reason = choose_output(outputs, request.output_name, batch, request.num_classes)
+    boundary.model = info.deferred.finish(key, names, outputs, info)
+    return boundary, layout_reason, ((None if key is None else str(key)), names, reason)
+
+
+def _first_forward(boundary: BoundaryModel, info: ModelInfo, request: BoundaryRequest,
+                   layout_reason: str) -> Tuple[Any, str]:
+    """The raw output on an all-zero batch; a torch model that declares no input shape and
+    fails on NCHW input is tried on NHWC input."""
+    declared, shape = info.declared_input_shape, request.input_shape
+    try:
+        return _zero_forward(boundary, shape, request.device, declared, layout_reason), layout_reason
+    except UserError as nchw_error:
+        if not (request.input_layout == "auto" and declared is None and info.deferred is None
+                and native_shape(shape, "nhwc") != tuple(shape)):
+            raise
+        boundary.layout = "nhwc"
         try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise UserError(f"--class-map {source} is not valid JSON ({err.msg}, line {err.lineno}); "
-                            f"give a JSON list of {count} dataset classes in model output order, "
-                            f"or a JSON object {{\"model index\": dataset class}}") from None
-    what = (f"pass a JSON list of the {count} dataset classes (indices or names) in model output "
-            f"order, or an object mapping each model index 0..{count - 1} to a different dataset class")
-    if isinstance(spec, Mapping):
-        entries = []
-        for key, value in spec.items():
-            try:
-                index = int(key)
-            except (TypeError, ValueError):
-                raise UserError(f"--class-map {source}: key {key!r} is not a model output index; {what}") from None
-            entries.append((index, value))
-    elif isinstance(spec, (list, tuple)):
-        entries = list(enumerate(spec))
-    else:
-        raise UserError(f"--class-map {source} holds a {type(spec).__name__}; {what}")
-    indices = sorted(i for i, _ in entries)
-    if indices != list(range(count)):
-        missing = sorted(set(range(count)) - set(indices))
-        extra = sorted(set(indices) - set(range(count)))
-        detail = (f"model indices {missing[:5]} are missing" if missing
-                  else f"model indices {extra[:5]} are outside 0..{count - 1}" if extra
-                  else "a model index appears twice")
-        raise UserError(f"--class-map {source} is not a permutation of the dataset's {count} classes: "
-                        f"{detail}; {what}")
-    mapping = [0] * count
-    targets: Dict[int, int] = {}
-    for model_index, value in entries:
-        k = _class_index(value, dataset_classes, alt_names, f"model index {model_index}")
-        if k in targets:
-            raise UserError(f"--class-map {source} is not a permutation: model indices {targets[k]} and "
-                            f"{model_index} both map to dataset class {dataset_classes[k]!r}; {what}")
-        targets[k] = model_index
-        mapping[model_index] = k
-    return mapping
+            out = _zero_forward(boundary, shape, request.device, declared, layout_reason)
+        except UserError:
+            raise nchw_error from None
+        return out, "the model declares no input shape, fails on NCHW input and runs on NHWC input"
 
 
-def column_order(model_to_dataset: Sequence[int]) -> List[int]:
-    """Indices that reorder model output columns so that column k is dataset class k."""
-    order = [0] * len(model_to_dataset)
-    for model_index, k in enumerate(model_to_dataset):
-        order[k] = model_index
-    return order
+def _output_side(boundary: BoundaryModel, request: BoundaryRequest, classes: int,
+                 notes: List[str]) -> Tuple[str, str]:
+    """Output kind (from a probe batch) and class order; (kind, why)."""
+    probe = torch.rand((4, *request.input_shape), generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            scores = boundary(probe.to(request.device))
+    except Exception as err:
+        raise UserError(f"model forward failed on {PROBE_TEXT}: {type(err).__name__}: "
+                        f"{first_line(err)[:160]}") from None
+    output_kind, kind_reason, kind_notes = decide_output_kind(request.output, scores, PROBE_TEXT)
+    notes.extend(kind_notes)
+    boundary.output_kind = output_kind
+    if request.mapping is not None:
+        if len(request.mapping) != classes:
+            raise UserError(f"--class-map maps {len(request.mapping)} model outputs but the model has {classes}")
+        boundary.set_column_order(column_order(request.mapping))
+    return output_kind, kind_reason
+
+
+# --- checks ----------------------------------------------------------------------------
+
+def _first_conv_channels(module: nn.Module) -> Optional[int]:
+    try:
+        for param in module.parameters():
+            if param.ndim == 4:
+                return int(param.shape[1])
+    except Exception:
+        pass
+    return None
+
+
+def _guess_input_shape(module: nn.Module, tried: Tuple[int, ...], device: str) -> Optional[Tuple[int, ...]]:
+    channels = _first_conv_channels(module) or tried[0]
+    deadline = time.monotonic() + PROBE_BUDGET_S
+    for size in PROBE_SIZES:
+        shape = (channels, size, size)
+        if shape == tuple(tried):
+            continue
+        if time.monotonic() > deadline:
+            break
+        try:
+            with torch.no_grad():
+                out = module(torch.zeros((2, *shape), device=device))
+            if isinstance(out, torch.Tensor) and out.ndim == 2:
+                return shape
+        except Exception:
+            continue
+    return None
+
+
+def _zero_forward(boundary: BoundaryModel, input_shape: Tuple[int, ...], device: str,
+                  declared: Optional[List[Any]], layout_reason: str) -> Any:
+    """The model's raw output on an all-zero batch, or a UserError saying why it failed."""
+    batch = 2
+    fed = (batch, *native_shape(input_shape, boundary.layout))
+    try:
+        with torch.no_grad():
+            return boundary.model(boundary.adapt_input(torch.zeros((batch, *input_shape), device=device)))
+    except Exception as err:
+        detail = f"({type(err).__name__}: {first_line(err)[:160]})"
+        if declared:
+            hint = f"; its input is declared as {shape_text(declared)} ({layout_reason})"
+        else:
+            guess = (_guess_input_shape(boundary.model, input_shape, device)
+                     if boundary.layout == "nchw" else None)
+            hint = (f"; it seems to need input shape {list(guess)}" if guess
+                    else "; check the input shape it expects")
+        if boundary.layout == "nhwc" or declared:
+            hint += "; --input-layout nchw|nhwc sets the layout"
+        raise UserError(f"model forward failed on a zero batch of shape {shape_text(fed)} "
+                        f"({boundary.layout.upper()}){hint} {detail}") from None
+
+
+def _check_scores(out: Any, batch: int, num_classes: Optional[int], class_map_given: bool) -> int:
+    """C for a chosen output, or a UserError: robaudit needs a float [B, C] tensor."""
+    if not isinstance(out, torch.Tensor):
+        raise UserError(f"model returns {type(out).__name__}; robaudit needs a logits tensor [B, C]")
+    if out.ndim != 2 or out.shape[0] != batch:
+        raise UserError(f"model output has shape {list(out.shape)} for a batch of {batch}; "
+                        f"expected logits [B, C]")
+    if not out.is_floating_point():
+        raise UserError(f"model output has dtype {str(out.dtype).replace('torch.', '')} (class labels?); "
+                        f"robaudit needs float class scores [B, C] (logits or probabilities): "
+                        f"pass --output-name to pick another output, or export the logits")
+    classes = int(out.shape[1])
+    if num_classes is not None and classes != num_classes:
+        raise UserError(f"model outputs {classes} classes but dataset has {num_classes}"
+                        + ("; --class-map must map every model output to a dataset class"
+                           if class_map_given else ""))
+    if not torch.isfinite(out).all():
+        raise UserError("model produced NaN/inf logits on an all-zero input batch")
+    return classes

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -37,8 +38,11 @@ def _atomic(path: Path, write: Callable[[Any], None], mode: str) -> Path:
     return path
 
 
-# What _atomic and check_writable_dir name their temporary files (mkstemp adds 8 characters).
-_TEMP_NAME = re.compile(r"^\.(?:.+\.[A-Za-z0-9_]{8}\.tmp|robaudit-probe\.[A-Za-z0-9_]{8})$")
+# What robaudit names its temporary files: _atomic and check_writable_dir (mkstemp adds 8
+# characters), loading.save_export (.NAME.PID.tmp.pt2); and the ONNX export's scratch folder.
+_TEMP_NAME = re.compile(r"^\.(?:.+\.[A-Za-z0-9_]{8}\.tmp|robaudit-probe\.[A-Za-z0-9_]{8}"
+                        r"|.+\.\d+\.tmp\.pt2)$")
+_TEMP_DIR = re.compile(r"^\.onnx-export\.[A-Za-z0-9_]{8}$")
 
 
 def remove_stale_temp_files(folder) -> int:
@@ -47,13 +51,18 @@ def remove_stale_temp_files(folder) -> int:
     Only safe while no other process writes there: outlock calls it once it holds --out.
     """
     removed = 0
-    for path in Path(folder).rglob(".*"):
-        if path.is_file() and not path.is_symlink() and _TEMP_NAME.match(path.name):
-            try:
+    for path in sorted(Path(folder).rglob(".*")):
+        try:
+            if path.is_symlink():
+                continue
+            if path.is_file() and _TEMP_NAME.match(path.name):
                 path.unlink()
                 removed += 1
-            except OSError:
-                pass
+            elif path.is_dir() and _TEMP_DIR.match(path.name):
+                shutil.rmtree(path)
+                removed += 1
+        except OSError:
+            pass
     return removed
 
 

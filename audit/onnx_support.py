@@ -370,10 +370,6 @@ class OnnxLoadResult:
     batch_chunked: bool = False        # whether `module` is fed chunks of fixed_batch
 
 
-def _shape_text(shape: Sequence) -> str:
-    return "[" + ", ".join(str(d) if d not in (None, "") else "?" for d in shape) + "]"
-
-
 def _external_data_files(model: onnx.ModelProto) -> List[str]:
     files = []
     for init in model.graph.initializer:
@@ -384,7 +380,7 @@ def _external_data_files(model: onnx.ModelProto) -> List[str]:
     return files
 
 
-def _read_model_proto(path: str, load_external_data: bool = False) -> onnx.ModelProto:
+def read_model_proto(path: str, load_external_data: bool = False) -> onnx.ModelProto:
     """Parse the ModelProto; with load_external_data, also read the weights that exporters
     (torch's dynamo exporter by default) store in a separate `<name>.onnx.data` file."""
     try:
@@ -409,20 +405,16 @@ def _read_model_proto(path: str, load_external_data: bool = False) -> onnx.Model
     return model
 
 
-def load_onnx(path: str, *, device: str = "cpu", input_shape: Sequence[int] = (3, 32, 32),
-              input_layout: str = "auto", input_scale: float = 1.0,
-              output_name: Optional[str] = None, num_classes: Optional[int] = None) -> OnnxLoadResult:
-    """Load an ONNX classifier; convert it for white-box attacks if the conversion is faithful.
+def read_onnx(path: str, device: str = "cpu") -> Tuple[nn.Module, adapters.ModelInfo]:
+    """The graph in onnxruntime (on the CPU, model-layout input) and what it declares.
 
-    input_shape is the dataset's (C, H, W); the graph's declared input decides the layout
-    when input_layout is auto. The returned module takes input in that layout (and in the
-    model's value range: the fidelity probe is uniform in [0, input_scale]) and returns
-    `output_name` (default: the first float [B, num_classes] output).
+    The model is finished by the boundary builder (adapters.build_boundary), which calls
+    `OnnxConversion` once it has decided the input layout and the output.
     """
     install_converters()
-    model = _read_model_proto(path)
+    model = read_model_proto(path)
     external_files = _external_data_files(model)
-    model = _read_model_proto(path, load_external_data=True) if external_files else model
+    model = read_model_proto(path, load_external_data=True) if external_files else model
     initializer_names = {init.name for init in model.graph.initializer}
     graph_inputs = [i for i in model.graph.input if i.name not in initializer_names]
     if len(graph_inputs) != 1:
@@ -432,75 +424,119 @@ def load_onnx(path: str, *, device: str = "cpu", input_shape: Sequence[int] = (3
     if elem_type not in _ONNX_FLOAT_TYPES:
         raise UserError(f"ONNX model input has element type {onnx.TensorProto.DataType.Name(elem_type)}; "
                         f"robaudit feeds float images in [0, 1]")
-    num_params = int(sum(int(np.prod(init.dims)) for init in model.graph.initializer))
     notes: List[str] = []
     if external_files:
         notes.append(f"weights stored in {', '.join(external_files)} next to the .onnx file "
                      f"(not covered by the model's sha256)")
-
     try:
-        ort_module = OnnxRuntimeModule(path, device="cpu")
+        runtime = OnnxRuntimeModule(path, device="cpu")
     except Exception as err:
         raise UserError(f"onnxruntime cannot load {path}: {_first_line(err)}") from None
-    declared = [d if isinstance(d, int) else (d or "?") for d in ort_module.declared_input_shape]
-    layout, layout_reason = adapters.decide_layout(input_layout, declared, input_shape)
-    fixed = ort_module.fixed_batch
-    # The probe's batch differs from a fixed batch size, so a conversion that only works
-    # at that size is caught by the fidelity check (and then fed in chunks).
-    batch = FIDELITY_BATCH if fixed != FIDELITY_BATCH else FIDELITY_BATCH + 1
-    native = adapters.native_shape(input_shape, layout)
-    generator = torch.Generator().manual_seed(0)
-    probe = torch.rand((batch, *native), generator=generator) * float(input_scale)
-    try:
-        with torch.no_grad():
-            outputs = ort_module.run_all(probe)
-    except Exception as err:
-        raise UserError(
-            f"ONNX model failed on input shape {_shape_text([batch, *native])} ({layout.upper()}, "
-            f"{layout_reason}): its input is declared as {_shape_text(declared)}; --input-layout "
-            f"nchw|nhwc sets the layout ({_first_line(err)[:160]})") from None
-    out_key, out_names, out_reason = adapters.choose_output(outputs, output_name, batch, num_classes)
-    ort_module.output_name = out_key
-    reference = outputs[out_key]
-    if not isinstance(reference, torch.Tensor) or not reference.is_floating_point() or reference.ndim != 2:
-        shown = (f"{list(reference.shape)} {reference.dtype}" if isinstance(reference, torch.Tensor)
-                 else type(reference).__name__)
-        raise UserError(f"ONNX output {out_key!r} is {shown}, not float class scores [B, C]; "
-                        f"pass --output-name (outputs: {', '.join(out_names)})")
-    out_index = out_names.index(out_key)
+    declared = [d if isinstance(d, int) else (d or "?") for d in runtime.declared_input_shape]
+    info = adapters.ModelInfo(
+        format="onnx", declared_input_shape=declared, fixed_batch=runtime.fixed_batch,
+        batch_chunked=bool(runtime.fixed_batch), white_box=False, on_device=True, notes=notes,
+        num_params=int(sum(int(np.prod(init.dims)) for init in model.graph.initializer)))
+    info.deferred = OnnxConversion(path, model, runtime, device)
+    return runtime, info
 
-    adaptation: Dict[str, Any] = {"converter": "onnx2torch", "fidelity_max_abs_diff": None,
-                                  "ok": False, "reason": None}
-    converted, reason = _convert(model, out_index if len(out_names) > 1 else None)
-    chunked = bool(fixed)
-    if converted is not None:
-        max_diff, reason = _check_fidelity(converted, probe, reference)
-        if fixed and reason is None:
-            chunked = False  # the conversion gives onnxruntime's logits at another batch size too
-        elif fixed:
-            converted = FixedBatchModule(converted, fixed)
-            max_diff, reason = _check_fidelity(converted, probe, reference)
-        adaptation["fidelity_max_abs_diff"] = max_diff
-    adaptation["ok"] = reason is None
-    adaptation["reason"] = reason
-    result = OnnxLoadResult(module=ort_module, white_box=False, refusal=None, adaptation=adaptation,
-                            num_params=num_params, notes=notes, declared_input_shape=declared,
-                            layout=layout, layout_reason=layout_reason, output_name=out_key,
-                            output_names=out_names, output_reason=out_reason, fixed_batch=fixed,
-                            batch_chunked=chunked if reason is None else bool(fixed))
-    if fixed:
-        notes.append(f"ONNX input has a fixed batch size of {fixed}; robaudit feeds "
-                     + ("it in chunks of that size" if result.batch_chunked else
-                        "onnxruntime chunks of that size, but the torch conversion computes the same "
-                        "logits on any batch size, so it gets whole batches"))
-    if reason is not None:
-        result.refusal = f"white-box attacks refused for this ONNX model: {reason}; only black-box attacks run"
-        if torch.device(device).type != "cpu":
-            result.module = OnnxRuntimeModule(path, device=device, output_name=out_key)
-        return result
-    result.module = converted.to(device).eval()
-    result.white_box = True
-    return result
+
+class OnnxConversion(adapters.DeferredModel):
+    """Finishes an ONNX model for the boundary builder: onnxruntime's outputs on a probe in
+    the model's layout, then the onnx2torch conversion of the chosen output, trusted for
+    white-box attacks only if it matches them (otherwise onnxruntime, black-box only)."""
+
+    def __init__(self, path: str, model: onnx.ModelProto, runtime: OnnxRuntimeModule, device: str):
+        self.path, self.model, self.runtime, self.device = path, model, runtime, device
+        self.probe: Optional[torch.Tensor] = None
+
+    def outputs(self, native_shape, scale, layout, layout_reason):
+        fixed = self.runtime.fixed_batch
+        # The probe's batch differs from a fixed batch size, so a conversion that only works
+        # at that size is caught by the fidelity check (and then fed in chunks).
+        batch = FIDELITY_BATCH if fixed != FIDELITY_BATCH else FIDELITY_BATCH + 1
+        generator = torch.Generator().manual_seed(0)
+        self.probe = torch.rand((batch, *native_shape), generator=generator) * float(scale)
+        try:
+            with torch.no_grad():
+                return self.runtime.run_all(self.probe), batch
+        except Exception as err:
+            declared = self.runtime.declared_input_shape
+            raise UserError(
+                f"ONNX model failed on input shape {adapters.shape_text([batch, *native_shape])} "
+                f"({layout.upper()}, {layout_reason}): its input is declared as "
+                f"{adapters.shape_text(declared)}; --input-layout nchw|nhwc sets the layout "
+                f"({_first_line(err)[:160]})") from None
+
+    def finish(self, key, names, outputs, info):
+        self.runtime.output_name = key
+        reference = outputs[key]
+        if not isinstance(reference, torch.Tensor) or not reference.is_floating_point() or reference.ndim != 2:
+            shown = (f"{list(reference.shape)} {reference.dtype}" if isinstance(reference, torch.Tensor)
+                     else type(reference).__name__)
+            raise UserError(f"ONNX output {key!r} is {shown}, not float class scores [B, C]; "
+                            f"pass --output-name (outputs: {', '.join(names)})")
+        converted, reason = _convert(self.model, names.index(key) if len(names) > 1 else None)
+        converted, reason, info.onnx, chunked = self._check(converted, reason, reference)
+        fixed = self.runtime.fixed_batch
+        info.batch_chunked = chunked if reason is None else bool(fixed)
+        if fixed:
+            info.notes.append(f"ONNX input has a fixed batch size of {fixed}; robaudit feeds "
+                              + ("it in chunks of that size" if info.batch_chunked else
+                                 "onnxruntime chunks of that size, but the torch conversion computes "
+                                 "the same logits on any batch size, so it gets whole batches"))
+        if reason is not None:
+            info.white_box = False
+            info.refusal = (f"white-box attacks refused for this ONNX model: {reason}; "
+                            f"only black-box attacks run")
+            if torch.device(self.device).type != "cpu":
+                return OnnxRuntimeModule(self.path, device=self.device, output_name=key)
+            return self.runtime
+        info.white_box = True
+        return converted.to(self.device).eval()
+
+    def _check(self, converted: Optional[nn.Module], reason: Optional[str], reference: torch.Tensor):
+        """(module, reason it is not trusted or None, adaptations["onnx"], whether it is fed chunks)."""
+        adaptation: Dict[str, Any] = {"converter": "onnx2torch", "fidelity_max_abs_diff": None,
+                                      "ok": False, "reason": None}
+        fixed = self.runtime.fixed_batch
+        chunked = bool(fixed)
+        if converted is not None:
+            max_diff, reason = _check_fidelity(converted, self.probe, reference)
+            if fixed and reason is None:
+                chunked = False  # the conversion gives onnxruntime's logits at another batch size too
+            elif fixed:
+                converted = FixedBatchModule(converted, fixed)
+                max_diff, reason = _check_fidelity(converted, self.probe, reference)
+            adaptation["fidelity_max_abs_diff"] = max_diff
+        adaptation["ok"] = reason is None
+        adaptation["reason"] = reason
+        return converted, reason, adaptation, chunked
+
+
+def load_onnx(path: str, *, device: str = "cpu", input_shape: Sequence[int] = (3, 32, 32),
+              input_layout: str = "auto", input_scale: float = 1.0,
+              output_name: Optional[str] = None, num_classes: Optional[int] = None) -> OnnxLoadResult:
+    """Load an ONNX classifier; convert it for white-box attacks if the conversion is faithful.
+
+    input_shape is the dataset's (C, H, W); the graph's declared input decides the layout
+    when input_layout is auto. The returned module takes input in that layout (and in the
+    model's value range: the fidelity probe is uniform in [0, input_scale]) and returns
+    `output_name` (default: the first float [B, num_classes] output). The decisions are
+    made by the input side of the boundary builder (adapters.start_boundary), as in load_model.
+    """
+    module, info = read_onnx(path, device=device)
+    scale = float(input_scale)
+    request = adapters.BoundaryRequest(input_shape=tuple(int(d) for d in input_shape), device=device,
+                                       input_layout=input_layout, input_range=f"0-{scale:g}", scale=scale,
+                                       output_name=output_name, num_classes=num_classes)
+    boundary, layout_reason, (out_name, out_names, out_reason) = adapters.start_boundary(module, info, request)
+    return OnnxLoadResult(module=boundary.model, white_box=info.white_box, refusal=info.refusal,
+                          adaptation=info.onnx, num_params=info.num_params, notes=info.notes,
+                          declared_input_shape=info.declared_input_shape, layout=boundary.layout,
+                          layout_reason=layout_reason, output_name=out_name, output_names=out_names,
+                          output_reason=out_reason, fixed_batch=info.fixed_batch,
+                          batch_chunked=info.batch_chunked)
 
 
 def _first_line(err: BaseException) -> str:
@@ -536,7 +572,14 @@ def _check_fidelity(converted: nn.Module, probe: torch.Tensor,
             logits = converted(x)
             if not isinstance(logits, torch.Tensor):
                 return None, f"the converted model returns {type(logits).__name__}, not a tensor"
-            logits.float().sum().backward()
+            # Class-weighted, not a plain sum: a softmax output sums to 1 for every input, so the
+            # plain sum's gradient is zero up to rounding, and exactly zero with some kernels
+            # (ATEN_CPU_CAPABILITY=default): a differentiable model would be refused.
+            if logits.dim() == 2 and logits.shape[1] > 1:
+                weights = torch.linspace(1.0, 2.0, logits.shape[1], device=logits.device)
+                (logits.float() * weights).sum().backward()
+            else:
+                logits.float().sum().backward()
     except Exception as err:
         return None, f"the converted model fails to run ({type(err).__name__}: {_first_line(err)[:160]})"
     if logits.shape != reference.shape:

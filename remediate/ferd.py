@@ -754,6 +754,9 @@ def _train(cfg, opts: FerdOptions, warmup: int, teacher, teacher_module: nn.Modu
         history = state["history"]
         start_epoch = int(state["epoch"]) + 1
         log.info("resuming %s from epoch %d", out_dir, start_epoch)
+        # checkpoint.pt is renamed into place before metrics.csv: a kill in between leaves
+        # metrics.csv an epoch short, which no later epoch rewrites if it was the last one.
+        loop.write_metrics_csv(metrics_path, history, classes)
         del state
 
     last_generator: Optional[FerdGenerator] = persistent_generator

@@ -629,6 +629,9 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
         _set_cuda_rng(state["rng"].get("cuda"), device)
         history, best = state["history"], state["best"]
         start_epoch = int(state["epoch"]) + 1
+        # checkpoint.pt is renamed into place before metrics.csv: a kill in between leaves
+        # metrics.csv an epoch short, which no later epoch rewrites if it was the last one.
+        _on_main(lambda: write_metrics_csv(metrics_path, history, classes))
         if ctx.is_main:
             log.info("resuming %s from epoch %d (%d process%s)", out_dir, start_epoch, world,
                      "" if world == 1 else "es")

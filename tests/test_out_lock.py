@@ -193,11 +193,14 @@ def test_temporary_files_of_a_killed_writer_are_removed_once_the_lock_is_held(tm
     out = tmp_path / "out"
     (out / ".robaudit-state").mkdir(parents=True)
     stale = [out / ".results.json.a1B2c3_d.tmp", out / ".robaudit-state" / ".chunk-0.npz.zzzzzzzz.tmp",
-             out / ".robaudit-probe.k3j4h5g6"]
+             out / ".robaudit-probe.k3j4h5g6", out / ".student.pt2.4242.tmp.pt2"]
     kept = [out / "results.json", out / ".hidden.tmp", out / "notes.tmp", out / ".x.toolongname.tmp"]
     for path in stale + kept:
         path.write_text("x")
+    scratch = out / ".onnx-export.ab12CD_9"
+    (scratch / "sub").mkdir(parents=True)
+    (scratch / "sub" / "model.onnx").write_text("x")
     with hold_out_dir(out):
         write_text_atomic(out / "fresh.json", "{}")
-    assert not any(p.exists() for p in stale)
+    assert not any(p.exists() for p in stale) and not scratch.exists()
     assert all(p.exists() for p in kept) and (out / "fresh.json").read_text() == "{}"
