@@ -337,32 +337,29 @@ def resnet18(num_classes: int = 10) -> nn.Module:
     return ResNet([2, 2, 2, 2], num_classes)
 
 
-@ARCHITECTURES.register(
-    "preactresnet18", help="PreAct ResNet-18, projection from relu(bn1(x)), final bn: Rice et "
-    "al. robust_overfitting; RobustBench PreActBlockV2 + bn_before_fc")
-def preactresnet18(num_classes: int = 10) -> nn.Module:
-    return PreActResNet([2, 2, 2, 2], num_classes, shortcut_from_input=False, final_bn=True)
+# The four PreAct ResNet-18 forms in the wild: identical key names (except the final BN),
+# different forwards, so each is its own name: (shortcut from raw x?, final BN?, where from).
+PREACT_RESNET18_FORMS = {
+    "preactresnet18": (False, True, "projection from relu(bn1(x)), final bn: Rice et al. "
+                                    "robust_overfitting; RobustBench PreActBlockV2 + bn_before_fc"),
+    "preactresnet18-fast": (True, True, "projection from raw x, final bn: locuslab/fast_adversarial"),
+    "preactresnet18-kuangliu": (False, False, "projection from relu(bn1(x)), no final BN: "
+                                              "kuangliu/pytorch-cifar"),
+    "preactresnet18-robustbench": (True, False, "projection from raw x, no final BN: RobustBench "
+                                                "PreActBlock (Wong2020Fast, Andriushchenko2020Understanding)"),
+}
 
 
-@ARCHITECTURES.register(
-    "preactresnet18-fast", help="PreAct ResNet-18, projection from raw x, final bn: "
-    "locuslab/fast_adversarial")
-def preactresnet18_fast(num_classes: int = 10) -> nn.Module:
-    return PreActResNet([2, 2, 2, 2], num_classes, shortcut_from_input=True, final_bn=True)
+def _preact_resnet18_builder(shortcut_from_input: bool, final_bn: bool):
+    def build(num_classes: int = 10) -> nn.Module:
+        return PreActResNet([2, 2, 2, 2], num_classes, shortcut_from_input=shortcut_from_input,
+                            final_bn=final_bn)
+    return build
 
 
-@ARCHITECTURES.register(
-    "preactresnet18-kuangliu", help="PreAct ResNet-18, projection from relu(bn1(x)), no final "
-    "BN: kuangliu/pytorch-cifar")
-def preactresnet18_kuangliu(num_classes: int = 10) -> nn.Module:
-    return PreActResNet([2, 2, 2, 2], num_classes, shortcut_from_input=False, final_bn=False)
-
-
-@ARCHITECTURES.register(
-    "preactresnet18-robustbench", help="PreAct ResNet-18, projection from raw x, no final BN: "
-    "RobustBench PreActBlock (Wong2020Fast, Andriushchenko2020Understanding)")
-def preactresnet18_robustbench(num_classes: int = 10) -> nn.Module:
-    return PreActResNet([2, 2, 2, 2], num_classes, shortcut_from_input=True, final_bn=False)
+for _name, (_from_input, _final_bn, _where) in PREACT_RESNET18_FORMS.items():
+    ARCHITECTURES.register(_name, help=f"PreAct ResNet-18, {_where}")(
+        _preact_resnet18_builder(_from_input, _final_bn))
 
 
 @ARCHITECTURES.register("mobilenetv2", help="MobileNetV2, CIFAR form (stride-1 stem)")

@@ -57,6 +57,15 @@ def _same_pad(x: torch.Tensor, stride: int) -> torch.Tensor:
 class _NormalizingModel(nn.Module):
     """Holds the mean/std buffers and the constants' provenance for the loader."""
 
+    def _init_normalization(self, num_classes: int, mean: Optional[Sequence[float]],
+                            std: Optional[Sequence[float]], padding: int) -> None:
+        """The CIFAR constants RobustBench builds the model with, unless mean/std are given."""
+        name, default_mean, default_std = cifar_constants(num_classes)
+        if mean is not None:
+            name = "given"
+        self._set_normalization(name, mean or default_mean, std or default_std)
+        self.padding = padding
+
     def _set_normalization(self, name: str, mean: Sequence[float], std: Sequence[float]) -> None:
         channels = len(mean)
         self.register_buffer("mean", torch.tensor(mean).view(channels, 1, 1), persistent=False)
@@ -134,11 +143,7 @@ class DMWideResNet(_NormalizingModel):
         super().__init__()
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n+4 (n >= 1), got {depth}")
-        name, default_mean, default_std = cifar_constants(num_classes)
-        if mean is not None:
-            name = "given"
-        self._set_normalization(name, mean or default_mean, std or default_std)
-        self.padding = padding
+        self._init_normalization(num_classes, mean, std, padding)
         channels = [16, 16 * width, 32 * width, 64 * width]
         n = (depth - 4) // 6
         self.init_conv = nn.Conv2d(3, channels[0], 3, stride=1, padding=1, bias=False)
@@ -197,11 +202,7 @@ class DMPreActResNet(_NormalizingModel):
         super().__init__()
         if depth not in self.BLOCKS:
             raise ValueError(f"DMPreActResNet depth must be 18 or 34, got {depth}")
-        name, default_mean, default_std = cifar_constants(num_classes)
-        if mean is not None:
-            name = "given"
-        self._set_normalization(name, mean or default_mean, std or default_std)
-        self.padding = padding
+        self._init_normalization(num_classes, mean, std, padding)
         self.conv_2d = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
         blocks = self.BLOCKS[depth]
         planes = [(64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2)]
