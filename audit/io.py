@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import os
 import re
 import shutil
@@ -68,10 +67,6 @@ def remove_stale_temp_files(folder) -> int:
 
 def write_text_atomic(path, text: str) -> Path:
     return _atomic(Path(path), lambda fh: fh.write(text), "w")
-
-
-def write_json_atomic(path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def write_bytes_atomic(path, data: bytes) -> Path:

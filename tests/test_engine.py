@@ -28,7 +28,7 @@ from robaudit.audit import engine
 from robaudit.audit.attacks import PGD, FGSM
 from robaudit.audit.datasets import EvalData
 from robaudit.audit.engine import ScanConfig, parse_eps, run_scan
-from robaudit.audit.io import check_writable_dir, write_json_atomic
+from robaudit.audit.io import check_writable_dir, write_text_atomic
 from robaudit.audit.loading import LoadedModel
 from robaudit.errors import GateFailed, UserError
 
@@ -561,14 +561,14 @@ def test_check_writable_dir_creates_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["f"]
 
 
-def test_write_json_atomic_leaves_no_file_on_failure(tmp_path):
+def test_a_failed_atomic_write_leaves_no_file_and_the_old_one_intact(tmp_path):
     target = tmp_path / "r.json"
-    with pytest.raises(ValueError):
-        write_json_atomic(target, {"x": float("nan")})
+    with pytest.raises(TypeError):
+        write_text_atomic(target, 123)  # fails inside the write, after the temporary file exists
     assert list(tmp_path.iterdir()) == []
-    write_json_atomic(target, {"x": 1})
-    with pytest.raises(ValueError):
-        write_json_atomic(target, {"x": float("inf")})
+    write_text_atomic(target, '{"x": 1}')
+    with pytest.raises(TypeError):
+        write_text_atomic(target, None)
     assert json.loads(target.read_text()) == {"x": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
 
