@@ -572,14 +572,10 @@ def _check_fidelity(converted: nn.Module, probe: torch.Tensor,
             logits = converted(x)
             if not isinstance(logits, torch.Tensor):
                 return None, f"the converted model returns {type(logits).__name__}, not a tensor"
-            # Class-weighted, not a plain sum: a softmax output sums to 1 for every input, so the
-            # plain sum's gradient is zero up to rounding, and exactly zero with some kernels
-            # (ATEN_CPU_CAPABILITY=default): a differentiable model would be refused.
-            if logits.dim() == 2 and logits.shape[1] > 1:
-                weights = torch.linspace(1.0, 2.0, logits.shape[1], device=logits.device)
-                (logits.float() * weights).sum().backward()
-            else:
-                logits.float().sum().backward()
+            # Class-weighted: a softmax output sums to 1, so a plain sum's gradient is zero (exactly,
+            # under ATEN_CPU_CAPABILITY=default) and a differentiable model would be refused.
+            weights = torch.linspace(1.0, 2.0, logits.shape[-1], device=logits.device) if logits.dim() else 1.0
+            (logits.float() * weights).sum().backward()
     except Exception as err:
         return None, f"the converted model fails to run ({type(err).__name__}: {_first_line(err)[:160]})"
     if logits.shape != reference.shape:
