@@ -583,6 +583,22 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
                         f"pass --val-per-class > 0 (CFA uses 100) or turn its weight averaging off")
 
     train_pos, val_pos = split_validation(train_data.y, train_data.index, cfg.val_per_class, cfg.seed, num_classes)
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=0.1)
+    fingerprint = _fingerprint(cfg, method.options(), milestones, num_classes, train_data.index[train_pos],
+                               student_desc)
+
+    checkpoint_path, best_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "best.pt", out_dir / "metrics.csv"
+
+    def prepare_out_dir() -> Optional[dict]:
+        return prepare_out_dir_for_resume(out_dir, checkpoint_path, cfg.resume, fingerprint, create=not dry_run)
+
+    if dry_run:
+        _on_main(prepare_out_dir)
+        return None
+
+    # The data goes to the device only for a real run (a dry run checks and returns above).
     x_train = train_data.x[train_pos].to(device)
     y_train = train_data.y[train_pos].to(device)
     i_train = train_data.index[train_pos].to(device)
@@ -599,21 +615,6 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
                                   steps=steps, seed=cfg.seed, batch_size=cfg.val_batch_size,
                                   autocast=autocast, memory_format=memory_format,
                                   reduce=distributed.sum_over_ranks if ctx.enabled else None)
-
-    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(milestones), gamma=0.1)
-    fingerprint = _fingerprint(cfg, method.options(), milestones, num_classes, train_data.index[train_pos],
-                               student_desc)
-
-    checkpoint_path, best_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "best.pt", out_dir / "metrics.csv"
-
-    def prepare_out_dir() -> Optional[dict]:
-        return prepare_out_dir_for_resume(out_dir, checkpoint_path, cfg.resume, fingerprint, create=not dry_run)
-
-    if dry_run:
-        _on_main(prepare_out_dir)
-        return None
 
     history: List[dict] = []
     best = {"epoch": None, "score": None}
