@@ -22,7 +22,7 @@ def _pipeline(request: BoundaryRequest, info: ModelInfo, layout: str, out_name: 
         pipeline.append(f"x * {scale:g} (--input-range {request.input_range}; eps in the model's units "
                         f"= eps * {scale:g})")
     if request.mean is not None:
-        pipeline.append("(x - mean) / std per channel (--mean/--std, in the model's units)")
+        pipeline.append(f"(x - mean) / std per channel ({request.mean_source}, in the model's units)")
     if layout == "nhwc":
         pipeline.append("NCHW -> NHWC")
     pipeline.append("the model" + (f", fed in chunks of its fixed batch size {fixed}"

@@ -246,6 +246,7 @@ class BoundaryRequest:
     scale: float = 1.0
     mean: Optional[List[float]] = None           # --mean/--std, one value per channel
     std: Optional[List[float]] = None
+    mean_source: str = "--mean/--std"            # or the file's mu/sigma buffers (load_model)
     output: str = "auto"                         # --output auto|logits|probs|log-probs
     output_name: Optional[str] = None
     num_classes: Optional[int] = None
@@ -336,6 +337,10 @@ class ModelInfo:
     notes: List[str] = field(default_factory=list)  # -> adaptations["notes"]
     onnx: Optional[Dict[str, Any]] = None         # -> adaptations["onnx"]
     deferred: Optional["DeferredModel"] = None    # a model finished once layout and output are known
+    arch_inferred: Optional[Dict[str, Any]] = None  # how arch was read off the weights (arch_inference)
+    # {"mean", "std", "source"} the file says the input is normalised with (mu/sigma buffers),
+    # for the boundary to apply; None when the model normalises its own input or says nothing.
+    input_normalization: Optional[Dict[str, Any]] = None
 
 
 class DeferredModel:
@@ -396,6 +401,8 @@ def build_boundary(module: nn.Module, info: ModelInfo, request: BoundaryRequest,
                                 output_kind, kind_reason))
     if request.mean is not None:
         adaptations["normalize"] = {"mean": request.mean, "std": request.std}
+        if request.mean_source != "--mean/--std":
+            adaptations["normalize"]["source"] = request.mean_source
         if request.scale != 1.0 and max(request.mean) <= 1.0 and max(request.std) <= 1.0:
             all_notes.append(f"--mean/--std are applied after scaling inputs to {request.input_range} "
                              f"(the model's units); values <= 1 look like [0, 1]-unit statistics")

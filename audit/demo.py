@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from robaudit.audit.attacks.ascent import projected_ascent
+from robaudit.audit.attacks.ascent import cross_entropy_pgd
+from robaudit.audit.modes import eval_mode
 from robaudit.audit.rng import per_sample_uniform
 
 log = logging.getLogger(__name__)
@@ -104,12 +103,9 @@ def train_demo_model(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, num_
         for start in range(0, len(y), batch_size):
             b = order[start:start + batch_size]
             xb, yb = x[b], y[b]
-            start_noise = (per_sample_uniform(seed + epoch, index[b], xb.shape[1:]) * 2 - 1) * eps
-            model.eval()
-            x_adv = projected_ascent(lambda xa: F.cross_entropy(model(xa), yb, reduction="none"), xb,
-                                     eps=eps, step_size=2.5 * eps / steps, steps=steps,
-                                     x_start=(xb + start_noise).clamp(0, 1))
-            model.train()
+            with eval_mode(model):
+                x_adv = cross_entropy_pgd(model, xb, yb, eps=eps, step_size=2.5 * eps / steps, steps=steps,
+                                          unit_noise=per_sample_uniform(seed + epoch, index[b], xb.shape[1:]))
             loss = F.cross_entropy(model(x_adv), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()

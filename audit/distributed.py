@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, List
+from typing import Any, Callable, List
 
 import numpy as np
 import torch
@@ -166,3 +166,30 @@ def sum_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
     for part in parts[1:]:
         total += part
     return total
+
+
+def on_main(fn: Callable[[], Any], *, share: bool = False) -> Any:
+    """fn() on rank 0 only (the one that touches the output folder); a failure there ends every
+    rank with one UserError (agree_or_raise); share=True hands fn's result to every rank.
+    In a single process simply fn()."""
+    ctx = current()
+    if not ctx.enabled:
+        return fn()
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as err:
+            error = err
+    agree_keeping_cause(error)
+    return broadcast_object(result) if share else result
+
+
+def agree_keeping_cause(error: BaseException | None) -> None:
+    """agree_or_raise, keeping this rank's own failure as the cause (for --debug tracebacks)."""
+    try:
+        agree_or_raise(error)
+    except UserError as raised:
+        if error is not None and raised is not error:
+            raise raised from error
+        raise

@@ -9,9 +9,7 @@ chunking does not change our own attacks' results.
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import io
 import json
 import logging
 import math
@@ -32,8 +30,10 @@ from tqdm.auto import tqdm
 import robaudit
 from robaudit.audit import checks as checks_mod
 from robaudit.audit import distributed
+from robaudit.audit import results_schema
 from robaudit.audit.attacks import create_attack, list_attacks
-from robaudit.audit.io import check_writable_dir, write_npz_atomic, write_text_atomic
+from robaudit.audit.io import check_writable_dir, png_base64, write_npz_atomic, write_text_atomic
+from robaudit.audit.devices import resolve_device
 from robaudit.audit.metrics import class_summary, target_flow
 from robaudit.audit.outlock import hold_out_dir
 from robaudit.errors import GateFailed, UserError
@@ -94,22 +94,6 @@ def parse_eps(text) -> float:
 
 def eps_as_255(eps: float) -> float:
     return round(eps * 255, 4)
-
-
-def resolve_device(name: str) -> torch.device:
-    name = (name or "auto").lower()
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for but no CUDA device is available; use --device cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown --device {name!r}: use auto, cpu or cuda")
-    ctx = distributed.current()
-    if device.type == "cuda" and device.index is None and ctx.enabled:
-        device = torch.device("cuda", ctx.local_rank)  # torchrun: one GPU per local rank
-    return device
 
 
 def build_attacks(cfg: ScanConfig):
@@ -173,17 +157,6 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return env
-
-
-def _png_b64(img: np.ndarray) -> str:
-    """HWC uint8 (C = 1 or 3) -> base64 PNG."""
-    from PIL import Image
-
-    if img.shape[2] == 1:
-        img = img[:, :, 0]
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG", optimize=True)
-    return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _to_uint8_hwc(x: torch.Tensor) -> np.ndarray:
@@ -400,34 +373,27 @@ def _assemble_results(cfg, model, data, device, attacked: _AttackedBlocks, per_s
                       started_at, t_start, extra) -> dict:
     ensemble = _ensemble_block(cfg, attacked, per_sample, data)
     finished_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    results = {
-        "schema_version": 1,
-        "tool": {"name": "robaudit", "version": robaudit.__version__},
-        "command": cfg.command,
-        "started_at": started_at,
-        "finished_at": finished_at,
-        "model": {"path": str(model.path), "format": model.format, "sha256": model.sha256,
-                  "num_params": model.num_params, "arch": model.arch, "white_box": model.white_box,
-                  "adaptations": model.adaptations},
-        "dataset": {"name": data.name, "split": data.split, "n": len(data.y), "num_classes": len(data.classes),
-                    "classes": list(data.classes), "source": str(data.source), "subset": data.subset},
-        "config": {"eps": cfg.eps, "eps_255": eps_as_255(cfg.eps), "seed": cfg.seed,
-                   "device": str(device), "batch_size": cfg.batch_size,
-                   "scoring": {"iterates": cfg.iterates, "score": cfg.score},
-                   "attacks": attacked.config},
-        "attacks": attacked.blocks,
-        "ensemble": ensemble,
-        "target_flow": attacked.flows,
-        "examples": _select_examples(attacked.examples, attacked.blocks, ensemble, data, per_sample),
-        "checks": flags,
-        "timing": {"total_seconds": round(time.perf_counter() - t_start, 3), "per_attack": attacked.seconds},
-        "environment": {**_versions(), "device": str(device),
-                        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                                        else platform.processor() or platform.machine()),
-                        "world_size": distributed.current().world_size},
-        "notes": _notes(cfg),
-        "training": None,
-    }
+    results = results_schema.results_document(
+        command=cfg.command, started_at=started_at, finished_at=finished_at,
+        model={"path": str(model.path), "format": model.format, "sha256": model.sha256,
+               "num_params": model.num_params, "arch": model.arch,
+               "arch_inferred": getattr(model, "arch_inferred", None), "white_box": model.white_box,
+               "adaptations": model.adaptations},
+        dataset={"name": data.name, "split": data.split, "n": len(data.y), "num_classes": len(data.classes),
+                 "classes": list(data.classes), "source": str(data.source), "subset": data.subset},
+        config={"eps": cfg.eps, "eps_255": eps_as_255(cfg.eps), "seed": cfg.seed,
+                "device": str(device), "batch_size": cfg.batch_size,
+                "scoring": {"iterates": cfg.iterates, "score": cfg.score},
+                "attacks": attacked.config},
+        attacks=attacked.blocks, ensemble=ensemble, target_flow=attacked.flows,
+        examples=_select_examples(attacked.examples, attacked.blocks, ensemble, data, per_sample),
+        checks=flags,
+        timing={"total_seconds": round(time.perf_counter() - t_start, 3), "per_attack": attacked.seconds},
+        environment={**_versions(), "device": str(device),
+                     "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                     else platform.processor() or platform.machine()),
+                     "world_size": distributed.current().world_size},
+        notes=_notes(cfg))
     if extra:
         results.update(extra)
     results["checks"] = flags + checks_mod.result_checks(results)
@@ -573,8 +539,8 @@ def _select_examples(kept, attack_blocks, ensemble, data, per_sample) -> List[di
                 "attack": name, "index": int(per_sample["index"][pos]), "class": data.classes[k],
                 "clean_pred": data.classes[int(per_sample["clean_pred"][pos])],
                 "adv_pred": data.classes[int(per_sample[f"adv_pred_{name}"][pos])],
-                "clean_png": _png_b64(clean_imgs[j]),
-                "adv_png": _png_b64(images[c]),
+                "clean_png": png_base64(clean_imgs[j]),
+                "adv_png": png_base64(images[c]),
             })
     return examples
 

@@ -45,8 +45,8 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from robaudit.audit import arch_inference
 from robaudit.audit.adapters import FixedBatchModule, ModelInfo, first_line
-from robaudit.audit.architectures import ARCHITECTURES, create_architecture
 from robaudit.errors import UserError
 from robaudit.registry import Registry
 
@@ -74,6 +74,9 @@ class ReadOptions:
     num_classes: Optional[int] = None   # the dataset's class count, when known
     trust_pickle: bool = False          # allow unpickling arbitrary objects (runs their code)
     device: str = "cpu"
+    # Without arch, tells same-key architecture forms apart on a probe batch (load_model's
+    # probe_data; audit/arch_inference.py decide_by_probe); None: such files are refused.
+    score_candidate: Optional[arch_inference.CandidateScorer] = None
 
 
 class ModelFormat:
@@ -363,13 +366,13 @@ class TorchSaveFormat(ModelFormat):
 
 @register_format
 class StateDictFormat(TorchSaveFormat):
-    """torch.save'd state_dict: weights only, loaded into --arch"""
+    """torch.save'd state_dict: weights only, loaded into --arch (or the architecture they fit)"""
     name, order = "state_dict", 30
 
 
 @register_format
 class CheckpointFormat(TorchSaveFormat):
-    """torch.save'd training checkpoint (a dict holding a state_dict): loaded into --arch"""
+    """torch.save'd training checkpoint (a dict holding a state_dict): loaded into --arch (or the one it fits)"""
     name, order = "checkpoint", 40
 
 
@@ -384,7 +387,7 @@ class PickleFormat(TorchSaveFormat):
 
 @register_format
 class SafetensorsFormat(ModelFormat):
-    """safetensors weights: loaded into --arch"""
+    """safetensors weights: loaded into --arch (or the architecture they fit)"""
     name, order = "safetensors", 70
 
     def detect(self, path: str, head: bytes) -> bool:
@@ -416,51 +419,37 @@ def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor], notes: List[str])
     return state
 
 
-def _head_out_features(module: nn.Module, state: Mapping[str, torch.Tensor]) -> Optional[int]:
-    """Class count the weights' final Linear layer was trained with, if it has one."""
-    linears = [name for name, m in module.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        return None
-    weight = state.get(f"{linears[-1]}.weight")
-    return int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
-
-
-def _summarise(keys: List[str], limit: int = 3) -> str:
-    return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
-
-
 def model_from_weights(state: Mapping[str, torch.Tensor], kind: str, path: str, options: ReadOptions,
                        notes: List[str]) -> Tuple[nn.Module, ModelInfo]:
-    """Weights (format `kind`) loaded into options.arch, which they must fit exactly."""
-    arch = options.arch
-    if arch is None:
-        raise UserError(f"{path} holds only weights ({kind}); pass --arch NAME "
-                        f"(one of: {', '.join(ARCHITECTURES.names())}, or a torchvision model name)")
+    """Weights (format `kind`) loaded into options.arch, which they must fit exactly, or
+    without it into the architecture their keys and shapes say (audit/arch_inference.py)."""
     state = _strip_wrapper_prefixes(state, notes)
-    # A meta-device probe reads the head's class count from the weights, so a CIFAR-100
-    # checkpoint loads into a 100-class head and a wrong --dataset is reported as a class
-    # mismatch rather than as a shape error.
-    with torch.device("meta"):
-        probe = create_architecture(arch, num_classes=options.num_classes or 10)
-    module = create_architecture(arch, num_classes=_head_out_features(probe, state) or options.num_classes or 10)
-    adapt = getattr(module, "adapt_to_state_dict", None)
-    if adapt is not None:
-        adapt(list(state))
-    expected = module.state_dict()
-    # Checkpoints from before torch 0.4.1 lack BatchNorm's num_batches_tracked, which eval ignores.
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [f"{k}: file {list(state[k].shape)}, arch {list(expected[k].shape)}"
-                   for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing ({_summarise(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected ({_summarise(unexpected)})")
-        if wrong_shape:
-            parts.append(f"{len(wrong_shape)} with another shape ({_summarise(wrong_shape, 2)})")
-        raise UserError(f"weights in {path} do not match arch {arch!r}: {'; '.join(parts)}; "
-                        f"check --arch")
-    module.load_state_dict(state, strict=False)
-    return module, ModelInfo(format=kind, arch=arch, notes=notes)
+    # RobustBench-style mu/sigma buffers move to the boundary: normalised once, recorded there.
+    state, file_norm = arch_inference.split_normalization_buffers(state)
+    if file_norm is not None:
+        notes.append(f"mu/sigma buffers taken out of the weights: {arch_inference.FILE_NORMALIZATION_SOURCE} "
+                     f"are the input normalisation")
+
+    def make_info(arch: str, boundary_norm: Optional[dict]) -> ModelInfo:
+        return ModelInfo(format=kind, arch=arch, notes=notes, input_normalization=boundary_norm)
+
+    # A head's class count is read from the weights, so a CIFAR-100 checkpoint loads into a
+    # 100-class head and a wrong --dataset is reported as a class mismatch, not a shape error.
+    if options.arch is None:
+        fit, module, boundary_norm, record = arch_inference.infer_architecture(
+            state, kind, path, options.num_classes or 10, file_norm, make_info,
+            options.score_candidate, notes)
+        info = make_info(fit.name, boundary_norm)
+        info.arch_inferred = record
+        return module, info
+    arch = options.arch
+    fit = arch_inference.fit_architecture(arch, state, options.num_classes or 10)
+    if not fit.exact:
+        raise arch_inference.mismatch_error(fit, path)
+    twins = arch_inference.same_key_twins(arch, state, fit.num_classes)
+    if twins:
+        notes.append(f"the weights also fit {', '.join(twins)} (same keys, different forward); "
+                     f"--arch {arch} used as given")
+    module = arch_inference.build_with_weights(arch, state, fit.num_classes)
+    boundary_norm = arch_inference.reconcile_own_normalization(module, file_norm, path, notes)
+    return module, make_info(arch, boundary_norm)

@@ -96,3 +96,16 @@ def check_writable_dir(path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".robaudit-probe.", dir=existing)
     os.close(fd)
     os.unlink(tmp)
+
+
+def png_base64(img) -> str:
+    """An HWC uint8 array (C = 1 or 3) as a base64 PNG (report thumbnails, FERD's synthetic grid)."""
+    import base64
+
+    from PIL import Image
+
+    if img.shape[2] == 1:
+        img = img[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")

@@ -32,7 +32,6 @@ import json
 import re
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 import jinja2
 from markupsafe import Markup
@@ -42,12 +41,13 @@ from robaudit.audit.io import write_bytes_atomic
 from robaudit.audit.report_comparison import comparison_section
 from robaudit.audit.report_figures import PLOTLY_CONFIG
 from robaudit.audit.report_format import display, eps_as_fraction_of_255, finite, pct, pp, ratio, rounded, script_json
-from robaudit.audit.report_records import ENSEMBLE_KEY, headline_key
+from robaudit.audit.report_records import headline_key
 from robaudit.audit.report_redaction import redact_command, redact_results, redact_text
 from robaudit.audit.report_sections import (
     checks_section, examples_section, per_class_section, provenance_section, target_flow_section, verdict_section,
 )
-from robaudit.audit.report_training import shown_epochs, trajectory_sources, training_section
+from robaudit.audit.report_training import shown_epochs, training_section
+from robaudit.audit.results_schema import validate_results
 from robaudit.errors import UserError
 
 __all__ = ["build_context", "render_report", "render_html", "load_results", "validate_results",
@@ -59,13 +59,6 @@ _redact_text = redact_text
 _redact_command = redact_command
 _shown_epochs = shown_epochs
 
-SCHEMA_VERSION = 1
-REQUIRED_KEYS = (
-    "schema_version", "tool", "command", "started_at", "finished_at", "model", "dataset",
-    "config", "attacks", "ensemble", "target_flow", "examples", "checks", "timing",
-    "environment", "notes",
-)
-PER_CLASS_KEYS = ("class", "n", "correct", "accuracy", "ci95")
 
 # --------------------------------------------------------------------------- loading
 
@@ -92,77 +85,6 @@ def load_results(path) -> dict:
         ) from None
     validate_results(results, source=str(path))
     return results
-
-
-def validate_results(results: Any, *, source: str = "results") -> None:
-    """Check what the report relies on; raise UserError naming the first problem."""
-
-    def fail(message: str) -> None:
-        raise UserError(f"{source}: {message}")
-
-    if not isinstance(results, dict):
-        fail("expected a JSON object at the top level; is this a robaudit results.json?")
-    if "schema_version" not in results:
-        fail("no schema_version; is this a robaudit results.json?")
-    if results["schema_version"] != SCHEMA_VERSION:
-        fail(f"schema_version is {results['schema_version']!r} but this robaudit reads "
-             f"{SCHEMA_VERSION}; re-run `robaudit scan` with this version")
-    missing = [key for key in REQUIRED_KEYS if key not in results]
-    if missing:
-        fail(f"missing required keys: {', '.join(missing)}")
-    for key in ("model", "dataset", "config", "attacks", "target_flow", "timing", "environment"):
-        if not isinstance(results[key], dict):
-            fail(f"{key} must be an object")
-    for key in ("examples", "checks", "notes"):
-        if not isinstance(results[key], list):
-            fail(f"{key} must be a list")
-    classes = results["dataset"].get("classes")
-    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
-        fail("dataset.classes must be a non-empty list of class names")
-    num_classes = len(classes)
-    if not results["attacks"]:
-        fail("attacks is empty; the scan ran no attack")
-    records = dict(results["attacks"])
-    if results["ensemble"] is not None:
-        records[ENSEMBLE_KEY] = results["ensemble"]
-    for name, record in records.items():
-        where = "ensemble" if record is results["ensemble"] else f"attacks.{name}"
-        if not isinstance(record, dict):
-            fail(f"{where} must be an object")
-        for key in ("per_class", "avg", "worst", "worst_class", "nsd"):
-            if key not in record:
-                fail(f"{where} has no {key}")
-        per_class = record["per_class"]
-        if not isinstance(per_class, list) or len(per_class) != num_classes:
-            fail(f"{where}.per_class must list {num_classes} classes (one per dataset.classes entry)")
-        for position, entry in enumerate(per_class):
-            if not isinstance(entry, dict) or any(key not in entry for key in PER_CLASS_KEYS):
-                fail(f"{where}.per_class[{position}] needs keys {', '.join(PER_CLASS_KEYS)}")
-            if entry["class"] != classes[position]:
-                fail(f"{where}.per_class[{position}] is {entry['class']!r} but dataset.classes has "
-                     f"{classes[position]!r} there")
-    for name, matrix in results["target_flow"].items():
-        if (not isinstance(matrix, list) or len(matrix) != num_classes
-                or not all(isinstance(row, list) and len(row) == num_classes for row in matrix)):
-            fail(f"target_flow.{name} must be a {num_classes}x{num_classes} matrix")
-    for position, example in enumerate(results["examples"]):
-        if not isinstance(example, dict):
-            fail(f"examples[{position}] must be an object")
-    for position, check in enumerate(results["checks"]):
-        if not isinstance(check, dict) or "message" not in check:
-            fail(f"checks[{position}] needs a message")
-    training = results.get("training")
-    if training is not None:
-        if not isinstance(training, dict):
-            fail("training must be an object or null")
-        for key, rows in trajectory_sources(training):
-            if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == num_classes
-                                                     for r in rows):
-                fail(f"training.{key} must hold one list of {num_classes} values per epoch")
-        curves = training.get("curves")
-        if curves is not None and (not isinstance(curves, list)
-                                   or not all(isinstance(c, dict) for c in curves)):
-            fail("training.curves must be a list of objects")
 
 
 # --------------------------------------------------------------------------- public API

@@ -9,9 +9,9 @@ first). The answers live here so that the sections agree on them.
 from __future__ import annotations
 
 from robaudit.audit.report_format import finite
+from robaudit.audit.results_schema import ENSEMBLE_KEY
 
 CLEAN_KEY = "clean"
-ENSEMBLE_KEY = "ensemble"
 
 
 def records(results: dict) -> dict:

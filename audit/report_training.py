@@ -1,20 +1,20 @@
 """The remediation training part of the report: training curves and per-class trajectories.
 
 Results written by `robaudit remediate` carry a `training` block: the method and its
-options, per-epoch curves (loss, validation accuracies), per-class quantities the
-method adapts over the epochs (class weights, teacher temperatures, FERD's class
-sampling probabilities) and, for FERD, synthetic example images. This module turns
+options, per-epoch curves (loss, validation accuracies), the per-class quantities the
+method declares it adapts over the epochs (training.class_state: whatever the method
+names, with its own labels) and, for FERD, synthetic example images. This module turns
 that block into the charts and tables of the page's comparison section; which
-trajectories a block holds is `trajectory_sources`, shared with validation.
+trajectories a block holds is results_schema.class_state_trajectories, shared with
+validation.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable
-
 from robaudit.audit.report_comparison import delta
 from robaudit.audit.report_figures import trajectory_figure, training_curves_figure
 from robaudit.audit.report_format import display, finite, png_data_uri
+from robaudit.audit.results_schema import Trajectory, class_state_trajectories
 
 MAX_TRAJECTORY_TABLE_EPOCHS = 10
 
@@ -28,27 +28,6 @@ TRAINING_CURVE_LABELS = {
     "val_robust_avg": "Validation robust accuracy (class average)",
     "val_robust_worst": "Validation robust accuracy (worst class)",
 }
-TRAJECTORY_LABELS = {
-    "class_probabilities": "Class sampling probability of synthetic labels (FERD; more for less robust classes)",
-    "tau_adv": "Teacher temperature per class on adversarial inputs (τ_adv)",
-    "tau_nat": "Teacher temperature per class on clean inputs (τ_nat)",
-    "class_weights": "Per-class loss weights",
-}
-
-
-def trajectory_sources(training: dict) -> Iterable[tuple[str, Any]]:
-    """(dotted key, per-epoch rows of one value per class) for each trajectory recorded."""
-    temperatures = training.get("temperatures")
-    if isinstance(temperatures, dict):
-        for key, rows in temperatures.items():
-            if rows is not None:
-                yield f"temperatures.{key}", rows
-    if training.get("class_weights") is not None:
-        yield "class_weights", training["class_weights"]
-    if training.get("class_probabilities") is not None:  # FERD: label distribution of synthetic data
-        yield "class_probabilities", training["class_probabilities"]
-
-
 def shown_epochs(count: int) -> list[int]:
     """At most MAX_TRAJECTORY_TABLE_EPOCHS epoch positions, evenly spread, first and last included."""
     if count <= MAX_TRAJECTORY_TABLE_EPOCHS:
@@ -77,14 +56,14 @@ def _curves(training: dict, figures: dict) -> dict | None:
                      for epoch, curve in zip(epochs, curves_rows)]}
 
 
-def _trajectory(classes: list[str], position: int, source: str, per_epoch: list, figures: dict) -> dict:
+def _trajectory(classes: list[str], position: int, trajectory: Trajectory, figures: dict) -> dict:
     """One per-class trajectory: its chart and a table of at most MAX_TRAJECTORY_TABLE_EPOCHS epochs."""
-    key = source.split(".")[-1]
+    key, per_epoch = trajectory.key, trajectory.per_epoch
     figure_id = f"fig-trajectory-{position}"
     figures[figure_id] = trajectory_figure(classes, key, per_epoch)
     shown = shown_epochs(len(per_epoch))
     return {
-        "key": key, "label": TRAJECTORY_LABELS.get(key, key), "figure_id": figure_id,
+        "key": key, "label": trajectory.label, "figure_id": figure_id,
         "table_id": f"table-trajectory-{position}", "epochs": [i + 1 for i in shown],
         "total_epochs": len(per_epoch),
         "rows": [{"class": name,
@@ -101,8 +80,8 @@ def training_section(results: dict, figures: dict) -> dict | None:
         return None
     classes = results["dataset"]["classes"]
     curves = _curves(training, figures)
-    trajectories = [_trajectory(classes, position, source, per_epoch, figures)
-                    for position, (source, per_epoch) in enumerate(trajectory_sources(training))]
+    trajectories = [_trajectory(classes, position, trajectory, figures)
+                    for position, trajectory in enumerate(class_state_trajectories(training))]
     options = training.get("options") or {}
     return {
         "method": training.get("method"), "teacher": training.get("teacher"), "epochs": training.get("epochs"),

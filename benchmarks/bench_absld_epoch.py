@@ -35,7 +35,7 @@ import common  # noqa: E402
 from robaudit.audit.architectures import create_architecture  # noqa: E402
 from robaudit.audit.loading import LoadedModel  # noqa: E402
 from robaudit.audit.rng import per_sample_normal  # noqa: E402
-from robaudit.remediate.methods import create_method, random_start_stream  # noqa: E402
+from robaudit.remediate.base import create_method, random_start_stream  # noqa: E402
 from robaudit.remediate.train import RemediateConfig, run_remediate  # noqa: E402
 
 EPS, STEP = 8 / 255, 2 / 255

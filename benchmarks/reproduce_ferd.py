@@ -145,7 +145,8 @@ def main() -> None:
     common.set_threads(args.threads)
 
     from robaudit.audit.datasets import load_dataset
-    from robaudit.audit.engine import ScanConfig, resolve_device, run_scan
+    from robaudit.audit.devices import resolve_device
+    from robaudit.audit.engine import ScanConfig, run_scan
     from robaudit.audit.loading import load_model
     from robaudit.remediate.ferd import run_ferd
     from robaudit.remediate.train import RemediateConfig, run_remediate

@@ -1,29 +1,46 @@
 """robaudit.remediate: fairer robust students by distillation (ABSLD) and the baselines.
 
-`methods` holds the per-batch losses and per-class state updates (ABSLD, RSLAD,
-Fair-RSLAD, SAT, TRADES, CFA); `train` holds the training loop that drives them,
-selects a checkpoint on a validation split, exports the student and re-audits it.
+Module map (docs/architecture.md has the whole picture):
+- `base`: the `METHODS` registry of trainers, the per-batch `RemediationMethod` base class
+  and `ClassState` (the per-class quantities a method declares for metrics.csv and the report);
+- one module per method family: `distillation` (RSLAD, Fair-RSLAD, ABSLD),
+  `adversarial_training` (SAT, TRADES, CFA), `ferd` (data-free FERD, its own loop; its
+  generator, loss terms, teacher hooks and synthetic bank in `ferd_synthesis`);
+- `train`: the shared loop for per-batch methods (validation split, checkpoint selection,
+  torchrun); `common`, `checkpoints`, `export`: what every trainer shares (configuration,
+  student, runtime, results block, student audit; atomic checkpoints and resume; export).
+
+Adding a method is one module with one `@METHODS.register` class (see docs/architecture.md,
+"How to add a method"); importing this package imports every family so they register.
 
 Where this lives: the repository's top-level folder `remediate/` installs as the import
 name `robaudit.remediate` (pyproject.toml [tool.setuptools.package-dir]; see
 docs/architecture.md).
 """
 
-from robaudit.remediate.methods import (
+from robaudit.remediate.base import (
     DEFAULT_METHOD,
     METHODS,
+    ClassState,
     RemediationMethod,
+    Trainer,
+    batch_method_names,
     create_method,
-    default_tau_bounds,
     list_methods,
 )
-from robaudit.remediate.train import RemediateConfig, run_remediate, scale_milestones
+from robaudit.remediate import adversarial_training, distillation, ferd  # noqa: F401  (registration)
+from robaudit.remediate.common import RemediateConfig
+from robaudit.remediate.distillation import default_tau_bounds
+from robaudit.remediate.train import run_remediate, scale_milestones
 
 __all__ = [
     "DEFAULT_METHOD",
     "METHODS",
+    "ClassState",
     "RemediateConfig",
     "RemediationMethod",
+    "Trainer",
+    "batch_method_names",
     "create_method",
     "default_tau_bounds",
     "list_methods",

@@ -123,8 +123,10 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
          n_per_class, split, attacks, eps, seed, batch_size, device, attack_opt, tpgd_temperature,
          iterates, score, out_dir, no_report, redact_paths, fail_under_worst, fail_over_nsd):
     """Audit MODEL class by class and write results.json, samples.npz and report.html."""
+    from robaudit.audit.arch_inference import probe_batch
     from robaudit.audit.datasets import load_dataset
-    from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps, resolve_device
+    from robaudit.audit.devices import resolve_device
+    from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps
 
     cfg = ScanConfig(out_dir=Path(out_dir), attacks=attacks.split(","), eps=parse_eps(eps), seed=seed,
                      batch_size=batch_size, device=device, iterates=iterates, score=score,
@@ -138,7 +140,11 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
     data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, n_per_class=n_per_class)
     loaded = load_model_from_options(model, model_format=model_format, arch=arch, num_classes=num_classes,
                                      trust_pickle=trust_pickle, mean=mean, std=std, device=torch_device,
-                                     dataset_classes=data.classes, input_shape=tuple(data.x.shape[1:]))
+                                     dataset_classes=data.classes, input_shape=tuple(data.x.shape[1:]),
+                                     probe_data=probe_batch(data.x, data.y))
+    if loaded.arch_inferred is not None and distributed.current().is_main:
+        click.echo(f"robaudit: no --arch given: the weights are {loaded.arch} "
+                   f"({loaded.arch_inferred['how']}; see model.arch_inferred)", err=True)
     results = _run_and_print(cfg, loaded, data)
     if distributed.current().is_main:
         click.echo(f"wrote {Path(out_dir) / 'results.json'}"
@@ -191,7 +197,8 @@ def report(results_files, out_file, redact_paths):
 
 
 @cli.command(name="list")
-def list_cmd():
+@click.option("--options", "show_options", is_flag=True, help="Also list each remediation method's options.")
+def list_cmd(show_options):
     """Show registered attacks, architectures, datasets and remediation methods."""
     from robaudit.audit.architectures import ARCHITECTURES
     from robaudit.audit.attacks import ATTACKS
@@ -202,9 +209,19 @@ def list_cmd():
                             ("datasets", DATASETS), ("methods", METHODS)):
         click.echo(f"{title}:")
         for name, help_text in registry.describe().items():
+            if registry is METHODS:
+                help_text += _method_needs(METHODS.get(name))
             click.echo(f"  {name:<16} {help_text}")
+            if registry is METHODS and show_options:
+                click.echo(f"      options (--method-opt KEY=VALUE): {', '.join(METHODS.get(name).option_names())}")
     click.echo("architectures: any torchvision classification model name also works (e.g. resnet50)")
     click.echo("datasets: an .npz file path or an image-folder path also works")
+
+
+def _method_needs(method) -> str:
+    needs = [what for what, needed in (("a teacher", method.needs_teacher),
+                                       ("training data", method.needs_training_data)) if needed]
+    return f" [needs {' and '.join(needs) or 'nothing'}; {method.default_epochs} epochs by default]"
 
 
 def main(argv=None):
@@ -251,7 +268,8 @@ def main(argv=None):
 @threads_option
 def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
     """Offline end-to-end demo: generate data, train a small robust CNN, audit it, remediate it."""
-    from robaudit.audit.engine import ScanConfig, build_attacks, resolve_device
+    from robaudit.audit.devices import resolve_device
+    from robaudit.audit.engine import ScanConfig, build_attacks
     from robaudit.audit.outlock import hold_out_dir
 
     out = Path(out_dir)
@@ -269,7 +287,8 @@ def _run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, 
     from robaudit.audit.datasets import load_dataset
     from robaudit.audit.demo import train_demo_model
     from robaudit.audit.loading import load_model, save_export
-    from robaudit.remediate.train import RemediateConfig, run_remediate
+    from robaudit.remediate.common import RemediateConfig
+    from robaudit.remediate.train import run_remediate
 
     train = load_dataset("demo", split="train")
     test = load_dataset("demo", split="test")
@@ -301,17 +320,25 @@ def _run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, 
     _print_comparison(before, summary["student_results"], rem_out)
 
 
+def _method_choices() -> str:
+    from robaudit.remediate import METHODS
+
+    return ", ".join(METHODS.names())
+
+
 @cli.command()
 @click.option("--teacher", "teacher_path", default=None, type=click.Path(),
-              help="Teacher model file (any format `scan` loads). Needed by absld, rslad, fair-rslad.")
+              help="Teacher model file (any format `scan` loads). Needed by the distillation methods "
+                   "(`robaudit list` marks them).")
 @model_options
 @dataset_options
 @click.option("--student", default=None, help="Student architecture (see `robaudit list`); default resnet18.")
 @click.option("--student-init", default=None, type=click.Path(), help="Fine-tune this model file instead of a fresh student.")
-@click.option("--method", default="absld", show_default=True, help="absld, rslad, sat, trades, fair-rslad, cfa.")
+@click.option("--method", default=None, help=f"Remediation method [absld]: {_method_choices()} "
+              "(see `robaudit list`; each method's options: `robaudit list --options`).")
 @click.option("--data-free", is_flag=True,
-              help="No training data: distill from the teacher alone with FERD (synthetic images); "
-                   "the dataset's test split is only audited. Options via --method-opt (fae, reweight, uta, ...).")
+              help="No training data: the same as --method ferd (distill from the teacher alone with "
+                   "synthetic images; the dataset's test split is only audited).")
 @click.option("--beta", type=float, default=None,
               help="absld: temperature learning rate (0.1); trades/cfa: KL weight (6).")
 @click.option("--tau-min", type=float, default=None, help="absld: lower temperature bound (dataset default).")
@@ -322,7 +349,7 @@ def _run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, 
 @click.option("--reweight", type=click.Choice(["fair-ard"]), default=None,
               help="absld: combine with Fair-ARD sample re-weighting (our construction of the journal idea).")
 @click.option("--method-opt", multiple=True, help="Any method option: KEY=VALUE (repeatable).")
-@click.option("--epochs", type=int, default=None, help="Training epochs [300; 220 with --data-free].")
+@click.option("--epochs", type=int, default=None, help="Training epochs [the method's paper: 300; ferd 220].")
 @click.option("--lr", type=float, default=0.1, show_default=True)
 @click.option("--momentum", type=float, default=0.9, show_default=True)
 @click.option("--weight-decay", type=float, default=2e-4, show_default=True)
@@ -354,33 +381,20 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
               audit_attacks, audit_limit, audit_n_per_class, attack_opt, out_dir):
     """Distill a fairer robust student (ABSLD by default), then audit teacher and student."""
     from robaudit.audit.datasets import load_dataset
-    from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps, resolve_device
-    from robaudit.remediate import METHODS
-    from robaudit.remediate.train import RemediateConfig, check_config
+    from robaudit.audit.devices import resolve_device
+    from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps
+    from robaudit.remediate import DEFAULT_METHOD, METHODS
+    from robaudit.remediate.common import RemediateConfig
 
-    if data_free:
-        if reweight is not None or reference_compat or tau_min is not None or tau_max is not None:
-            raise UserError("--reweight, --reference-compat and --tau-min/--tau-max are ABSLD options; "
-                            "with --data-free pass FERD options via --method-opt (e.g. reweight=false)")
-        if milestones:
-            raise UserError("--data-free trains with a cosine schedule: drop --milestones")
-        if teacher_path is None:
-            raise UserError("--data-free distills from a teacher: pass --teacher MODEL")
-        method = "ferd"
-    epochs = epochs if epochs is not None else (220 if data_free else 300)
-    method_cls = None if data_free else METHODS.get(method)
-    options = _parse_attack_opts([f"m.{kv}" for kv in method_opt], None).get("m", {})
-    for key, value in (("beta", beta), ("alpha", alpha), ("reweight", reweight)):
-        if value is not None:
-            options[key] = value
-    if reference_compat:
-        options["reference_compat"] = True
-    if (tau_min is None) != (tau_max is None):
-        raise UserError("give both --tau-min and --tau-max, or neither")
-    if tau_min is not None:
-        options["tau_bounds"] = (tau_min, tau_max)
-    if method_cls is not None and method_cls.needs_teacher and teacher_path is None:
-        raise UserError(f"method {method} distills from a teacher: pass --teacher MODEL")
+    if data_free and method not in (None, "ferd"):
+        raise UserError(f"--data-free trains with ferd; drop --method {method} (or pass --method ferd alone)")
+    method_cls = METHODS.get("ferd" if data_free else (method or DEFAULT_METHOD))
+    options = _method_options(method_cls, method_opt, {
+        "--beta": ("beta", beta), "--alpha": ("alpha", alpha), "--reweight": ("reweight", reweight),
+        "--reference-compat": ("reference_compat", True if reference_compat else None),
+        "--tau-min/--tau-max": ("tau_bounds", _tau_bounds(tau_min, tau_max))})
+    if method_cls.needs_teacher and teacher_path is None:
+        raise UserError(f"method {method_cls.name} distills from a teacher: pass --teacher MODEL")
     if student is None and student_init is None:
         student = "resnet18"
     check_subset_args(limit, n_per_class)
@@ -396,48 +410,64 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         milestone_list = [int(m) for m in milestones.split(",")] if milestones else None
     except ValueError:
         raise UserError(f"malformed --milestones {milestones!r}: give epochs like 215,260,285")
+    cfg = RemediateConfig(
+        out_dir=Path(out_dir), method=method_cls.name, method_options=options, student=student,
+        student_init=student_init, epochs=epochs if epochs is not None else method_cls.default_epochs, lr=lr,
+        momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, milestones=milestone_list,
+        steps=steps, eps=eps_value, val_per_class=val_per_class, val_steps=val_steps, augment=not no_augment,
+        seed=seed, device=str(torch_device), precision=precision, resume=resume, sync_bn=sync_bn,
+        audit_attacks=audit_cfg.attacks, audit_overrides=audit_cfg.attack_overrides, command=_command_line())
+    method_cls.check_config(cfg, distributed.current().world_size)  # before anything is loaded or written
 
     test = load_dataset(dataset, split="test", data_dir=data_dir, limit=audit_limit, n_per_class=audit_n_per_class)
-    train = test if data_free else load_dataset(dataset, split="train", data_dir=data_dir, limit=limit,
-                                                n_per_class=n_per_class)
+    train = (load_dataset(dataset, split="train", data_dir=data_dir, limit=limit, n_per_class=n_per_class)
+             if method_cls.needs_training_data else test)   # data-free: the test split is only audited
+    cfg.dataset = train.name
     teacher = None
     if teacher_path is not None:
+        from robaudit.audit.arch_inference import probe_batch
+
         teacher = load_model_from_options(teacher_path, model_format=model_format, arch=arch,
                                           num_classes=num_classes, trust_pickle=trust_pickle, mean=mean,
                                           std=std, device=torch_device, dataset_classes=train.classes,
-                                          input_shape=tuple(train.x.shape[1:]))
+                                          input_shape=tuple(train.x.shape[1:]),
+                                          probe_data=probe_batch(test.x, test.y))
         if train is not test:
             test.classes[:] = train.classes  # --class-names renames train.classes in place: audit with them too
-    out = Path(out_dir)
-    cfg = RemediateConfig(
-        out_dir=out, method=method, method_options=options, student=student, student_init=student_init,
-        dataset=train.name, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
-        batch_size=batch_size, milestones=milestone_list, steps=steps, eps=eps_value,
-        val_per_class=val_per_class, val_steps=val_steps, augment=not no_augment, seed=seed,
-        device=str(torch_device), precision=precision, resume=resume, sync_bn=sync_bn, audit_attacks=audit_cfg.attacks,
-        audit_overrides=audit_cfg.attack_overrides, command=_command_line())
-    check_config(cfg, distributed.current().world_size)  # before the teacher audit writes anything
-    _remediate_and_compare(cfg, audit_cfg, teacher, train, test)
+    _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test)
 
 
-def _remediate_and_compare(cfg, audit_cfg, teacher, train, test):
-    """Teacher audit (before) -> training (FERD when data-free) -> student audit (after) -> comparison.
+def _tau_bounds(tau_min, tau_max):
+    if (tau_min is None) != (tau_max is None):
+        raise UserError("give both --tau-min and --tau-max, or neither")
+    return None if tau_min is None else (tau_min, tau_max)
+
+
+def _method_options(method_cls, method_opt, shortcuts: dict) -> dict:
+    """--method-opt KEY=VALUE pairs plus the shared flags the method accepts (its registry entry says which)."""
+    options = _parse_attack_opts([f"m.{kv}" for kv in method_opt], None).get("m", {})
+    allowed = method_cls.shortcut_options()
+    for flag, (key, value) in shortcuts.items():
+        if value is None:
+            continue
+        if key not in allowed:
+            raise UserError(f"{flag} is not an option of method {method_cls.name}; pass its options with "
+                            f"--method-opt KEY=VALUE ({', '.join(method_cls.option_names())})")
+        options[key] = value
+    return options
+
+
+def _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test):
+    """Teacher audit (before) -> training (the method's trainer) -> student audit (after) -> comparison.
 
     Every audit goes through engine.run_scan.
     """
     from dataclasses import replace
 
     from robaudit.audit.outlock import hold_out_dir
-    from robaudit.remediate.train import run_remediate
 
-    if cfg.method == "ferd":
-        from robaudit.remediate.ferd import run_ferd
-
-        def train_student(dry_run=False):
-            return run_ferd(cfg, teacher=teacher, test_data=test, dry_run=dry_run)
-    else:
-        def train_student(dry_run=False):
-            return run_remediate(cfg, teacher=teacher, train_data=train, test_data=test, dry_run=dry_run)
+    def train_student(dry_run=False):
+        return method_cls.run(cfg, teacher=teacher, train_data=train, test_data=test, dry_run=dry_run)
 
     train_student(dry_run=True)  # every check on options, data and models before a file is written
     out = Path(cfg.out_dir)

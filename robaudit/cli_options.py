@@ -39,7 +39,9 @@ def model_options(f):
         click.option("--format", "model_format", default="auto", show_default=True,
                      help="Force the model format: auto, export (.pt2), torchscript, state_dict, "
                           "checkpoint, safetensors, pickle, onnx."),
-        click.option("--arch", default=None, help="Architecture for a state_dict/safetensors file (see `robaudit list`)."),
+        click.option("--arch", default=None,
+                     help="Architecture for a state_dict/safetensors file (see `robaudit list`); "
+                          "default: the registered one its keys and shapes fit."),
         click.option("--num-classes", type=int, default=None, help="Expected class count (checked against the dataset)."),
         click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (executes code from the file!)."),
         click.option("--mean", default=None,
@@ -122,13 +124,15 @@ def dataset_options(f):
 
 def load_model_from_options(model_path, *, model_format, arch, num_classes, trust_pickle, mean, std,
                             device, dataset_classes, input_shape, input_layout=None, input_range=None,
-                            output=None, output_name=None, class_names=None, class_map=None):
+                            output=None, output_name=None, class_names=None, class_map=None,
+                            probe_data=None):
     """load_model with the command's options; returns a LoadedModel.
 
     The boundary options (--input-layout ... --class-map) default to the values the
     command line gave (see model_options). dataset_classes is the dataset's class list
     (EvalData.classes): with --class-names its entries are replaced in place, so the
-    results name the classes as the user asked.
+    results name the classes as the user asked. probe_data: (x, y) of the audited data
+    (arch_inference.probe_batch), used to tell same-key architecture forms apart.
     """
     from robaudit.audit.loading import load_model
 
@@ -146,7 +150,7 @@ def load_model_from_options(model_path, *, model_format, arch, num_classes, trus
     loaded = load_model(model_path, format=model_format, arch=arch, num_classes=len(dataset_classes),
                         trust_pickle=trust_pickle, mean=_parse_floats(mean, "--mean"),
                         std=_parse_floats(std, "--std"), device=device, input_shape=input_shape,
-                        dataset_classes=list(dataset_classes), **boundary)
+                        dataset_classes=list(dataset_classes), probe_data=probe_data, **boundary)
     if loaded.class_names is not None and isinstance(dataset_classes, list):
         dataset_classes[:] = loaded.class_names
     return loaded

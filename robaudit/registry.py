@@ -29,6 +29,12 @@ class Registry:
 
         return deco
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (for tests and plugins that register temporarily)."""
+        key = name.lower()
+        self._entries.pop(key, None)
+        self._help.pop(key, None)
+
     def names(self) -> List[str]:
         return sorted(self._entries)
 

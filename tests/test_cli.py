@@ -47,6 +47,7 @@ def files(tmp_path_factory):
     torch.manual_seed(0)
     torch.save(create_architecture("smallcnn", num_classes=len(CLASSES)).state_dict(), root / "small5.pt")
     torch.save(create_architecture("smallcnn", num_classes=10).state_dict(), root / "small10.pt")
+    torch.save({"w": torch.zeros(3)}, root / "unknown_weights.pt")  # no registered architecture's
     torch.save(Centroid(), root / "whole_module.pt")  # a pickled nn.Module
 
     warnings.filterwarnings("ignore", message=".*torch.jit.trace", category=FutureWarning)
@@ -268,7 +269,7 @@ BAD_INPUT = {
     "corrupt model": (["--attacks", "clean"], {"model": "garbage.pt"}, "garbage.pt"),
     "truncated pt2": (["--attacks", "clean"], {"model": "truncated.pt2"}, "truncated"),
     "unknown arch": (["--arch", "no-such-net"], {"model": "small5.pt"}, "no-such-net"),
-    "weights without arch": ([], {"model": "small5.pt"}, "--arch"),
+    "weights without arch": ([], {"model": "unknown_weights.pt"}, "--arch"),
     "class count (weights)": (["--arch", "smallcnn"], {"model": "small10.pt"}, "10 classes"),
     "class count (num-classes)": (["--num-classes", "10"], {}, "--num-classes"),
     "input too small for model": ([], {"model": "mlp32.ts"}, "shape"),

@@ -23,11 +23,13 @@ import torch.nn.functional as F
 
 from robaudit.audit.datasets import EvalData
 from robaudit.errors import UserError
-from robaudit.remediate.ferd import (
-    FerdGenerator, FerdOptions, SyntheticBank, TeacherTaps, class_probabilities, default_warmup,
-    generator_loss, negative_margin, nonrobust_channel_mask, nonrobust_logits, run_ferd, uta_attack_loss,
+from robaudit.remediate.common import RemediateConfig
+from robaudit.remediate.ferd import run_ferd
+from robaudit.remediate.ferd_options import FerdOptions, default_warmup
+from robaudit.remediate.ferd_synthesis import (
+    FerdGenerator, SyntheticBank, TeacherTaps, class_probabilities, generator_loss, negative_margin,
+    nonrobust_channel_mask, nonrobust_logits, uta_attack_loss,
 )
-from robaudit.remediate.train import RemediateConfig
 
 C = 3
 CLASSES = ["red", "green", "blue"]

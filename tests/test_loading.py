@@ -260,9 +260,14 @@ def test_garbage_file_is_reported(tmp_path):
     assert "cannot tell the format" in _error(str(path))
 
 
-def test_weights_need_an_arch(model_files):
-    message = _error(model_files["state_dict"])
-    assert "--arch" in message and "smallcnn" in message
+def test_weights_need_an_arch_unless_their_keys_and_shapes_name_one(model_files, tmp_path):
+    # Weights of a registered architecture are inferred (tests/test_arch_inference.py) ...
+    assert load_model(model_files["state_dict"]).arch == "smallcnn"
+    # ... others need --arch, and the refusal names the closest registered ones.
+    torch.save(FlattenNet().state_dict(), tmp_path / "unknown.pt")
+    message = _error(str(tmp_path / "unknown.pt"))
+    assert "--arch" in message and "match no registered architecture" in message
+    assert "closest: " in message and "mismatched keys" in message
 
 
 def test_unknown_arch(model_files):

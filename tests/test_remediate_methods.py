@@ -18,10 +18,9 @@ import torch.nn.functional as F
 
 from robaudit.audit.rng import per_sample_normal, per_sample_uniform
 from robaudit.errors import UserError
-from robaudit.remediate.methods import (
-    ABSLD, METHODS, absld_temperature_update, cfa_class_beta, cfa_class_eps, create_method,
-    default_tau_bounds, fair_ard_weights, list_methods,
-)
+from robaudit.remediate.adversarial_training import cfa_class_beta, cfa_class_eps
+from robaudit.remediate.base import batch_method_names, create_method, list_methods
+from robaudit.remediate.distillation import ABSLD, absld_temperature_update, default_tau_bounds, fair_ard_weights
 
 C = 4
 EPS = 8 / 255
@@ -465,7 +464,10 @@ def test_cfa_fawa_averages_only_when_worst_validation_class_passes():
 
 # ================================================================= registry and state
 def test_registry_lists_all_methods_and_rejects_unknown_input():
-    assert set(list_methods()) == {"absld", "rslad", "sat", "trades", "fair-rslad", "cfa"}
+    assert set(list_methods()) == {"absld", "rslad", "sat", "trades", "fair-rslad", "cfa", "ferd"}
+    assert set(batch_method_names()) == set(list_methods()) - {"ferd"}   # ferd trains with its own loop
+    with pytest.raises(UserError, match="its own loop"):
+        create_method("ferd", C)
     with pytest.raises(UserError, match="unknown method"):
         create_method("distill-magic", C)
     with pytest.raises(UserError, match="no option 'temperature'"):
@@ -474,7 +476,7 @@ def test_registry_lists_all_methods_and_rejects_unknown_input():
         create_method("absld", C, adapt="nat")
 
 
-@pytest.mark.parametrize("name", sorted(METHODS.names()))
+@pytest.mark.parametrize("name", batch_method_names())
 def test_state_dict_round_trip_is_exact(name):
     x, y, index, z = make_batch()
     options = {"averaging_start": 1} if name == "cfa" else {}
@@ -502,10 +504,28 @@ def test_state_dict_round_trip_is_exact(name):
 
 def test_attack_leaves_student_in_train_mode_and_inside_the_ball():
     x, y, index, z = make_batch()
-    for name in list_methods():
+    for name in batch_method_names():
         student = make_student()
         method = new_method(name)
         x_adv = method.attack(student, z, x, y, index, 1)
         assert student.training
         assert (x_adv - x).abs().max() <= EPS + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
         assert not math.isnan(float(method.loss(student, z, x, y, index, 1)[0].detach()))
+
+
+EXPECTED_CLASS_STATE = {"absld": {"tau_adv", "tau_nat"}, "fair-rslad": {"class_weights"},
+                        "cfa": {"class_eps", "class_beta"}, "rslad": set(), "sat": set(), "trades": set()}
+
+
+@pytest.mark.parametrize("name", batch_method_names())
+def test_declared_class_state_is_in_every_epoch_record(name):
+    """What a method declares is what its records hold (one value per class): train.py and the
+    report draw exactly the declared keys, so a declared key missing from the record would vanish."""
+    x, y, index, z = make_batch()
+    method = new_method(name, **({"averaging_start": 1} if name == "cfa" else {}))
+    method.loss(make_student(), z, x, y, index, 1)
+    record = method.end_epoch(1, student=make_student(), val_robust=lambda model, steps: torch.full((C,), 0.5))
+    declared = {state.key for state in method.class_state()}
+    assert declared == EXPECTED_CLASS_STATE[name]
+    for key in declared:
+        assert len(record[key]) == C and all(v is None or math.isfinite(v) for v in record[key])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 
 def linf_project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -47,3 +48,17 @@ def projected_ascent(loss_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.T
         _, grad = input_grad(loss_fn, x_adv)
         x_adv = linf_step(x_adv, grad, x, eps, step_size)
     return x_adv.detach()
+
+
+def cross_entropy_pgd(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
+                      eps, step_size: float, steps: int, unit_noise: torch.Tensor) -> torch.Tensor:
+    """PGD on the per-sample cross-entropy from a uniform start, final iterate (Madry et al.).
+
+    The start is x + (2 u - 1) * eps for `unit_noise` u in [0, 1) (per-sample, from
+    robaudit.audit.rng, so a sample's start does not depend on its batch); eps may be a
+    per-sample tensor broadcastable to x (CFA's class-wise margins). Used for training
+    (SAT, CFA-AT), checkpoint selection and FERD's teacher attack; the evaluation attacks
+    add worst-over-iterates tracking on top of the same step.
+    """
+    return projected_ascent(lambda xa: F.cross_entropy(logits_fn(xa).float(), y, reduction="none"), x,
+                            eps=eps, step_size=step_size, steps=steps, x_start=x + (2 * unit_noise - 1) * eps)

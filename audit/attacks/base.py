@@ -15,7 +15,6 @@ it lands in, and the global torch RNG is never touched.
 
 from __future__ import annotations
 
-import math
 
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Tuple
@@ -24,7 +23,9 @@ import torch
 
 from robaudit.audit.attacks.ascent import input_grad, linf_project, linf_step
 from robaudit.audit.rng import per_sample_normal, per_sample_uniform
+from robaudit.audit.modes import eval_mode
 from robaudit.errors import UserError
+from robaudit.options import coerce_option
 from robaudit.registry import Registry
 
 ITERATES = ("any", "final")
@@ -71,34 +72,6 @@ def format_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def _coerce(name: str, key: str, value: Any, default: Any) -> Any:
-    """Give an override the type of its default (CLI overrides arrive as strings)."""
-    if isinstance(default, bool):
-        if isinstance(value, str):
-            lowered = value.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise UserError(f"attack {name!r}: {key} must be true or false, got {value!r}")
-        return bool(value)
-    try:
-        if isinstance(default, int):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if isinstance(default, float):
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError
-            return number
-    except (TypeError, ValueError, OverflowError):
-        raise UserError(
-            f"attack {name!r}: {key} must be a {type(default).__name__}, got {value!r}"
-        ) from None
-    return str(value) if isinstance(default, str) else value
-
-
 class Attack:
     """Base of every evaluation attack; subclasses implement `_attack` only.
 
@@ -139,7 +112,7 @@ class Attack:
         self.iterates = iterates
         self.score = score
         self.hparams: Dict[str, Any] = {
-            key: _coerce(self.name, key, params.get(key, default), default)
+            key: coerce_option(f"attack {self.name!r}", key, params.get(key, default), default)
             for key, default in self.defaults.items()
         }
         for key, value in self.hparams.items():
@@ -202,13 +175,10 @@ class Attack:
             return AttackResult(robust=robust, adv_pred=adv_pred, x_adv=x_adv)
 
         chosen = attacked.nonzero().squeeze(1)
-        modes = _eval_mode(model)
-        try:
-            with torch.no_grad():  # only ascent.input_grad re-enables grad, for inputs only
-                sub_x, sub_pred = self._attack(model, x[chosen].detach(), y[chosen],
-                                               index[chosen], clean_pred[chosen])
-        finally:
-            _restore_modes(modes)
+        # only ascent.input_grad re-enables grad, for inputs only
+        with eval_mode(model, freeze_parameters=True), torch.no_grad():
+            sub_x, sub_pred = self._attack(model, x[chosen].detach(), y[chosen],
+                                           index[chosen], clean_pred[chosen])
 
         sub_x = sub_x.detach().to(device=device, dtype=x.dtype)
         self._check_ball(x[chosen], sub_x)
@@ -233,29 +203,6 @@ class Attack:
                 f"{type(self).__name__} returned points outside the eps-ball or [0, 1] "
                 f"(L-inf excess {excess:.3g}); refusing to score them"
             )
-
-
-def _eval_mode(model):
-    """Put every submodule in eval mode and stop parameter gradients; return what to
-    restore. Modes are kept per module, since a model may mix them (e.g. frozen
-    BatchNorm inside a training model). Parameters are frozen because third-party
-    attacks call .backward() (FAB does), which would fill parameter .grad buffers."""
-    if not isinstance(model, torch.nn.Module):
-        return [], []
-    modes = [(module, module.training) for module in model.modules()]
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    model.eval()
-    for param in trainable:
-        param.requires_grad_(False)
-    return modes, trainable
-
-
-def _restore_modes(saved) -> None:
-    modes, trainable = saved
-    for module, training in modes:
-        module.training = training
-    for param in trainable:
-        param.requires_grad_(True)
 
 
 class SignGradientAttack(Attack):

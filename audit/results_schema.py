@@ -1,0 +1,171 @@
+"""The results.json contract: what `robaudit scan` writes and what the report reads.
+
+One module for both sides, as coverage.py's html.py feeds its templates from plain data:
+the engine builds every results document with `results_document` (the keys, their order
+and the schema version in one place), the report checks what it is given with
+`validate_results` before rendering, and docs/results-schema.md describes the same keys.
+
+Remediation adds a `training` block. What a method learns per class is listed in
+`training.class_state` ([{"name", "key", "label", "per_epoch"}], drawn from what each
+method declares, remediate/base.py ClassState), so the report shows any method's
+trajectories without knowing its vocabulary. Results files written before class_state
+existed hold three fixed keys instead (temperatures.tau_adv / tau_nat, class_weights,
+class_probabilities); `class_state_trajectories` reads those too, and
+`legacy_class_state_keys` keeps writing them for readers of schema version 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+import robaudit
+from robaudit.errors import UserError
+
+SCHEMA_VERSION = 1
+REQUIRED_KEYS = (
+    "schema_version", "tool", "command", "started_at", "finished_at", "model", "dataset",
+    "config", "attacks", "ensemble", "target_flow", "examples", "checks", "timing",
+    "environment", "notes",
+)
+PER_CLASS_KEYS = ("class", "n", "correct", "accuracy", "ci95")
+ENSEMBLE_KEY = "ensemble"
+
+# The trajectories of results written before training.class_state, with the labels the
+# methods that wrote them declare today (remediate/distillation.py, remediate/ferd.py).
+LEGACY_TRAJECTORIES = (
+    ("temperatures.tau_adv", "tau_adv", "Teacher temperature per class on adversarial inputs (τ_adv)"),
+    ("temperatures.tau_nat", "tau_nat", "Teacher temperature per class on clean inputs (τ_nat)"),
+    ("class_weights", "class_weights", "Per-class loss weights"),
+    ("class_probabilities", "class_probabilities",
+     "Class sampling probability of synthetic labels (FERD; more for less robust classes)"),
+)
+
+
+def results_document(*, command: Optional[str], started_at: str, finished_at: str, model: dict, dataset: dict,
+                     config: dict, attacks: dict, ensemble: Optional[dict], target_flow: dict, examples: list,
+                     checks: list, timing: dict, environment: dict, notes: List[str],
+                     training: Optional[dict] = None) -> Dict[str, Any]:
+    """A results.json document with every key in its place (docs/results-schema.md)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "robaudit", "version": robaudit.__version__},
+        "command": command, "started_at": started_at, "finished_at": finished_at,
+        "model": model, "dataset": dataset, "config": config, "attacks": attacks, "ensemble": ensemble,
+        "target_flow": target_flow, "examples": examples, "checks": checks, "timing": timing,
+        "environment": environment, "notes": notes, "training": training,
+    }
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One per-class quantity over the epochs, as the report draws it."""
+
+    source: str          # where it sits in the training block (for messages)
+    key: str             # short name (the chart's axis title)
+    label: str           # the chart's heading
+    per_epoch: Any       # [[value per class] per epoch]
+
+
+def class_state_trajectories(training: dict) -> List[Trajectory]:
+    """The per-class trajectories a training block holds: training.class_state, else the legacy keys."""
+    if isinstance(training.get("class_state"), list):
+        return [Trajectory(f"class_state.{s['name']}", str(s["name"]), str(s.get("label") or s["name"]),
+                           s["per_epoch"])
+                for s in training["class_state"] if isinstance(s, dict) and s.get("per_epoch") is not None]
+    found = []
+    for source, key, label in LEGACY_TRAJECTORIES:
+        holder, _, inner = source.rpartition(".")
+        block = training.get(holder) if holder else training
+        rows = block.get(inner) if isinstance(block, dict) else None
+        if rows is not None:
+            found.append(Trajectory(source, key, label, rows))
+    return found
+
+
+def legacy_class_state_keys(class_state: List[dict]) -> dict:
+    """The schema-1 keys (temperatures, class_weights[, class_probabilities]) for a class_state list."""
+    rows = {s["name"]: s["per_epoch"] for s in class_state}
+    out: Dict[str, Any] = {
+        "temperatures": ({"tau_adv": rows["tau_adv"], "tau_nat": rows.get("tau_nat")} if "tau_adv" in rows
+                         else None),
+        "class_weights": rows.get("class_weights"),
+    }
+    if "class_probabilities" in rows:
+        out["class_probabilities"] = rows["class_probabilities"]
+    return out
+
+
+def validate_results(results: Any, *, source: str = "results") -> None:
+    """Check what the report relies on; raise UserError naming the first problem."""
+
+    def fail(message: str) -> None:
+        raise UserError(f"{source}: {message}")
+
+    if not isinstance(results, dict):
+        fail("expected a JSON object at the top level; is this a robaudit results.json?")
+    if "schema_version" not in results:
+        fail("no schema_version; is this a robaudit results.json?")
+    if results["schema_version"] != SCHEMA_VERSION:
+        fail(f"schema_version is {results['schema_version']!r} but this robaudit reads "
+             f"{SCHEMA_VERSION}; re-run `robaudit scan` with this version")
+    missing = [key for key in REQUIRED_KEYS if key not in results]
+    if missing:
+        fail(f"missing required keys: {', '.join(missing)}")
+    for key in ("model", "dataset", "config", "attacks", "target_flow", "timing", "environment"):
+        if not isinstance(results[key], dict):
+            fail(f"{key} must be an object")
+    for key in ("examples", "checks", "notes"):
+        if not isinstance(results[key], list):
+            fail(f"{key} must be a list")
+    classes = results["dataset"].get("classes")
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        fail("dataset.classes must be a non-empty list of class names")
+    num_classes = len(classes)
+    if not results["attacks"]:
+        fail("attacks is empty; the scan ran no attack")
+    records = dict(results["attacks"])
+    if results["ensemble"] is not None:
+        records[ENSEMBLE_KEY] = results["ensemble"]
+    for name, record in records.items():
+        where = "ensemble" if record is results["ensemble"] else f"attacks.{name}"
+        if not isinstance(record, dict):
+            fail(f"{where} must be an object")
+        for key in ("per_class", "avg", "worst", "worst_class", "nsd"):
+            if key not in record:
+                fail(f"{where} has no {key}")
+        per_class = record["per_class"]
+        if not isinstance(per_class, list) or len(per_class) != num_classes:
+            fail(f"{where}.per_class must list {num_classes} classes (one per dataset.classes entry)")
+        for position, entry in enumerate(per_class):
+            if not isinstance(entry, dict) or any(key not in entry for key in PER_CLASS_KEYS):
+                fail(f"{where}.per_class[{position}] needs keys {', '.join(PER_CLASS_KEYS)}")
+            if entry["class"] != classes[position]:
+                fail(f"{where}.per_class[{position}] is {entry['class']!r} but dataset.classes has "
+                     f"{classes[position]!r} there")
+    for name, matrix in results["target_flow"].items():
+        if (not isinstance(matrix, list) or len(matrix) != num_classes
+                or not all(isinstance(row, list) and len(row) == num_classes for row in matrix)):
+            fail(f"target_flow.{name} must be a {num_classes}x{num_classes} matrix")
+    for position, example in enumerate(results["examples"]):
+        if not isinstance(example, dict):
+            fail(f"examples[{position}] must be an object")
+    for position, check in enumerate(results["checks"]):
+        if not isinstance(check, dict) or "message" not in check:
+            fail(f"checks[{position}] needs a message")
+    training = results.get("training")
+    if training is not None:
+        if not isinstance(training, dict):
+            fail("training must be an object or null")
+        if "class_state" in training and not (isinstance(training["class_state"], list) and all(
+                isinstance(s, dict) and "name" in s and "per_epoch" in s for s in training["class_state"])):
+            fail("training.class_state must be a list of {name, label, per_epoch} objects")
+        for trajectory in class_state_trajectories(training):
+            rows = trajectory.per_epoch
+            if not isinstance(rows, list) or not all(isinstance(r, list) and len(r) == num_classes
+                                                     for r in rows):
+                fail(f"training.{trajectory.source} must hold one list of {num_classes} values per epoch")
+        curves = training.get("curves")
+        if curves is not None and (not isinstance(curves, list)
+                                   or not all(isinstance(c, dict) for c in curves)):
+            fail("training.curves must be a list of objects")
