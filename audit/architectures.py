@@ -471,15 +471,6 @@ def torchvision_architectures() -> List[str]:
     return list(_torchvision_names())
 
 
-def list_architectures() -> List[str]:
-    """Registered CIFAR architectures first, then every torchvision classification name."""
-    registered = ARCHITECTURES.names()
-    shadowed = set(registered)
-    return registered + [
-        n if n not in shadowed else TORCHVISION_PREFIX + n for n in torchvision_architectures()
-    ]
-
-
 def _compact(name: str) -> str:
     return re.sub(r"[-_\s]", "", name.lower())
 

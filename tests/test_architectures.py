@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from robaudit.audit.architectures import (ARCHITECTURES, WideResNet, build_wide_resnet,
                                           check_architecture, create_architecture,
-                                          infer_wide_resnet, list_architectures,
+                                          infer_wide_resnet,
                                           resolve_architecture)
 from robaudit.errors import UserError
 
@@ -53,13 +53,6 @@ def test_unknown_architecture_lists_choices():
     message = str(err.value)
     assert "resnet19" in message and "smallcnn" in message and "wrn-34-10" in message
     assert "6n+4" in message and "\n" not in message
-
-
-def test_list_architectures_has_registered_then_torchvision():
-    names = list_architectures()
-    assert names[:len(ARCHITECTURES.names())] == ARCHITECTURES.names()
-    assert "resnet50" in names and "torchvision:resnet18" in names
-    assert "torchvision:mobilenet_v2" not in names and "mobilenet_v2" in names
 
 
 def test_smallcnn_is_small():
