@@ -20,6 +20,10 @@ order (the order `adaptations["pipeline"]` lists for each audit):
     6. log(max(p, FLOOR))               --output probs (or auto-detected probabilities)
     7. columns reordered                --class-map: column k = dataset class k
 
+A model that normalises its own input (RobustBench's DM models) gets no step 2: equal
+--mean/--std are applied once, inside the model, with a note; different ones are refused
+(`check_own_normalization`), since applying both would normalise twice.
+
 Every step is differentiable, so white-box attacks see the gradient of the model as
 deployed. Step 6 makes a softmax model attackable: cross-entropy over softmax(p) would
 saturate and mask gradients, while cross-entropy over log p equals the model's own
@@ -33,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -383,8 +387,9 @@ def build_boundary(module: nn.Module, info: ModelInfo, request: BoundaryRequest,
     """Adapt `module` (in eval mode, on the device) to NCHW [0, 1] in, logits in dataset
     class order out, checking it on an all-zero batch and on a probe batch; every problem
     ends in a one-line UserError. `notes` (the caller's) are recorded after the format's."""
+    request, own_notes = check_own_normalization(module, info, request)
     boundary, layout_reason, chosen = start_boundary(module, info, request)
-    all_notes = list(info.notes) + list(notes)
+    all_notes = list(info.notes) + list(notes) + own_notes
     out, layout_reason = _first_forward(boundary, info, request, layout_reason)
     if chosen is None:
         key, names, reason = choose_output(out, request.output_name, 2, request.num_classes)
@@ -411,6 +416,50 @@ def build_boundary(module: nn.Module, info: ModelInfo, request: BoundaryRequest,
     return Boundary(module=final, native=native, num_classes=classes, layout=boundary.layout,
                     layout_reason=layout_reason, output_name=chosen[0], output_names=chosen[1],
                     output_reason=chosen[2], adaptations=adaptations)
+
+
+def _per_channel(values: Sequence[float], channels: int) -> List[float]:
+    values = [float(v) for v in values]
+    return values * channels if len(values) == 1 else values
+
+
+def _same_constants(given: Sequence[float], own: Sequence[float]) -> bool:
+    # Normalisation constants are typed with about 4 decimals (0.4914) and stored in float32.
+    return len(given) == len(own) and all(math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-4)
+                                          for a, b in zip(given, own))
+
+
+def _constants_text(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{float(v):.4g}" for v in values) + "]"
+
+
+def check_own_normalization(module: nn.Module, info: ModelInfo, request: BoundaryRequest
+                            ) -> Tuple[BoundaryRequest, List[str]]:
+    """(request, notes) for a model that normalises its own input (RobustBench's DM models:
+    `module.input_normalization`, audit/architectures_dm.py).
+
+    Normalising at the boundary as well would normalise twice, and the model would still run
+    with plausible-looking, wrong logits. So --mean/--std (or the file's mu/sigma) that differ
+    from the model's own constants are refused; equal ones are dropped from the boundary
+    (applied once, inside the model) with a note. Models that do not normalise themselves
+    come back unchanged.
+    """
+    own = getattr(module, "input_normalization", None)
+    if request.mean is None or not isinstance(own, Mapping):
+        return request, []
+    own_mean, own_std = [float(v) for v in own["mean"]], [float(v) for v in own["std"]]
+    channels = len(own_mean)
+    given_mean, given_std = _per_channel(request.mean, channels), _per_channel(request.std, channels)
+    what = f"mean {_constants_text(own_mean)}, std {_constants_text(own_std)}"
+    who = f"the weights ({info.arch}) normalise their input themselves" if info.arch \
+        else "the model normalises its input itself"
+    if not (_same_constants(given_mean, own_mean) and _same_constants(given_std, own_std)):
+        fix = "drop --mean/--std" if request.mean_source == "--mean/--std" else "remove one of them"
+        raise UserError(f"{who} ({what}); {request.mean_source} (mean {_constants_text(given_mean)}, std "
+                        f"{_constants_text(given_std)}) would normalise it a second time: {fix}")
+    note = (f"{request.mean_source} equal the model's own input normalisation ({what}); applied once, "
+            f"inside the model (not again at the boundary)")
+    return replace(request, mean=None, std=None, mean_source="--mean/--std"), [note]
 
 
 def start_boundary(module: nn.Module, info: ModelInfo, request: BoundaryRequest

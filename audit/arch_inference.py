@@ -33,6 +33,7 @@ from torch import nn
 
 from robaudit.audit.architectures import (ARCHITECTURES, PREACT_RESNET18_FORMS, create_architecture,
                                           infer_wide_resnet, resolve_architecture)
+from robaudit.audit.metrics import binomial_upper_tail, mcnemar_exact_p
 from robaudit.errors import UserError
 
 INFERRED_HOW = "matched keys and shapes"
@@ -221,29 +222,6 @@ def build_with_weights(name: str, state: Mapping[str, torch.Tensor], num_classes
 
 # --- telling same-key forms apart --------------------------------------------------------
 
-def _log_binomial_pmf(k: int, n: int, p: float) -> float:
-    if p <= 0.0 or p >= 1.0:
-        return 0.0 if k == (n if p >= 1.0 else 0) else -math.inf
-    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-            + k * math.log(p) + (n - k) * math.log1p(-p))
-
-
-def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(X >= k) for X ~ Binomial(n, p), summed in log space (n is a few hundred at most)."""
-    if k <= 0:
-        return 1.0
-    return min(1.0, sum(math.exp(_log_binomial_pmf(i, n, p)) for i in range(k, n + 1)))
-
-
-def mcnemar_p(only_first: int, only_second: int) -> float:
-    """Exact two-sided McNemar test: both candidates see the same images, so only the
-    images exactly one of them gets right say anything about which is better."""
-    discordant = only_first + only_second
-    if discordant == 0:
-        return 1.0
-    return min(1.0, 2.0 * binomial_tail(max(only_first, only_second), discordant, 0.5))
-
-
 def decisive_reason(winner: torch.Tensor, other: torch.Tensor, num_classes: int) -> Optional[str]:
     """None if `winner` (bool correct-per-image) beats `other` decisively, else why not.
 
@@ -257,10 +235,10 @@ def decisive_reason(winner: torch.Tensor, other: torch.Tensor, num_classes: int)
     gap = float(winner.float().mean() - other.float().mean())
     if gap < DECISIVE_MARGIN:
         return f"a gap of {100 * gap:.1f} points, under {100 * DECISIVE_MARGIN:.0f}"
-    paired = mcnemar_p(int((winner & ~other).sum()), int((other & ~winner).sum()))
+    paired = mcnemar_exact_p(int((winner & ~other).sum()), int((other & ~winner).sum()))
     if paired > DECISIVE_ALPHA:
         return f"McNemar p = {paired:.2g} on {n} images, above {DECISIVE_ALPHA:g}"
-    chance = binomial_tail(int(winner.sum()), n, 1.0 / max(num_classes, 1))
+    chance = binomial_upper_tail(int(winner.sum()), n, 1.0 / max(num_classes, 1))
     if chance > DECISIVE_ALPHA:
         return f"the best is not clearly above chance (1/{num_classes}; p = {chance:.2g})"
     return None

@@ -70,7 +70,7 @@ _PICKLE_REFUSAL = ("{path} contains pickled Python objects; robaudit did not exe
 @dataclass
 class ReadOptions:
     """What a reader may use besides the file (from load_model's arguments)."""
-    arch: Optional[str] = None          # architecture for a weights-only file (a checked name)
+    arch: Optional[str] = None          # architecture for a weights-only file (a checked name or timm:NAME)
     num_classes: Optional[int] = None   # the dataset's class count, when known
     trust_pickle: bool = False          # allow unpickling arbitrary objects (runs their code)
     device: str = "cpu"
@@ -422,8 +422,13 @@ def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor], notes: List[str])
 def model_from_weights(state: Mapping[str, torch.Tensor], kind: str, path: str, options: ReadOptions,
                        notes: List[str]) -> Tuple[nn.Module, ModelInfo]:
     """Weights (format `kind`) loaded into options.arch, which they must fit exactly, or
-    without it into the architecture their keys and shapes say (audit/arch_inference.py)."""
+    without it into the architecture their keys and shapes say (audit/arch_inference.py);
+    a `timm:NAME` arch is built by timm (audit/zoo.py `timm_from_weights`)."""
     state = _strip_wrapper_prefixes(state, notes)
+    if options.arch is not None and options.arch.lower().startswith("timm:"):
+        from robaudit.audit.zoo import timm_from_weights  # zoo imports this module
+
+        return timm_from_weights(state, kind, path, options, notes)
     # RobustBench-style mu/sigma buffers move to the boundary: normalised once, recorded there.
     state, file_norm = arch_inference.split_normalization_buffers(state)
     if file_norm is not None:

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from robaudit.audit import adapters, formats
+from robaudit.audit import adapters, formats, zoo
 from robaudit.audit.devices import resolve_device
 from robaudit.audit.modes import eval_mode
 # Re-exported: these lived here before the format registry (audit/formats.py) and the
@@ -95,7 +95,8 @@ def save_export(module: nn.Module, path: str, example_input: torch.Tensor) -> No
 def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle=False,
                mean=None, std=None, device="cpu", input_shape=(3, 32, 32), input_layout="auto",
                input_range="0-1", output="auto", output_name=None, class_map=None,
-               class_names=None, dataset_classes=None, probe_data=None) -> LoadedModel:
+               class_names=None, dataset_classes=None, probe_data=None, dataset=None,
+               zoo_dir=None) -> LoadedModel:
     """Load the model at `path` and adapt it to NCHW [0, 1] in, logits in dataset class order out.
 
     input_shape is the dataset's (C, H, W). input_layout auto|nchw|nhwc, input_range 0-1|0-255,
@@ -111,15 +112,23 @@ def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle
     = (x, y), a small batch of the audited data (NCHW in [0, 1], labels), lets it tell apart
     forms with the same keys but different forwards by clean accuracy; without it they are
     refused.
+
+    `path` may also name a zoo model (audit/zoo.py): `robustbench:[THREAT/]NAME` (for the
+    dataset named `dataset`; cached under `zoo_dir`), or a timm Hugging Face folder; `arch`
+    may be `timm:NAME`. What the zoo did is recorded in adaptations["zoo"].
     """
     path = os.fspath(path)
     input_shape = tuple(int(d) for d in input_shape)
-    _check_file(path)
+    source = zoo.model_source(path, arch=arch, format=format, dataset=dataset, zoo_dir=zoo_dir)
+    if source is None:
+        _check_file(path)
     if format != "auto" and format not in formats.format_names():
         raise UserError(f"unknown model format {format!r}; choose auto or one of: "
                         f"{', '.join(formats.format_names())}")
     arch_note = None
-    if arch is not None:
+    if source is not None and source.arch is not None:
+        arch = source.arch  # timm:NAME, checked (from --arch or the folder's config.json)
+    elif arch is not None:
         arch, arch_note = resolve_architecture(arch)
     device = str(resolve_device(device))
     # Files the user names are read before the model, so a typo fails fast.
@@ -128,11 +137,17 @@ def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle
         input_range=input_range, output=output, output_name=output_name, num_classes=num_classes,
         class_map=class_map, class_names=class_names, dataset_classes=dataset_classes)
 
-    reader = formats.pick_format(path, format)
+    if source is not None:
+        path = source.prepare(request)  # checks the flags against the zoo, then fetches
+        _check_file(path)
+    reader = source.reader if source is not None else None
+    reader = reader or formats.pick_format(path, format)
     scorer = None if probe_data is None else _probe_scorer(probe_data, request, path)
     module, info = reader.read(path, ReadOptions(arch=arch, num_classes=request.num_classes,
                                                  trust_pickle=trust_pickle, device=device,
                                                  score_candidate=scorer))
+    if source is not None:
+        source.finish(info)
     notes = ([f"--arch {arch} ignored: {path} contains the whole model, not just weights"]
              if arch is not None and info.arch is None else [])
     if arch_note is not None and info.arch is not None:
@@ -144,6 +159,8 @@ def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle
     module = module if info.on_device else module.to(device)
     module.eval()
     built = adapters.build_boundary(module, info, request, notes)
+    if source is not None:
+        built.adaptations["zoo"] = source.record
     return LoadedModel(module=built.module, format=info.format, path=path, sha256=sha256_file(path),
                        num_params=int(num_params), arch=info.arch, white_box=info.white_box,
                        adaptations=built.adaptations, refusal=info.refusal,
@@ -153,27 +170,28 @@ def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle
 
 def with_file_normalization(request: adapters.BoundaryRequest, info: adapters.ModelInfo,
                             path: str) -> adapters.BoundaryRequest:
-    """The request with the normalisation the file carries (mu/sigma buffers), checked
-    against --mean/--std: equal ones are applied once, different ones are refused."""
+    """The request with the normalisation the file carries (mu/sigma buffers, or a timm
+    pretrained_cfg: its "source"), checked against --mean/--std: equal ones are applied
+    once, different ones are refused."""
     file_norm = info.input_normalization
     if file_norm is None:
         return request
+    source = file_norm.get("source") or FILE_NORMALIZATION_SOURCE
+    where = f"{path}'s mu/sigma buffers" if source == FILE_NORMALIZATION_SOURCE else source
     mean, std = list(file_norm["mean"]), list(file_norm["std"])
     channels = request.input_shape[0]
     if len(mean) not in (1, channels):
-        raise UserError(f"{path} has mu/sigma buffers with {len(mean)} values but the dataset's images "
-                        f"have {channels} channels")
+        raise UserError(f"{where} hold {len(mean)} values but the dataset's images have {channels} channels")
     if not all(math.isfinite(v) for v in mean + std) or any(v <= 0 for v in std):
-        raise UserError(f"{path} has mu/sigma buffers that are not a usable normalisation "
-                        f"(sigma must be positive and finite)")
+        raise UserError(f"{where} are not a usable normalisation (the std must be positive and finite)")
     mean, std = (v * channels if len(v) == 1 else v for v in (mean, std))
     if request.mean is not None:
         if not (_close(request.mean, mean) and _close(request.std, std)):
             raise UserError(f"--mean/--std ({request.mean}, {request.std}) disagree with the normalisation in "
-                            f"{path}'s mu/sigma buffers (mean {_rounded(mean)}, std {_rounded(std)}); "
+                            f"{where} (mean {_rounded(mean)}, std {_rounded(std)}); "
                             f"drop --mean/--std to use the file's")
-        info.notes.append("--mean/--std equal the file's mu/sigma buffers; normalised once")
-    return replace(request, mean=mean, std=std, mean_source=FILE_NORMALIZATION_SOURCE)
+        info.notes.append(f"--mean/--std equal {source}; normalised once")
+    return replace(request, mean=mean, std=std, mean_source=source)
 
 
 def _close(given: List[float], stored: List[float]) -> bool:

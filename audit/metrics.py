@@ -152,3 +152,25 @@ def target_flow(y, adv_pred, fooled, num_classes: int) -> list:
     flat = np.bincount(labels[counted] * num_classes + preds[counted],
                        minlength=num_classes * num_classes)
     return flat.reshape(num_classes, num_classes).astype(int).tolist()
+
+
+def binomial_upper_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), exact (summed in log space)."""
+    if k <= 0:
+        return 1.0
+    if k > n:
+        return 0.0
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                 + (i * math.log(p) if i else 0.0) + ((n - i) * math.log1p(-p) if n - i else 0.0)
+                 for i in range(k, n + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
+def mcnemar_exact_p(only_first: int, only_second: int) -> float:
+    """Exact two-sided McNemar test on paired outcomes: only the discordant pairs (right under
+    one model, wrong under the other) carry information; under "no change" each is a fair coin."""
+    discordant = int(only_first) + int(only_second)
+    if discordant == 0:
+        return 1.0
+    return min(1.0, 2.0 * binomial_upper_tail(max(int(only_first), int(only_second)), discordant, 0.5))

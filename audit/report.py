@@ -90,12 +90,14 @@ def load_results(path) -> dict:
 # --------------------------------------------------------------------------- public API
 
 
-def build_context(results: dict, *, baseline: dict | None = None, redact_paths: bool = False) -> dict:
+def build_context(results: dict, *, baseline: dict | None = None, redact_paths: bool = False,
+                  paired=None) -> dict:
     """Plain dicts and lists the template renders: results -> what each section shows.
 
     With `baseline` (the BEFORE results) the context also holds the comparison
-    section; `redact_paths` cuts filesystem paths to basenames everywhere, including
-    the embedded results JSON.
+    section, which the page then opens with; `paired` = (audit/paired.PairedOutcomes or
+    None, why not) adds its paired tests. `redact_paths` cuts filesystem paths to
+    basenames everywhere, including the embedded results JSON.
     """
     validate_results(results, source="results")
     if baseline is not None:
@@ -109,15 +111,19 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
     per_class = per_class_section(results, figures)
     target_flow = target_flow_section(results, figures)
     examples = examples_section(results)
-    comparison = comparison_section(results, baseline, figures) if baseline is not None else None
+    outcomes, why_not = paired if paired is not None else (None, "")
+    comparison = (comparison_section(results, baseline, figures, outcomes, why_not)
+                  if baseline is not None else None)
     training = training_section(results, figures)
     provenance = [provenance_section(results, "This audit" if baseline is None else "After (this audit)", "prov-run")]
     if baseline is not None:
         provenance.append(provenance_section(baseline, "Before (baseline)", "prov-baseline"))
     sections = [("verdict", "Verdict"), ("checks", "Reliability flags"), ("per-class", "Per-class robustness"),
                 ("target-flow", "Where attacks push each class"), ("examples", "Example adversarial images")]
-    if comparison is not None or training is not None:
-        sections.append(("comparison", "Before and after" if comparison is not None else "Remediation training"))
+    if comparison is not None:   # a comparison is what its reader came for: it opens the page
+        sections.insert(0, ("comparison", "Before and after"))
+    elif training is not None:
+        sections.append(("comparison", "Remediation training"))
     sections.append(("provenance", "Provenance"))
     model_name = verdict["model_name"]
     return {
@@ -172,9 +178,9 @@ def _plotly_js() -> tuple[Markup, str]:
 
 
 def render_html(results: dict, *, baseline: dict | None = None, redact_paths: bool = False,
-                rendered_at: str | None = None) -> str:
+                rendered_at: str | None = None, paired=None) -> str:
     """The report page as a string (what render_report writes)."""
-    context = build_context(results, baseline=baseline, redact_paths=redact_paths)
+    context = build_context(results, baseline=baseline, redact_paths=redact_paths, paired=paired)
     if rendered_at is None:
         rendered_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     plotly_js, plotly_js_version = _plotly_js()
@@ -186,12 +192,13 @@ def render_html(results: dict, *, baseline: dict | None = None, redact_paths: bo
 
 
 def render_report(results: dict, out_path, *, baseline: dict | None = None, redact_paths: bool = False,
-                  rendered_at: str | None = None) -> Path:
+                  rendered_at: str | None = None, paired=None) -> Path:
     """Write the self-contained HTML report to `out_path` atomically; return its path."""
     out_path = Path(out_path)
     if out_path.is_dir():
         raise UserError(f"{out_path} is a directory; pass the report file name, e.g. {out_path / 'report.html'}")
-    page = render_html(results, baseline=baseline, redact_paths=redact_paths, rendered_at=rendered_at)
+    page = render_html(results, baseline=baseline, redact_paths=redact_paths, rendered_at=rendered_at,
+                       paired=paired)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(out_path, page.encode("utf-8"))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from robaudit.audit.report_figures import comparison_figure
+from robaudit.audit.paired import per_class_tests
 from robaudit.audit.report_format import ci, display, eps_as_fraction_of_255, finite, pct, pp, ratio
 from robaudit.audit.report_records import CLEAN_KEY, ENSEMBLE_KEY, attack_label, headline_key, records, robustness_order
 from robaudit.errors import UserError
@@ -103,6 +104,7 @@ def _class_rows(after: dict, before: dict, key: str, order: list[int]) -> list[d
             "clean_before": clean_before, "clean_after": clean_after,
             "clean_delta": delta(clean_after, clean_before),
             "was_worst": classes[index] == worst_before, "is_worst": classes[index] == worst_after,
+            "paired": None,   # the paired test of this class, when both audits' samples are given
         })
     return rows
 
@@ -161,7 +163,31 @@ def _sentence(label: str, a_record: dict, b_record: dict, summary: list[dict]) -
     )
 
 
-def comparison_section(after: dict, before: dict, figures: dict) -> dict:
+def _paired_verdict(classes: list[str], rows: list[dict], tests: list[dict] | None, why_not: str,
+                    worst_before: str | None, label: str) -> dict:
+    """The comparison's opening verdict: is the change in the worst class (before) real?"""
+    if tests is None:
+        return {"available": False, "text": f"No paired test: {why_not}. The intervals below are per audit; "
+                                            f"overlapping intervals do not show that nothing changed."}
+    for row, test in zip(sorted(rows, key=lambda r: classes.index(r["class"])), tests):
+        row["paired"] = test
+    worst = next((r for r in rows if r["class"] == worst_before), None)
+    if worst is None or worst["paired"]["n"] == 0:
+        return {"available": True, "text": "Paired McNemar tests per class are in the table below."}
+    test = worst["paired"]
+    significant = [r["class"] for r in rows if r["paired"]["significant"]]
+    return {"available": True, "text": (
+        f"The class that was worst before, {worst_before}, went from {pct(worst['before'])} to "
+        f"{pct(worst['after'])} under {label} ({pp(worst['delta'])}): on its {test['n']} images "
+        f"{test['only_after']} became correct and {test['only_before']} became wrong, exact McNemar "
+        f"p = {test['p']:.2g}, {'a significant change' if test['significant'] else 'not a significant change'} "
+        f"at the 5% level. Classes with a significant change (paired, per class, uncorrected): "
+        f"{', '.join(significant) if significant else 'none'}.")}
+
+
+def comparison_section(after: dict, before: dict, figures: dict, paired=None, paired_why: str = "") -> dict:
+    """The before/after section. `paired` (audit/paired.PairedOutcomes of the same images under
+    both models, or None with `paired_why`) adds per-class McNemar tests and the verdict."""
     if after["dataset"]["classes"] != before["dataset"]["classes"]:
         raise UserError("cannot compare: BEFORE and AFTER have different class lists "
                         "(dataset.classes must match in names and order)")
@@ -178,7 +204,11 @@ def comparison_section(after: dict, before: dict, figures: dict) -> dict:
     sentence = _sentence(label, a_record, b_record, summary)
     figure_id = "fig-compare"
     figures[figure_id] = comparison_figure(classes, order, b_record, a_record, worst_after)
+    tests = per_class_tests(paired, len(classes)) if paired is not None else None
+    verdict = _paired_verdict(classes, rows, tests, paired_why or "the per-image outcomes (samples.npz) of both "
+                              "audits are needed", worst_before, label)
     return {
+        "verdict": verdict,
         "key": key, "label": label, "rows": rows, "summary": summary, "attack_rows": attack_rows,
         "warnings": like_for_like(after, before, key), "sentence": sentence,
         "figure_id": figure_id, "table_id": "table-compare", "has_clean": bool(a_clean and b_clean),

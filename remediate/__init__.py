@@ -4,8 +4,9 @@ Module map (docs/architecture.md has the whole picture):
 - `base`: the `METHODS` registry of trainers, the per-batch `RemediationMethod` base class
   and `ClassState` (the per-class quantities a method declares for metrics.csv and the report);
 - one module per method family: `distillation` (RSLAD, Fair-RSLAD, ABSLD),
-  `adversarial_training` (SAT, TRADES, CFA), `ferd` (data-free FERD, its own loop; its
-  generator, loss terms, teacher hooks and synthetic bank in `ferd_synthesis`);
+  `adversarial_training` (SAT, TRADES, CFA), `ard` (ARD, Fair-ARD), `frl` (FRL fine-tuning),
+  `ferd` (data-free FERD, its own loop; options in `ferd_options`, generator, loss terms,
+  teacher hooks and synthetic bank in `ferd_synthesis`, the information bottleneck in `ferd_ib`);
 - `train`: the shared loop for per-batch methods (validation split, checkpoint selection,
   torchrun); `common`, `checkpoints`, `export`: what every trainer shares (configuration,
   student, runtime, results block, student audit; atomic checkpoints and resume; export).
@@ -29,6 +30,7 @@ from robaudit.remediate.base import (
     list_methods,
 )
 from robaudit.remediate import adversarial_training, distillation, ferd  # noqa: F401  (registration)
+from robaudit.remediate import ard, frl  # noqa: F401  (registration: ARD / Fair-ARD, FRL)
 from robaudit.remediate.common import RemediateConfig
 from robaudit.remediate.distillation import default_tau_bounds
 from robaudit.remediate.train import run_remediate, scale_milestones

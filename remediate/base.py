@@ -44,7 +44,8 @@ exactly, and sums of float32 per-sample values exactly whenever they span fewer 
 Formulas follow ../shared/specs/methods.md; comments marked (code) reproduce the
 authors' released code where the papers are silent. The methods live in one module per
 family: remediate/distillation.py (RSLAD, Fair-RSLAD, ABSLD), remediate/
-adversarial_training.py (SAT, TRADES, CFA), remediate/ferd.py (data-free FERD).
+adversarial_training.py (SAT, TRADES, CFA), remediate/ard.py (ARD, Fair-ARD), remediate/frl.py
+(FRL), remediate/ferd.py (data-free FERD).
 """
 
 from __future__ import annotations
@@ -115,6 +116,13 @@ class Trainer:
     needs_teacher: ClassVar[bool] = True        # the loop computes teacher logits only if True
     needs_training_data: ClassVar[bool] = True  # False: data-free (FERD), the test split is only audited
     default_epochs: ClassVar[int] = 300         # the paper's schedule length
+    # The method's own paper's schedule (`--schedule paper`): epochs, lr, milestones (lr /10
+    # after each), weight_decay, batch_size and the source it was read from. None: the shared one.
+    paper_schedule: ClassVar[Optional[dict]] = None
+    # False: the method trains only under its own schedule (fine-tuning, data-free): the shared
+    # schedule's lr 0.1 would undo a robust model it starts from.
+    shared_schedule: ClassVar[bool] = True
+    fine_tunes: ClassVar[bool] = False          # True: starts from a trained model (--student-init)
 
     @classmethod
     def option_names(cls) -> List[str]:
@@ -312,11 +320,16 @@ class RemediationMethod(Trainer):
         self.tally = reduce(self.tally)
 
     def end_epoch(self, epoch: int, *, student: Optional[nn.Module] = None,
-                  val_robust: Optional[Callable[[nn.Module, int], torch.Tensor]] = None) -> dict:
+                  val_robust: Optional[Callable[[nn.Module, int], torch.Tensor]] = None,
+                  val_accuracy: Optional[Callable[[nn.Module, int], Tuple[torch.Tensor, torch.Tensor]]] = None
+                  ) -> dict:
         """Per-class updates after `epoch`; returns this epoch's record (and resets the tallies).
 
         `val_robust(model, steps)` returns per-class PGD robust accuracy on the validation
-        split (only CFA's weight averaging uses it).
+        split (CFA's weight averaging uses it); `val_accuracy(model, steps)` returns
+        (per-class clean accuracy, per-class PGD robust accuracy) there (FRL uses it). The
+        loop passes both; an override takes the ones it uses by name and passes the rest on
+        with `**validation` (see tests/toy_method.py).
         """
         record = self._tally_record()
         self.tally.zero_()

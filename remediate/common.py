@@ -51,6 +51,7 @@ class RemediateConfig:
     student_init: Optional[str] = None             # or a model file to fine-tune
     dataset: Optional[str] = None                  # for dataset-dependent defaults; default: train_data.name
     epochs: int = PAPER_EPOCHS
+    schedule: str = "shared"                       # which preset set epochs/lr/milestones/wd: shared|paper|own
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 2e-4
@@ -59,7 +60,9 @@ class RemediateConfig:
     steps: int = 10                                # inner maximisation steps
     step_size: float = 2 / 255
     eps: float = 8 / 255
-    val_per_class: int = 100                       # held out of the training split; 0: no selection
+    val_per_class: Optional[int] = None            # held out of the training split; 0: no selection;
+                                                   # None: selection.default_val_per_class (recorded)
+    val_rule: str = "given"                        # how val_per_class was set (given, or the default's rule)
     val_steps: int = 20                            # PGD steps of the selection attack
     val_batch_size: int = 256
     augment: bool = True                           # random crop (pad 4) + horizontal flip
@@ -86,7 +89,7 @@ def check_config(cfg: RemediateConfig, world_size: int = 1) -> None:
     if cfg.batch_size < world_size:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch, shared by the {world_size} "
                         f"processes: it must be at least {world_size}")
-    if cfg.val_per_class < 0:
+    if cfg.val_per_class is not None and cfg.val_per_class < 0:
         raise UserError(f"--val-per-class must be >= 0, got {cfg.val_per_class}")
     if cfg.val_steps < 0:  # 0: the uniform start alone (clean accuracy when eps is 0)
         raise UserError(f"--val-steps must be >= 0, got {cfg.val_steps}")
@@ -147,8 +150,20 @@ def build_student(cfg: RemediateConfig, num_classes: int, device: torch.device) 
         raise UserError("no student given: pass --student NAME or --student-init PATH")
     from robaudit.audit.architectures import create_architecture
 
+    arch, _ = student_architecture(cfg)
     torch.manual_seed(cfg.seed)   # the initial weights are a function of the seed
-    return create_architecture(cfg.student, num_classes), cfg.student
+    return create_architecture(arch, num_classes), cfg.student
+
+
+def student_architecture(cfg: RemediateConfig) -> Tuple[Optional[str], Optional[str]]:
+    """(the registered architecture --student names, the resolver's note or None): an alias says
+    which form it became (mobilenet_v2 -> the CIFAR mobilenetv2, not torchvision's). The CLI
+    prints the note once; training_block records both."""
+    if not cfg.student or cfg.student_init:
+        return cfg.student, None
+    from robaudit.audit.architectures import resolve_architecture
+
+    return resolve_architecture(cfg.student)
 
 
 def ready_student(cfg: RemediateConfig, student_module: Optional[nn.Module], num_classes: int, runtime: Runtime,
@@ -196,6 +211,49 @@ def augment_batch(x: torch.Tensor, index: torch.Tensor, seed: int, epoch: int,
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+SHARED_SCHEDULE = {"lr": 0.1, "weight_decay": 2e-4, "batch_size": 128}   # epochs: the method's default
+
+
+def resolve_schedule(method_cls, preset: str, *, epochs=None, lr=None, weight_decay=None, batch_size=None,
+                     milestones=None) -> dict:
+    """RemediateConfig's schedule fields: what the user gave, else the preset's.
+
+    preset "shared": SHARED_SCHEDULE, the method's default_epochs and the paper milestones
+    scaled to the epochs (train.scale_milestones); "paper": the method's paper_schedule, its
+    milestones scaled to --epochs when that differs from the paper's epoch count.
+    """
+    if preset not in ("shared", "paper"):
+        raise UserError(f"unknown --schedule {preset!r}: choose shared or paper")
+    paper = method_cls.paper_schedule
+    if not method_cls.shared_schedule and paper is not None:
+        preset = "own"   # it trains only under its own schedule, whatever --schedule says
+    if preset == "paper" and paper is None:
+        raise UserError(f"method {method_cls.name} has no paper schedule of its own; use --schedule shared")
+    base = paper if preset in ("paper", "own") else {**SHARED_SCHEDULE, "epochs": method_cls.default_epochs}
+    resolved = {"schedule": preset, "epochs": epochs if epochs is not None else base["epochs"],
+                "lr": lr if lr is not None else base["lr"],
+                "weight_decay": weight_decay if weight_decay is not None else base["weight_decay"],
+                "batch_size": batch_size if batch_size is not None else base["batch_size"],
+                "milestones": milestones}
+    if milestones is None and preset in ("paper", "own") and paper["milestones"] is not None:
+        from robaudit.remediate.train import scale_milestones
+
+        resolved["milestones"] = scale_milestones(resolved["epochs"], base=paper["milestones"],
+                                                  base_epochs=paper["epochs"])
+    return resolved
+
+
+def schedule_description(cfg: RemediateConfig, method) -> str:
+    """Which schedule ran, for the results: the method's paper's (and where it was read) or the shared one."""
+    paper = getattr(type(method), "paper_schedule", None)
+    if cfg.schedule == "paper" and paper is not None:
+        return f"paper: {method.name}'s own schedule ({paper['source']})"
+    if (cfg.schedule == "own" or not type(method).shared_schedule) and paper is not None:
+        return f"own: {method.name} trains only under its own schedule ({paper['source']})"
+    return ("shared: the same schedule for every method (RSLAD's 300 epochs, lr /10 after 215, 260, 285, "
+            "scaled to --epochs), for equal-budget comparisons; explicit --epochs/--lr/... override it")
+
+
 def training_block(cfg: RemediateConfig, method, teacher, history: List[dict], selected_epoch,
                    validated: bool) -> dict:
     """results.json "training" (docs/results-schema.md) for the student's audit.
@@ -220,12 +278,15 @@ def training_block(cfg: RemediateConfig, method, teacher, history: List[dict], s
         "epochs": len(history),
         "options": {
             "method": method.options(),
-            "student": cfg.student, "student_init": cfg.student_init,
+            "student": cfg.student, "student_arch": student_architecture(cfg)[0],
+            "student_note": student_architecture(cfg)[1], "student_init": cfg.student_init,
             "epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
             "batch_size": cfg.batch_size, "milestones": list(method.lr_milestones), "eps": cfg.eps,
             "steps": cfg.steps, "step_size": cfg.step_size, "val_per_class": cfg.val_per_class,
+            "val_per_class_rule": cfg.val_rule,
             "val_steps": cfg.val_steps, "augment": cfg.augment, "seed": cfg.seed, "precision": cfg.precision,
             "world_size": distributed.current().world_size, "sync_bn": bool(cfg.sync_bn),
+            "schedule_preset": schedule_description(cfg, method),
         },
         "curves": curves,
         **legacy_class_state_keys(class_state),

@@ -25,6 +25,10 @@ REFERENCE_COMPAT_LOG_OFFSET = 1e-5
 FAIR_ARD_EPS = 1e-5
 FAIR_ARD_CLAMP = (5.0 / 6.0, 5.0 / 2.0)
 
+# RSLAD's schedule (zibojia/RSLAD rslad_train.py), which ABSLD and Fair-RSLAD train under too.
+RSLAD_SCHEDULE = {"epochs": 300, "lr": 0.1, "milestones": (215, 260, 285), "weight_decay": 2e-4,
+                  "batch_size": 128, "source": "RSLAD's code (rslad_train.py), used by the ABSLD paper"}
+
 CLASS_WEIGHTS = ClassState("class_weights", "Per-class loss weights")
 TEMPERATURES = (ClassState("tau_adv", "Teacher temperature per class on adversarial inputs (τ_adv)"),
                 ClassState("tau_nat", "Teacher temperature per class on clean inputs (τ_nat)"))
@@ -72,6 +76,27 @@ def fair_ard_weights(kappa_bar: torch.Tensor, power: float = 2.0,
     scaled = raw * (kappa_bar.numel() / raw.sum())
     return scaled.clamp(bounds[0], bounds[1])
 
+
+
+def kappa_counting(net: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor,
+                   kappa: Optional[torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`net` for an inner attack that also counts Fair-ARD's kappas into `kappa` ([B], in place).
+
+    Every forward adds 1 for each sample still predicted as y. projected_ascent (and
+    cross_entropy_pgd on it) calls its loss at the start and after each of the first
+    steps-1 steps: exactly the Fair-ARD count (random start included, final point not).
+    With kappa None it is `net` itself. Shared by Fair-RSLAD / ABSLD+Fair-ARD (KL attack)
+    and the ARD-based Fair-ARD (remediate/ard.py, CE attack).
+    """
+    if kappa is None:
+        return net
+
+    def forward(x_adv: torch.Tensor) -> torch.Tensor:
+        logits = net(x_adv)
+        kappa.add_((logits.detach().argmax(1) == y).to(kappa.dtype))
+        return logits
+
+    return forward
 
 
 class FairARDWeights:
@@ -135,6 +160,7 @@ class RSLAD(RemediationMethod):
     """
 
     name = "rslad"
+    paper_schedule = RSLAD_SCHEDULE
 
     def __init__(self, num_classes: int, *, alpha: float = 5 / 6, loss_scale: float = 0.1,
                  classwise_mean: bool = False, **common):
@@ -170,14 +196,10 @@ class RSLAD(RemediationMethod):
     def _inner(self, student, p_adv, x, y, index, epoch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         kappa = torch.zeros_like(y) if self._counts_kappa() else None
         net = unwrap(student)
+        forward = kappa_counting(net, y, kappa)
 
         def attack_kl(x_adv: torch.Tensor) -> torch.Tensor:
-            logits = net(x_adv)
-            if kappa is not None:
-                # Called at the start and after each of the first steps-1 steps: exactly the
-                # Fair-ARD count (random start included, final point not).
-                kappa.add_((logits.detach().argmax(1) == y).to(kappa.dtype))
-            return kl_per_sample(logits, p_adv)
+            return kl_per_sample(forward(x_adv), p_adv)
 
         with eval_mode(net):
             x_adv = projected_ascent(attack_kl, x, eps=self.eps, step_size=self.step_size,
@@ -252,8 +274,8 @@ class FairRSLAD(RSLAD):
         super().reduce_tallies(reduce)
         self.fair.reduce_tally(reduce)
 
-    def end_epoch(self, epoch, *, student=None, val_robust=None):
-        record = super().end_epoch(epoch, student=student, val_robust=val_robust)
+    def end_epoch(self, epoch, *, student=None, **validation):
+        record = super().end_epoch(epoch, student=student, **validation)
         record["kappa_bar"] = tensor_list(self.fair.update())
         record["class_weights"] = tensor_list(self.fair.weights)
         return record
@@ -397,7 +419,7 @@ class ABSLD(RSLAD):
         if self.fair is not None:
             self.fair.reduce_tally(reduce)
 
-    def end_epoch(self, epoch, *, student=None, val_robust=None):
+    def end_epoch(self, epoch, *, student=None, **validation):
         if self.beta_milestones and int(epoch) in self.beta_milestones:
             self.beta *= 0.1   # before this epoch's update, as the code does
         risk_adv, risk_nat, present = self.class_risks()
@@ -406,7 +428,7 @@ class ABSLD(RSLAD):
         if self.adapt == "both":
             self.tau_nat = absld_temperature_update(self.tau_nat, risk_nat, self.beta, self.tau_min,
                                                     self.tau_max, present)
-        record = super().end_epoch(epoch, student=student, val_robust=val_robust)
+        record = super().end_epoch(epoch, student=student, **validation)
         record.update({"beta": self.beta, "tau_adv": tensor_list(self.tau_adv),
                        "tau_nat": tensor_list(self.tau_nat)})
         if self.fair is not None:

@@ -1,101 +1,86 @@
 """Data-free remediation: FERD (Li et al. 2025), robust distillation from the teacher alone.
 
-For users who have the model (often as ONNX) and at most a test set, not the training
-data. `run_ferd` synthesises the training images itself and distils a robust, fairer
-student from them; the test set is only audited at the end (engine.run_scan), never
-trained or selected on. Formulas follow the FERD section of ../shared/specs/methods.md;
-where it is silent the choice is ours and marked (ours) below and in the report.
+For users who have the model (often as ONNX) and at most a test set, not the training data.
+`run_ferd` synthesises the training images and distils a robust, fairer student from them; the
+test set is only audited at the end (engine.run_scan), never trained or selected on. Formulas:
+the FERD section of ../shared/specs/methods.md (paper first, the authors' code github
+mayaobuduyao/FERD where it is silent: marked (code), read not copied); (ours) where both are.
+Epochs are numbered from 1; the first `warmup` run steps 1-3 only.
 
-One epoch (epochs are numbered from 1; the first `warmup` epochs run steps 1-3 only):
+1. Generator phase. A generator (z in R^nz -> Linear -> BN -> up x2 -> conv 2*ngf -> BN ->
+   LeakyReLU(0.2) -> up x2 -> conv ngf -> BN -> LeakyReLU(0.2) -> conv 3 -> sigmoid; ngf 64, nz
+   100), re-initialised every epoch, trains `g_steps` (200) Adam steps (lr 2e-3, betas (0.5,
+   0.999); the codes z too, lr 0.015) on  L_G = 5 L_bn + L_oh - L_adv + 5 L_uni  for
+   `synthesis_batch_size` (256, test.sh) labels drawn from p; the lowest-L_G batch goes to the
+   bank. Images are augmented (crop pad 4 + flip) before teacher and student when cfg.augment.
+   - L_bn (DeepInversion): sum over the teacher's BatchNorm layers of ||mu(h) - running_mean||_2
+     + ||var(h) - running_var||_2, h the layer input (biased variance). Needs hookable
+     nn.BatchNorm modules (weights files, onnx2torch graphs that kept them); torch.export /
+     TorchScript hide them and ONNX exports usually fold them: then off, with a note.
+   - L_oh: cross-entropy of the teacher on the sampled labels.
+   - L_adv (option `generator_adv_loss`): "ikl" (default; IBD_module_cmi.py -dkl_loss): the
+     batch mean of IKL(s, t) = 0.25 sum_ij w_ij ((t_i - t_j) - (s_i - s_j))^2 / sum_ij w_ij
+     + CE(softmax(t), log_softmax(s)), w = p p^T, p = softmax(t / 100) (losses.py dkl_loss, GI
+     off: the CE target detached, the pair term differentiated on both sides (code); the code
+     divides by the batch's sum of w, we by each sample's, equal up to rounding as each is 1);
+     "kl": KL(softmax(t) || softmax(s)). Student in eval mode.
+   - L_uni (Fairness-Aware Examples, option `fae`): batch-mean KL(uniform || softmax(teacher on
+     its non-robust features)). Option `nonrobust`:
+     "ib" (default; models/IFP.py, remediate/ferd_ib.py): on every generator step, Z = f_l(x) at
+     an intermediate teacher layer (auto: the final feature map, the code's pop 3; or
+     `ib_layer`), noise scales s = softplus(lambda) [B, C] from `ib_steps` (50) Adam steps (lr
+     0.1) on CE(f_{l+}(Z + s N), y) + 0.3 * 0.5 * mean_bc(v/s^2 + log(s^2/v) - 1) (code; the spec
+     writes beta sum_c), N one N(0,1) per sample and channel (code) seeded by (seed, epoch);
+     non-robust: s^2 <= the batch's largest spatial variance v (code: robust = s^2 > max v);
+     L_uni reads f_{l+}(Z * m). A teacher without such a layer (no spatial map; TorchScript /
+     torch.export) falls back to "fragility" with a note.
+     "fragility" (ours, said so in training.options.notes): f the penultimate features (input
+     of the last nn.Linear with C outputs, W, b); after each generator phase the teacher attack
+     of step 3 gives fragility_c = mean|f_c(x') - f_c(x)| / (mean|f_c(x)| + 1e-12); the
+     ceil(nonrobust_fraction * D) (0.5) most fragile channels form m; L_uni = KL(u || W(f*m)+b)
+     from epoch 2 (epoch 1 has no measurement). Neither layer nor head: L_uni off, with a note.
+   metrics.csv: gen_loss, gen_bn, gen_oh, gen_adv (the divergence, >= 0), gen_uni,
+   gen_nonrobust_share and gen_teacher_agree (share of the best batch the teacher labels as
+   sampled; under 0.5 on average the results carry a note on weakly class-specific data).
+2. Bank (ours): best batches as uint8 with labels and unique ids (the code keeps floats), at
+   most `bank_size` (50,000) images; once full a new batch replaces the oldest
+   (`bank_eviction="oldest"`) or random slots seeded by (seed, epoch) (`"random"`).
+3. Class reweighting (option `reweight`): PGD-`teacher_steps` (20) on the teacher (CE on the
+   sampled labels, step cfg.step_size, uniform start) on the best batch; r_c = class-c mean of
+   max_{j != c} z_j(x') - z_c(x'); min-max normalised to [0.05, 0.2], renormalised: next p (a
+   class absent takes the present ones' mean r (ours); equal r: uniform). float64 class_sums.
+4. Student (from epoch warmup + 1): `kd_steps` (400) SGD steps on cfg.batch_size bank images
+   (a seeded permutation per pass; crop + flip). t = teacher logits on the clean x; UTAE x' from
+   x + 0.001 N(0,1), cfg.steps (10) sign steps of cfg.step_size, student in eval, ascending
+   KL(softmax(t) || s(x')) - gamma KL(uniform || s(x')), gamma = `uta_gamma` 0.3 (ours, inside
+   the paper's 0.1-0.5; gamma 0 = the code's query_sample.py, as `uta=false`). Then, in train
+   mode, L_S = loss_scale * (5/6 D(s(x), t) + 1/6 D(s(x'), t)) (alpha = 1/6), D the batch-mean
+   IKL (`student_loss="ikl"`, paper) or KL ("kl"); loss_scale 1. The code's test.py calls the
+   generator's -KL here; not copied (spec). SGD lr cfg.lr, momentum, weight decay; cosine
+   annealing with T_max = all cfg.epochs, stepped after every epoch, warm-up included (code).
+   FERD's own RemediateConfig defaults (code): weight_decay 5e-4, batch_size 256
+   (FERD.paper_schedule, FERD's only schedule: the CLI applies it whenever the user sets nothing);
+   a run that differs says so in the notes.
 
-1. Generator phase. A generator (z in R^nz -> Linear -> BN -> up x2 -> conv 2*ngf -> BN
-   -> LeakyReLU(0.2) -> up x2 -> conv ngf -> BN -> LeakyReLU(0.2) -> conv 3 -> sigmoid;
-   ngf 64, nz 100), re-initialised every epoch, is trained `g_steps` (200) Adam steps
-   (lr 2e-3, betas (0.5, 0.999); the batch's codes z are trained too, lr 0.015) on
-       L_G = 5 L_bn + L_oh - KL(t || s) + 5 L_uni
-   for a batch of `synthesis_batch_size` (256, ours) labels drawn from the class
-   probabilities p. The batch with the lowest L_G over the steps ("best batch") is
-   appended to the bank. Generator outputs are augmented (crop pad 4 + flip, as in
-   training) before the teacher and student see them when cfg.augment.
-   - L_bn (DeepInversion): sum over the teacher's BatchNorm layers of
-     ||mu(h) - running_mean||_2 + ||var(h) - running_var||_2, h the layer's input
-     (biased variance over batch and space). It needs a PyTorch teacher whose BatchNorm
-     layers are nn.BatchNorm modules robaudit can hook: weights files (state_dict /
-     checkpoint / safetensors / trusted pickle) and ONNX graphs converted by onnx2torch
-     that kept their BatchNormalization nodes. torch.export (.pt2) and TorchScript
-     files hide their layers, and ONNX exports usually fold BatchNorm into the
-     convolutions: then L_bn is off, the generator trains on the other terms, and the
-     run says so (log warning + training.options.notes).
-   - L_oh: cross-entropy of the teacher's logits on the sampled labels.
-   - KL(t || s): batch-mean KL(softmax(t(x)) || softmax(s(x))), student in eval mode;
-     subtracted, so the generator seeks images the student has not learnt yet.
-   - L_uni (Fairness-Aware Examples, option `fae`): batch-mean KL(uniform ||
-     softmax(W (f * m) + b)), f the teacher's penultimate features (the input of its
-     last nn.Linear with C outputs, the classifier head W, b) and m the 0/1 mask of its
-     non-robust feature channels. Non-robust channels (our concrete reading of the
-     paper's "non-robust features"): after each generator phase the teacher is
-     attacked on the best batch (PGD-20, step 3 below); a channel's fragility is the
-     batch-mean |f_c(x') - f_c(x)| / (batch-mean |f_c(x)| + 1e-12), and the
-     ceil(nonrobust_fraction * D) most fragile channels (0.5 of them, ties to the lower
-     channel) form m for the next epoch. Epoch 1 has no measurement yet, so L_uni
-     starts in epoch 2 (inside the warm-up by default). A teacher without such a head
-     (no hookable nn.Linear with C outputs taking [B, D] features) runs without L_uni,
-     with a note.
-   The best batch is the step with the lowest L_G. metrics.csv records its terms
-   (gen_loss, gen_bn, gen_oh, gen_adv, gen_uni) and gen_teacher_agree, the share of its
-   images the teacher labels as their sampled class; when that share averages below
-   0.5 over the run, the results carry a note saying the synthetic data is weakly
-   class-specific and what to change (ours: with a small adversarially trained teacher
-   the 5 L_bn term kept it near 20 % in docs/reproduction.md).
-2. Bank. Best batches are stored as uint8 images (the reference implementations keep
-   their pool as PNG files, i.e. 8-bit too) with their sampled labels and a unique id
-   each (the key of their per-sample randomness). The bank holds at most `bank_size`
-   images (50,000, ours): once full, every new batch replaces the oldest images
-   (`bank_eviction="oldest"`, a ring buffer) or images drawn at random, seeded by
-   (seed, epoch) (`"random"`). Memory stays flat at bank_size * C * H * W bytes.
-3. Robustness-guided class reweighting (option `reweight`): the teacher is attacked on
-   the best batch (PGD-`teacher_steps`=20 on cross-entropy w.r.t. the sampled labels,
-   step cfg.step_size, uniform start, final iterate); r_c = mean over the batch's
-   class-c samples of the negative margin max_{j != c} z_j(x') - z_c(x'); r is
-   min-max normalised to [0.05, 0.2] and renormalised to sum 1: p for the next epoch's
-   labels (more samples for less robust classes). A class absent from the batch takes
-   the mean r of the present ones (ours); equal r gives uniform p. The per-class sums
-   are float64 `class_sums` tallies, like the methods' epoch statistics.
-4. Student (from epoch warmup + 1): `kd_steps` (400, ours) SGD steps per epoch on
-   batches of cfg.batch_size bank images (a seeded permutation of the bank per pass;
-   crop + flip when cfg.augment). Teacher soft labels p_t = softmax(t(x)) on the clean
-   image; x' = PGD-cfg.steps from x + 0.001 N(0,1), student in eval, maximising
-   KL(p_t || s(x')) - 10 KL(uniform || s(x')) (Uniform-Target Adversarial Examples,
-   option `uta`; off: KL(p_t || s(x')) alone, RSLAD's attack). Then, student in train
-   mode, L = loss_scale * ((1 - alpha) KL(p_t || s(x)) + alpha KL(p_t || s(x'))) with
-   alpha = 1/6: the spec's "5/6 * KL on clean + 1/6 * KL on x'" (the reverse of
-   RSLAD's 5/6 on x'); loss_scale 1 (plain batch means; the spec is silent).
-   SGD lr cfg.lr (0.1), momentum, weight decay; cosine annealing over the
-   epochs - warmup training epochs, stepped once per training epoch.
+Defaults: 220 epochs, 20 warm-up (the spec); E != 220 epochs without `warmup` keeps the
+fraction, round(20 E / 220), at most E - 1. fae, reweight and uta off: the plain data-free
+robust distillation baseline. training.options.method records every option (uta_gamma,
+student_loss, generator_adv_loss, nonrobust, ...) and what ran (nonrobust_active,
+ib_layer_active, uta_gamma_active, bn_loss_active, fae_active).
 
-Defaults: 220 epochs of which 20 warm-up (the spec); a run with E != 220 epochs and no
-explicit `warmup` keeps the fraction, round(20 E / 220), at most E - 1. With fae,
-reweight and uta all off the run is the plain data-free robust distillation baseline.
+Selection: no real images to hold out, so the last epoch's student is exported and audited.
 
-Selection: there are no real images to hold out, so the last epoch's student is
-exported and audited (the test set is only audited, never selected on).
+Determinism: every draw is a function of (seed, epoch[, step]): generator init (forked RNG),
+z and labels, IB noise, eviction and bank order (torch.Generator per epoch and purpose),
+augmentation and attack starts (robaudit.audit.rng keyed by bank id). The checkpoint (atomic,
+every epoch) holds student, optimizer, scheduler, bank, p, fragility mask, generator, history
+and RNG state: N epochs straight equal K + --resume + N - K bitwise on CPU.
 
-Determinism: every random draw is a function of (seed, epoch[, step]): the generator's
-initial weights (drawn under a forked RNG), z and the labels, bank eviction and
-sampling (torch.Generator per epoch), augmentation and attack starts (robaudit.audit.rng
-keyed by the bank id). The checkpoint (written atomically every epoch) holds the
-student, optimizer, scheduler, bank, class probabilities, non-robust mask, the
-generator, the history and the torch RNG state: N epochs straight equal K epochs +
---resume + N - K epochs bitwise on CPU.
-
-Scaling out: FERD runs in one process (one GPU). Its generator phase is not
-distributed, so under torchrun `run_ferd` refuses with one line.
-
-Where the parts live: the options in remediate/ferd_options.py; the generator, its loss
-terms, the teacher hooks, the bank and the generator / teacher-attack phases in
-remediate/ferd_synthesis.py; this module registers FERD as the trainer `ferd` and runs
-the epochs (with the student phase), through the shared remediate/common.py,
-checkpoints.py and export.py like the shared loop.
+One process only (the generator phase is not distributed): under torchrun `run_ferd` refuses.
+Options: remediate/ferd_options.py; generator, loss terms, hooks, bank and phases:
+remediate/ferd_synthesis.py; the information bottleneck: remediate/ferd_ib.py; this module
+registers the trainer `ferd` and runs the epochs through remediate/common.py, checkpoints.py
+and export.py.
 """
 
 from __future__ import annotations
@@ -105,6 +90,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -119,25 +105,27 @@ from robaudit.audit.attacks.ascent import projected_ascent
 from robaudit.audit.modes import eval_mode
 from robaudit.audit.rng import per_sample_normal
 from robaudit.errors import UserError
-from robaudit.remediate.base import (METHODS, TALLY_DTYPE, ClassState, Trainer, class_sums,
-                                     kl_per_sample, tensor_list)
+from robaudit.remediate.base import METHODS, TALLY_DTYPE, ClassState, Trainer, class_sums, tensor_list
 from robaudit.remediate.checkpoints import (CHECKPOINT_KIND, CHECKPOINT_VERSION, prepare_out_dir_for_resume,
                                             restore_rng_state, rng_state, save_atomic, write_metrics_csv)
 from robaudit.remediate.common import (RemediateConfig, Runtime, audit_student, augment_batch, ready_student,
                                        output_classes, resolve_runtime, training_block)
 from robaudit.remediate.export import export_student
-from robaudit.remediate.ferd_options import (METHOD_NAME, PAPER_EPOCHS, FerdOptions, checked_class_names,
-                                             checked_image_shape, checked_options, checked_schedule)
+from robaudit.remediate.ferd_ib import InformationBottleneck, nonrobust_source
+from robaudit.remediate.ferd_options import (CONFIG_DEFAULTS, METHOD_NAME, PAPER_EPOCHS, FerdOptions,
+                                             checked_class_names, checked_image_shape, checked_options,
+                                             checked_schedule, config_default_notes)
 from robaudit.remediate.ferd_synthesis import (PURPOSE_BANK_ORDER, PURPOSE_EVICT, FerdGenerator, SyntheticBank,
-                                               TeacherTaps, class_probabilities, generator_phase,
-                                               new_generator, synthetic_example_grid, teacher_robustness,
-                                               torch_generator, uta_attack_loss)
+                                               TeacherTaps, class_probabilities, distillation_divergence,
+                                               generator_phase, new_generator, synthetic_example_grid,
+                                               teacher_robustness, torch_generator, uta_attack_loss)
 
 log = logging.getLogger(__name__)
 
 GAUSSIAN_START_STD = 0.001          # the student's attack starts at x + 0.001 N(0,1) (RSLAD)
 STREAM_STUDENT_START = (1 << 28) + (1 << 24)        # + round (robaudit.audit.rng; see ferd_synthesis)
 LOW_TEACHER_AGREEMENT = 0.5   # below this mean share the synthetic images are called weakly class-specific
+SCHEDULE = "cosine over all epochs, stepped every epoch (warm-up included)"   # test.py (code)
 
 CLASS_PROBABILITIES = ClassState(
     "class_probs", "Class sampling probability of synthetic labels (FERD; more for less robust classes)",
@@ -155,6 +143,12 @@ class FERD(Trainer):
     needs_teacher = True
     needs_training_data = False
     default_epochs = PAPER_EPOCHS
+    # FERD's only schedule (test.py / test.sh): cosine over all epochs (milestones None), so
+    # `--schedule shared` does not apply to it.
+    paper_schedule = {"epochs": PAPER_EPOCHS, "lr": 0.1, "milestones": None, **CONFIG_DEFAULTS,
+                      "source": "the FERD authors' test.py / test.sh: SGD 0.1, weight decay 5e-4, batch 256, "
+                                "cosine over all epochs"}
+    shared_schedule = False
     lr_milestones: Tuple[int, ...] = ()   # cosine schedule, no milestones
 
     def __init__(self, options: Optional[dict] = None):
@@ -227,6 +221,8 @@ def run_ferd(cfg: RemediateConfig, *, teacher, test_data=None, student_module: O
         return _train(run, test_data)
     finally:
         run.taps.close()
+        if run.ib is not None:
+            run.ib.close()
 
 
 @dataclass
@@ -244,8 +240,15 @@ class _FerdRun:
     runtime: Runtime
     fingerprint: dict
     taps: Optional[TeacherTaps] = None
+    ib: Optional[InformationBottleneck] = None   # set when L_uni reads the information bottleneck
     use_bn: bool = False
     use_fae: bool = False
+    nonrobust_active: Optional[str] = None        # "ib" | "fragility" | None (L_uni off)
+    ib_layer_name: Optional[str] = None
+
+    @property
+    def fragility_fae(self) -> bool:
+        return self.use_fae and self.nonrobust_active == "fragility"
 
     @property
     def out_dir(self) -> Path:
@@ -276,11 +279,13 @@ def _resume_state(run: _FerdRun, *, create: bool) -> Optional[dict]:
 
 
 def _loss_terms_available(run: _FerdRun) -> List[str]:
-    """Sets run.use_bn / run.use_fae from what the teacher exposes; the notes for what is off."""
+    """Sets run.use_bn / run.use_fae / run.nonrobust_active / run.ib from what the teacher exposes;
+    the notes for what is off or substituted."""
     opts, num_classes = run.opts, len(run.classes)
     notes: List[str] = []
     probe = torch.rand(2, *run.image_shape, generator=torch.Generator().manual_seed(int(run.cfg.seed)))
-    bn_available, head_available = run.taps.probe(run.teacher_module, probe.to(run.runtime.device))
+    probe = probe.to(run.runtime.device)
+    bn_available, head_available = run.taps.probe(run.teacher_module, probe)
     run.use_bn = bn_available and opts.bn_weight > 0
     if not bn_available:
         notes.append("DeepInversion BN-statistics loss off: the teacher has no BatchNorm layer robaudit can hook "
@@ -288,11 +293,13 @@ def _loss_terms_available(run: _FerdRun) -> List[str]:
                      "BatchNorm into the convolutions); the generator trains on the one-hot, adversarial and "
                      "uniformity terms only. Pass the teacher's PyTorch weights (state_dict/checkpoint with "
                      "--arch) to use it.")
-    run.use_fae = opts.fae and opts.uni_weight > 0 and head_available
-    if opts.fae and not head_available:
-        notes.append(f"Fairness-Aware Examples (L_uni) off: robaudit found no classifier head to split into "
-                     f"robust and non-robust channels (a hookable nn.Linear with {num_classes} outputs taking "
-                     f"[batch, features] inputs).")
+    if opts.fae and opts.uni_weight > 0:
+        run.nonrobust_active, run.ib, source_notes = nonrobust_source(opts, run.teacher_module, probe,
+                                                                     head_available, num_classes)
+        run.ib_layer_name = run.ib.name if run.ib is not None else None
+        notes.extend(source_notes)
+    run.use_fae = run.nonrobust_active is not None
+    notes.extend(config_default_notes(run.cfg))
     for note in notes:
         log.warning("ferd: %s", note)
     return notes
@@ -303,7 +310,8 @@ def _initial_state(run: _FerdRun) -> Tuple[_FerdState, int]:
     cfg, opts = run.cfg, run.opts
     optimizer = torch.optim.SGD(run.student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs - run.warmup))
+    # test.py: CosineAnnealingLR(T_max=epochs), stepped after every epoch, warm-up epochs included.
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     num_classes = len(run.classes)
     state = _FerdState(optimizer=optimizer, scheduler=scheduler, bank=SyntheticBank(opts.bank_size, opts.bank_eviction),
                        probs=torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float32), history=[])
@@ -356,7 +364,8 @@ def _train(run: _FerdRun, test_data) -> dict:
         log.warning("ferd: %s", specificity)
         notes.append(specificity)
     training = ferd_training_block(cfg, run.opts, run.warmup, run.teacher, history, selected_epoch, state.bank,
-                                   run.classes, notes, use_bn=run.use_bn, use_fae=run.use_fae)
+                                   run.classes, notes, use_bn=run.use_bn, use_fae=run.use_fae,
+                                   nonrobust_active=run.nonrobust_active, ib_layer=run.ib_layer_name)
     summary = {
         "out_dir": str(run.out_dir), "method": METHOD_NAME, "epochs": len(history),
         "selected_epoch": selected_epoch, "best_score": None, "checkpoint": str(run.out_dir / "checkpoint.pt"),
@@ -381,17 +390,18 @@ def _epoch(run: _FerdRun, state: _FerdState, epoch: int) -> dict:
                                         device)
     x_best, y_best, parts = generator_phase(
         state.generator, run.teacher_module, run.student, run.taps, state.probs,
-        state.mask if run.use_fae else None, opts, cfg, epoch, run.image_shape, device, autocast, run.use_bn,
-        run.use_fae)
+        state.mask if run.fragility_fae else None, opts, cfg, epoch, run.image_shape, device, autocast,
+        run.use_bn, run.use_fae, ib=run.ib if run.use_fae else None)
     record.update({"gen_loss": parts["total"], "gen_bn": parts["bn"], "gen_oh": parts["oh"],
-                   "gen_adv": parts["adv"], "gen_uni": parts["uni"], "gen_teacher_agree": parts["teacher_agree"]})
+                   "gen_adv": parts["adv"], "gen_uni": parts["uni"], "gen_teacher_agree": parts["teacher_agree"],
+                   "gen_nonrobust_share": parts["nonrobust_share"]})
     # 2. bank
     ids = (epoch - 1) * opts.synthesis_batch_size + torch.arange(len(y_best))
     state.bank.add(x_best, y_best, ids, epoch, generator=torch_generator(cfg.seed, epoch, PURPOSE_EVICT))
     record["bank_size"] = len(state.bank)
     record["synthetic_count"] = [float(v) for v in torch.bincount(y_best.cpu(), minlength=num_classes)]
     # 3. teacher attack -> next class probabilities and non-robust channels
-    if opts.reweight or run.use_fae:
+    if opts.reweight or run.fragility_fae:
         _reweight_from_teacher(run, state, x_best, y_best, ids, epoch, record)
     # 4. student
     entry = {"epoch": epoch, "lr": None, "loss": None}
@@ -400,13 +410,15 @@ def _epoch(run: _FerdRun, state: _FerdState, epoch: int) -> dict:
         loss_mean, tally = _student_epoch(run.student, run.teacher_module, state.bank, state.optimizer, opts, cfg,
                                           epoch, num_classes, device, run.runtime.memory_format, autocast,
                                           state.history)
-        state.scheduler.step()
         entry["loss"] = loss_mean
         counts = tally[:, 0]
-        record.update({"student_kl_adv": _class_means(tally[:, 1], counts),
-                       "student_kl_nat": _class_means(tally[:, 2], counts),
+        record.update({"student_loss_adv": _class_means(tally[:, 1], counts),
+                       "student_loss_nat": _class_means(tally[:, 2], counts),
                        "student_agree_adv": _class_means(tally[:, 3], counts),
                        "student_agree_nat": _class_means(tally[:, 4], counts)})
+    with warnings.catch_warnings():     # warm-up epochs step the schedule without an optimizer step (code)
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
+        state.scheduler.step()
     record["next_class_probs"] = tensor_list(state.probs)
     entry["world_size"] = 1
     entry["seconds"] = time.perf_counter() - t_epoch
@@ -419,12 +431,12 @@ def _reweight_from_teacher(run: _FerdRun, state: _FerdState, x_best, y_best, ids
     device = run.runtime.device
     x_q = SyntheticBank.quantise(x_best).to(device).float().div_(255.0)
     stats = teacher_robustness(run.teacher_module, run.taps, x_q, y_best.to(device), ids.to(device), run.opts,
-                               run.cfg, epoch, len(run.classes), run.runtime.autocast, run.use_fae)
+                               run.cfg, epoch, len(run.classes), run.runtime.autocast, run.fragility_fae)
     record["teacher_neg_margin"] = _class_means(stats["tally"][:, 1], stats["tally"][:, 0])
     record["teacher_syn_robust"] = _class_means(stats["tally"][:, 2], stats["tally"][:, 0])
     if run.opts.reweight:
         state.probs = class_probabilities(stats["tally"][:, 1], stats["tally"][:, 0], run.opts.prob_bounds).cpu()
-    if run.use_fae and stats["mask"] is not None:
+    if run.fragility_fae and stats["mask"] is not None:
         state.mask = stats["mask"].cpu()
         record["nonrobust_channels"] = int(state.mask.sum())
 
@@ -448,7 +460,8 @@ def _student_epoch(student: nn.Module, teacher: nn.Module, bank: SyntheticBank, 
                    cfg, epoch: int, num_classes: int, device, memory_format, autocast,
                    history: List[dict]) -> Tuple[float, torch.Tensor]:
     """`kd_steps` distillation steps on bank batches; (mean loss, per-class tallies [C, 5] keyed by the
-    teacher's clean prediction: count, KL on x', KL on x, student agrees on x', agrees on x)."""
+    teacher's clean prediction: count, student_loss divergence (IKL or KL) on x', on x, student
+    agrees on x', agrees on x)."""
     order_rng = torch_generator(cfg.seed, epoch, PURPOSE_BANK_ORDER)
     n = len(bank)
     order, position = torch.randperm(n, generator=order_rng), 0
@@ -475,23 +488,14 @@ def _student_epoch(student: nn.Module, teacher: nn.Module, bank: SyntheticBank, 
         start = x + GAUSSIAN_START_STD * per_sample_normal(cfg.seed, ids, x.shape[1:],
                                                            stream=STREAM_STUDENT_START + draw, device=device,
                                                            dtype=x.dtype)
-        with eval_mode(student):
-            def objective(xa):
-                with autocast():
-                    logits = student(xa)
-                if opts.uta:
-                    return uta_attack_loss(logits, p_t, opts.uta_weight)
-                return kl_per_sample(logits, p_t)
-
-            x_adv = projected_ascent(objective, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
-                                     x_start=start)
+        x_adv = _uta_examples(student, x, start, p_t, opts.attack_gamma(), cfg, autocast)
         student.train()
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             logits_adv = student(x_adv.contiguous(memory_format=memory_format))
             logits_nat = student(x)
-        kl_adv = kl_per_sample(logits_adv, p_t)
-        kl_nat = kl_per_sample(logits_nat, p_t)
+        kl_adv = distillation_divergence(logits_adv, t_logits, opts.student_loss)
+        kl_nat = distillation_divergence(logits_nat, t_logits, opts.student_loss)
         loss = opts.loss_scale * (opts.alpha * kl_adv.mean() + (1.0 - opts.alpha) * kl_nat.mean())
         value = float(loss.detach())
         if not math.isfinite(value):
@@ -512,6 +516,19 @@ def _student_epoch(student: nn.Module, teacher: nn.Module, bank: SyntheticBank, 
     return loss_sum / max(seen, 1), tally.cpu()
 
 
+def _uta_examples(student: nn.Module, x: torch.Tensor, start: torch.Tensor, p_t: torch.Tensor, gamma: float,
+                  cfg, autocast) -> torch.Tensor:
+    """UTAE: cfg.steps sign steps from `start`, student in eval, ascending
+    KL(p_t || s(x')) - gamma KL(uniform || s(x')) (query_sample.py generate_adv; gamma 0 = the code)."""
+    with eval_mode(student):
+        def objective(xa):
+            with autocast():
+                logits = student(xa)
+            return uta_attack_loss(logits, p_t, gamma)
+
+        return projected_ascent(objective, x, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps, x_start=start)
+
+
 def _fingerprint(cfg, opts: FerdOptions, warmup: int, num_classes: int, student_desc: str, image_shape,
                  teacher) -> dict:
     """What a resumed data-free run must share with its checkpoint."""
@@ -521,7 +538,7 @@ def _fingerprint(cfg, opts: FerdOptions, warmup: int, num_classes: int, student_
         "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
         "eps": cfg.eps, "steps": cfg.steps, "step_size": cfg.step_size, "augment": cfg.augment, "seed": cfg.seed,
         "precision": cfg.precision, "image_shape": list(image_shape),
-        "teacher_sha256": getattr(teacher, "sha256", None),
+        "teacher_sha256": getattr(teacher, "sha256", None), "schedule": SCHEDULE,
     }
 
 
@@ -546,18 +563,20 @@ def class_specificity_note(history: Sequence[dict], num_classes: int,
 
 def ferd_training_block(cfg, opts: FerdOptions, warmup: int, teacher, history: List[dict], selected_epoch,
                         bank: SyntheticBank, classes: Sequence[str], notes: Sequence[str], *,
-                        use_bn: bool, use_fae: bool) -> dict:
+                        use_bn: bool, use_fae: bool, nonrobust_active: Optional[str] = None,
+                        ib_layer: Optional[str] = None) -> dict:
     """results.json "training" for a data-free run: run_remediate's block plus
     "class_probabilities" ([[p_c] per epoch], the distribution the epoch's labels were drawn
     from) and "synthetic_examples" ([{"class", "png"}]: the newest bank images per class)."""
-    method_options = {**opts.as_dict(), "warmup": warmup, "bn_loss_active": use_bn, "fae_active": use_fae}
+    method_options = {**opts.as_dict(), "warmup": warmup, "bn_loss_active": use_bn, "fae_active": use_fae,
+                      "nonrobust_active": nonrobust_active, "ib_layer_active": ib_layer,
+                      "uta_gamma_active": opts.attack_gamma()}
     block = training_block(cfg, FERD(method_options), teacher, history, selected_epoch, False)
     options = block["options"]
     for key in ("val_per_class", "val_steps", "milestones", "sync_bn"):
         options.pop(key, None)
-    options.update({"data_free": True, "schedule": f"cosine over {cfg.epochs - warmup} epochs after "
-                                                   f"{warmup} generator-only warm-up epochs",
-                    "notes": list(notes)})
+    options.update({"data_free": True, "schedule": f"{SCHEDULE}: {cfg.epochs} epochs, the first {warmup} "
+                                                   f"generator-only", "notes": list(notes)})
     block["selection"] = ("last epoch (data-free: there are no real training images to hold out; the test set "
                           "is only audited)")
     block["synthetic_examples"] = synthetic_example_grid(bank, classes, opts.examples_per_class)

@@ -20,7 +20,12 @@ METHOD_NAME = "ferd"
 PAPER_EPOCHS = 220
 PAPER_WARMUP = 20
 # Examples of the types of the options whose default is None (for coerce_option).
-OPTIONAL_TYPE_EXAMPLES = {"warmup": 0, "image_shape": (3, 32, 32)}
+OPTIONAL_TYPE_EXAMPLES = {"warmup": 0, "image_shape": (3, 32, 32), "ib_layer": "layer"}
+# Options that were renamed: the one-line error says what to pass instead.
+RENAMED_OPTIONS = {"uta_weight": "uta_gamma (the UTAE weight gamma, default 0.3; the spec's earlier 10 was wrong)"}
+CHOICES = {"student_loss": ("ikl", "kl"), "generator_adv_loss": ("ikl", "kl"), "nonrobust": ("ib", "fragility")}
+# RemediateConfig fields whose FERD value differs from the shared default (the code's test.sh / test.py).
+CONFIG_DEFAULTS = {"weight_decay": 5e-4, "batch_size": 256}
 
 
 @dataclass
@@ -29,7 +34,7 @@ class FerdOptions:
 
     fae: bool = True                      # Fairness-Aware Examples: L_uni in the generator loss
     reweight: bool = True                 # robustness-guided class reweighting of the labels
-    uta: bool = True                      # Uniform-Target Adversarial Examples for the student
+    uta: bool = True                      # Uniform-Target Adversarial Examples (off = uta_gamma 0)
     warmup: Optional[int] = None          # generator-only epochs; None: round(20 * epochs / 220)
     g_steps: int = 200                    # generator Adam steps per epoch
     g_lr: float = 2e-3
@@ -43,11 +48,18 @@ class FerdOptions:
     oh_weight: float = 1.0
     adv_weight: float = 1.0
     uni_weight: float = 5.0
-    nonrobust_fraction: float = 0.5       # share of the penultimate channels called non-robust (ours)
+    nonrobust: str = "ib"                 # "ib" (paper/code: information bottleneck) | "fragility" (ours)
+    ib_layer: Optional[str] = None        # the teacher module whose output is layer l; None: automatic
+    ib_steps: int = 50                    # Adam steps fitting the noise scales (code: IFD_iter 50)
+    ib_lr: float = 0.1                    # (code: IFD_lr 0.1)
+    ib_beta: float = 0.3                  # weight of the KL term (code: beta 0.3)
+    nonrobust_fraction: float = 0.5       # fragility only: share of penultimate channels called non-robust
     teacher_steps: int = 20               # PGD steps of the teacher attack on each best batch
     prob_bounds: Tuple[float, float] = (0.05, 0.2)
-    uta_weight: float = 10.0
-    alpha: float = 1 / 6                  # weight of the adversarial KL term (spec: 1/6 on x')
+    uta_gamma: float = 0.3                # UTAE: ascend KL(t||s) - gamma KL(u||s) (ours in the paper's 0.1-0.5)
+    student_loss: str = "ikl"             # "ikl" (paper: decoupled loss, losses.py dkl_loss) | "kl"
+    generator_adv_loss: str = "ikl"       # L_adv = -IKL (code: IBD_module_cmi.py) | "kl": -KL
+    alpha: float = 1 / 6                  # weight of the adversarial term (spec: 1/6 on x')
     loss_scale: float = 1.0
     kd_steps: int = 400                   # student SGD steps per training epoch (ours)
     bank_size: int = 50_000               # images kept in the bank (ours)
@@ -63,6 +75,9 @@ class FerdOptions:
     def from_mapping(cls, options: Optional[Mapping[str, object]]) -> "FerdOptions":
         """Validated options; unknown names or bad values raise a one-line UserError."""
         options = dict(options or {})
+        for old, new in RENAMED_OPTIONS.items():
+            if old in options:
+                raise UserError(f"ferd option {old!r} was replaced by {new}")
         unknown = sorted(set(options) - set(cls.names()))
         if unknown:
             raise UserError(f"data-free remediation (ferd) has no option {unknown[0]!r}; its options are: "
@@ -90,8 +105,13 @@ class FerdOptions:
         need(self.nz >= 1 and self.ngf >= 1, "nz and ngf must be >= 1")
         need(self.g_lr > 0 and self.z_lr >= 0, "g_lr must be > 0 and z_lr >= 0")
         need(len(self.g_betas) == 2 and all(0 <= b < 1 for b in self.g_betas), "g_betas must be two numbers in [0, 1)")
-        need(min(self.bn_weight, self.oh_weight, self.adv_weight, self.uni_weight, self.uta_weight) >= 0,
-             "loss weights must be >= 0")
+        need(min(self.bn_weight, self.oh_weight, self.adv_weight, self.uni_weight, self.uta_gamma) >= 0,
+             "loss weights (and uta_gamma) must be >= 0")
+        for name, allowed in CHOICES.items():
+            need(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}, "
+                                                 f"got {getattr(self, name)!r}")
+        need(self.ib_steps >= 1 and self.ib_lr > 0 and self.ib_beta >= 0,
+             "ib_steps must be >= 1, ib_lr > 0 and ib_beta >= 0")
         need(0 < self.nonrobust_fraction <= 1, f"nonrobust_fraction must be in (0, 1], got {self.nonrobust_fraction}")
         need(self.teacher_steps >= 0, "teacher_steps must be >= 0")
         need(len(self.prob_bounds) == 2 and 0 < self.prob_bounds[0] <= self.prob_bounds[1],
@@ -117,6 +137,16 @@ class FerdOptions:
                 out[key] = list(out[key])
         return out
 
+    def attack_gamma(self) -> float:
+        """The UTAE weight the student attack uses: uta_gamma, or 0 (plain KL attack) with uta off."""
+        return float(self.uta_gamma) if self.uta else 0.0
+
+
+def config_default_notes(cfg) -> List[str]:
+    """A note for each RemediateConfig field that differs from FERD's own default (CONFIG_DEFAULTS):
+    the CLI applies those when the user sets nothing, a programmatic RemediateConfig keeps the shared ones."""
+    return [f"{key} {getattr(cfg, key)} differs from FERD's {value} (the authors' code)"
+            for key, value in CONFIG_DEFAULTS.items() if getattr(cfg, key) != value]
 
 
 def default_warmup(epochs: int) -> int:

@@ -8,6 +8,7 @@ its module docstring states every formula, and ../shared/specs/methods.md (FERD)
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -25,6 +26,7 @@ from robaudit.remediate.common import augment_batch
 from robaudit.remediate.ferd_options import FerdOptions
 
 FRAGILITY_EPS = 1e-12
+IKL_WEIGHT_TEMPERATURE = 100.0      # losses.py dkl_loss: T2 = 100 (the pair weights' softmax temperature)
 
 # robaudit.audit.rng streams. augment_batch uses stream STREAM_AUGMENT + its `epoch`
 # argument: the student's batches pass round = (epoch - 1) * kd_steps + step + 1 (< 2^24),
@@ -33,7 +35,7 @@ GENERATOR_AUGMENT_BASE = 1 << 24
 STREAM_TEACHER_START = 1 << 28                      # + epoch
 
 # torch.Generator purposes (see derived_seed).
-PURPOSE_GENERATOR_INIT, PURPOSE_CODES, PURPOSE_EVICT, PURPOSE_BANK_ORDER = 1, 2, 3, 4
+PURPOSE_GENERATOR_INIT, PURPOSE_CODES, PURPOSE_EVICT, PURPOSE_BANK_ORDER, PURPOSE_IB_NOISE = 1, 2, 3, 4, 5
 
 
 class FerdGenerator(nn.Module):
@@ -106,18 +108,50 @@ def nonrobust_logits(features: torch.Tensor, mask: torch.Tensor, weight: torch.T
                     None if bias is None else bias.float())
 
 
+def ikl_per_sample(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   weight_temperature: float = IKL_WEIGHT_TEMPERATURE) -> torch.Tensor:
+    """The decoupled (IKL) distillation loss per sample [B] (losses.py dkl_loss, GI off, gamma 1):
+
+        0.25 * sum_ij w_ij ((t_i - t_j) - (s_i - s_j))^2 / sum_ij w_ij + CE(softmax(t), log_softmax(s)),
+        w = p p^T, p = softmax(t / 100).
+
+    As in the code the CE target softmax(t) is detached while the pair term keeps the teacher's
+    gradient (the generator's L_adv differentiates through both logits). The code normalises by
+    the batch's sum of w (each sample's sum is (sum_i p_i)^2 = 1), we by each sample's: the batch
+    mean of this equals dkl_loss up to rounding. Vectorised: the pair term is [B, C, C].
+    """
+    t, s = teacher_logits.float(), student_logits.float()
+    gap = (t[:, :, None] - t[:, None, :]) - (s[:, :, None] - s[:, None, :])          # [B, C, C]
+    p = F.softmax(t / weight_temperature, dim=1)
+    w = p[:, :, None] * p[:, None, :]
+    pair = 0.25 * (gap.square() * w).sum(dim=(1, 2)) / w.sum(dim=(1, 2))
+    ce = -(F.softmax(t, dim=1).detach() * F.log_softmax(s, dim=1)).sum(dim=1)
+    return pair + ce
+
+
+def distillation_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample divergence of the student from the teacher: "ikl" (ikl_per_sample) or "kl"."""
+    if kind == "ikl":
+        return ikl_per_sample(student_logits, teacher_logits)
+    return kl_per_sample(student_logits, F.softmax(teacher_logits.float(), dim=1))
+
+
 def generator_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, y: torch.Tensor, *,
                    bn_terms: Sequence[torch.Tensor] = (), nonrobust: Optional[torch.Tensor] = None,
                    bn_weight: float = 5.0, oh_weight: float = 1.0, adv_weight: float = 1.0,
-                   uni_weight: float = 5.0) -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
-    """L_G = bn_weight * L_bn + oh_weight * L_oh - adv_weight * KL(t || s) + uni_weight * L_uni.
+                   uni_weight: float = 5.0, adv_loss: str = "ikl") -> Tuple[torch.Tensor, Dict[str, Optional[torch.Tensor]]]:
+    """L_G = bn_weight * L_bn + oh_weight * L_oh - adv_weight * D(s, t) + uni_weight * L_uni,
+    D the batch-mean IKL (adv_loss "ikl", the code) or KL(t || s) ("kl").
 
-    L_bn is the sum of `bn_terms` (none: the term is off); L_uni needs the head's logits on
-    the non-robust channels (None: off). Returns (L_G, {"bn", "oh", "adv", "uni"}: the
-    detached unweighted terms, None for a term that is off).
+    L_bn is the sum of `bn_terms` (none: the term is off); L_uni needs the teacher's logits on
+    its non-robust features (None: off). Returns (L_G, {"bn", "oh", "adv", "uni"}: the
+    detached unweighted terms, "adv" = D >= 0, None for a term that is off).
     """
     oh = one_hot_loss(teacher_logits, y)
-    adv = teacher_student_kl(teacher_logits, student_logits)
+    if adv_loss == "ikl":
+        adv = ikl_per_sample(student_logits, teacher_logits).mean()
+    else:
+        adv = teacher_student_kl(teacher_logits, student_logits)
     total = oh_weight * oh - adv_weight * adv
     parts: Dict[str, Optional[torch.Tensor]] = {"bn": None, "oh": oh.detach(), "adv": adv.detach(), "uni": None}
     if len(bn_terms):
@@ -131,10 +165,11 @@ def generator_loss(teacher_logits: torch.Tensor, student_logits: torch.Tensor, y
     return total, parts
 
 
-def uta_attack_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,
-                    uta_weight: float = 10.0) -> torch.Tensor:
-    """Per-sample objective of the Uniform-Target attack: KL(p_t || s(x')) - w * KL(uniform || s(x'))."""
-    return kl_per_sample(student_logits, teacher_probs) - uta_weight * kl_uniform(student_logits)
+def uta_attack_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, gamma: float = 0.3) -> torch.Tensor:
+    """Per-sample objective of the Uniform-Target attack (UTAE):
+    KL(p_t || s(x')) - gamma * KL(uniform || s(x')); gamma 0 is plain PGD on the KL (the code)."""
+    kl = kl_per_sample(student_logits, teacher_probs)
+    return kl - gamma * kl_uniform(student_logits) if gamma else kl
 
 
 def negative_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -364,19 +399,20 @@ def synthetic_example_grid(bank: SyntheticBank, classes: Sequence[str], per_clas
 
 def generator_phase(generator: FerdGenerator, teacher: nn.Module, student: nn.Module, taps: TeacherTaps,
                      probs: torch.Tensor, mask: Optional[torch.Tensor], opts: FerdOptions, cfg, epoch: int,
-                     image_shape, device, autocast, use_bn: bool, use_fae: bool):
+                     image_shape, device, autocast, use_bn: bool, use_fae: bool, ib=None):
     """Train `generator` (and the batch's codes z) `g_steps` steps on L_G; return the lowest-L_G batch
-    (x [B, C, H, W] detached, its labels, {"total", "bn", "oh", "adv", "uni"} floats or None)."""
+    (x [B, C, H, W] detached, its labels, {"total", "bn", "oh", "adv", "uni", "teacher_agree",
+    "nonrobust_share"} floats or None). L_uni reads the information bottleneck `ib` (an
+    ferd_ib.InformationBottleneck, on every step) when given, else the fragility `mask` (when set)."""
     batch = opts.synthesis_batch_size
     codes = torch_generator(cfg.seed, epoch, PURPOSE_CODES)
     z = torch.randn(batch, opts.nz, generator=codes).to(device).requires_grad_(True)
     y = torch.multinomial(probs.double().cpu(), batch, replacement=True, generator=codes).to(device)
+    ib_noise = torch_generator(cfg.seed, epoch, PURPOSE_IB_NOISE)
     params = list(generator.parameters())
     optimizer = torch.optim.Adam([{"params": params}, {"params": [z], "lr": opts.z_lr}], lr=opts.g_lr,
                                  betas=tuple(opts.g_betas))
     slots = torch.arange(batch, device=device)
-    fae_now = use_fae and mask is not None
-    head = taps.head
     best_cost, best_x, best_parts = math.inf, None, None
     generator.train()
     with eval_mode(student), eval_mode(teacher):
@@ -387,16 +423,14 @@ def generator_phase(generator: FerdGenerator, teacher: nn.Module, student: nn.Mo
             x_in = x
             if cfg.augment:
                 x_in = augment_batch(x, slots, cfg.seed, GENERATOR_AUGMENT_BASE + (epoch - 1) * opts.g_steps + step)
-            with torch.enable_grad(), taps.record(bn=use_bn, head=fae_now), autocast():
-                t_logits = teacher(x_in)
-                bn_terms = list(taps.bn_terms)
-                features = taps.features
+            t_logits, bn_terms, nonrobust, share = _teacher_terms(teacher, taps, x_in, y, mask, ib, ib_noise,
+                                                                  autocast, use_bn, use_fae)
             with torch.enable_grad(), autocast():
                 s_logits = student(x_in)
-            nonrobust = nonrobust_logits(features, mask, head.weight, head.bias) if fae_now else None
             loss, parts = generator_loss(t_logits, s_logits, y, bn_terms=bn_terms, nonrobust=nonrobust,
                                          bn_weight=opts.bn_weight, oh_weight=opts.oh_weight,
-                                         adv_weight=opts.adv_weight, uni_weight=opts.uni_weight)
+                                         adv_weight=opts.adv_weight, uni_weight=opts.uni_weight,
+                                         adv_loss=opts.generator_adv_loss)
             cost = float(loss.detach())
             if not math.isfinite(cost):
                 raise UserError(f"the generator loss became {cost} at epoch {epoch}, step {step + 1}; "
@@ -407,12 +441,34 @@ def generator_phase(generator: FerdGenerator, teacher: nn.Module, student: nn.Mo
                 best_parts["total"] = cost
                 # How class-specific the batch is: the share the teacher labels as sampled.
                 best_parts["teacher_agree"] = float((t_logits.detach().argmax(1) == y).float().mean())
+                best_parts["nonrobust_share"] = share
             grads = torch.autograd.grad(loss, params + [z])
             for tensor, grad in zip(params + [z], grads):
                 tensor.grad = grad
             optimizer.step()
     generator.eval()
     return best_x, y.detach(), best_parts
+
+
+def _teacher_terms(teacher: nn.Module, taps: TeacherTaps, x_in: torch.Tensor, y: torch.Tensor,
+                   mask: Optional[torch.Tensor], ib, ib_noise: torch.Generator, autocast, use_bn: bool,
+                   use_fae: bool):
+    """One generator step's teacher side: (logits, BN terms, logits on the non-robust features or
+    None, the share of non-robust channels or None)."""
+    use_ib = use_fae and ib is not None
+    use_mask = use_fae and ib is None and mask is not None and taps.head is not None
+    recording = ib.recording() if use_ib else contextlib.nullcontext()
+    with torch.enable_grad(), taps.record(bn=use_bn, head=use_mask), recording, autocast():
+        t_logits = teacher(x_in)
+        bn_terms = list(taps.bn_terms)
+        features = taps.features
+    if use_ib:
+        nonrobust, channels = ib.nonrobust_logits(teacher, x_in, y, ib_noise, autocast)
+        return t_logits, bn_terms, nonrobust, float(channels.mean())
+    if use_mask:
+        head = taps.head
+        return t_logits, bn_terms, nonrobust_logits(features, mask, head.weight, head.bias), float(mask.mean())
+    return t_logits, bn_terms, None, None
 
 
 def teacher_robustness(teacher: nn.Module, taps: TeacherTaps, x: torch.Tensor, y: torch.Tensor,

@@ -25,6 +25,10 @@ from robaudit.audit.rng import per_sample_uniform
 from robaudit.errors import UserError
 from robaudit.remediate.base import TALLY_DTYPE, class_sums
 
+# The hold-out's default: CFA's code holds out 25 images per class on CIFAR-100 and robaudit
+# (like CFA) 100 on CIFAR-10; on small data at most this share of the smallest class.
+DEFAULT_VAL_PER_CLASS, DEFAULT_VAL_PER_CLASS_MANY, MANY_CLASSES, MAX_VAL_SHARE = 100, 25, 50, 0.1
+
 # rng streams of the validation split and starts, just below the augmentation stream (remediate/common.py).
 STREAM_VALIDATION_SPLIT = (1 << 30) - 1
 STREAM_VALIDATION_START = (1 << 30) - 2
@@ -108,3 +112,22 @@ def selection_score(robust_per_class: torch.Tensor) -> float:
     """Checkpoint selection: avg + worst (worst-10% for >= 50 classes) robust accuracy."""
     values = robust_per_class[~torch.isnan(robust_per_class)]
     return float(values.mean()) + worst_metric(robust_per_class)
+
+
+def default_val_per_class(y: torch.Tensor, num_classes: int) -> Tuple[int, str]:
+    """(images per class to hold out, the rule that gave it) when --val-per-class is not given.
+
+    100 per class, 25 with >= 50 classes (CFA's CIFAR-100 hold-out; 100 would be a fifth of
+    CIFAR-100's training set), and never more than 10% of the smallest class, so small data
+    keeps 90% for training.
+    """
+    base = DEFAULT_VAL_PER_CLASS_MANY if num_classes >= MANY_CLASSES else DEFAULT_VAL_PER_CLASS
+    smallest = int(torch.bincount(y, minlength=num_classes).min()) if len(y) else 0
+    cap = math.floor(MAX_VAL_SHARE * smallest)
+    per_class = min(base, cap)
+    size = f">= {MANY_CLASSES}" if num_classes >= MANY_CLASSES else f"< {MANY_CLASSES}"
+    rule = (f"default: {base} per class ({size} classes), at most {MAX_VAL_SHARE:.0%} of the smallest "
+            f"class ({smallest} images)")
+    if per_class < 1:
+        rule += ": too few images to hold any out, so the last epoch is selected"
+    return max(per_class, 0), rule

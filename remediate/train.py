@@ -68,6 +68,7 @@ run_remediate with the same arguments once torch.distributed is initialised):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -92,7 +93,8 @@ from robaudit.remediate.common import (PAPER_EPOCHS, RemediateConfig, Runtime, a
                                        ready_student, check_config, output_classes, resolve_runtime,
                                        training_block)
 from robaudit.remediate.export import export_student
-from robaudit.remediate.selection import evaluate_per_class, selection_score, split_validation, worst_metric
+from robaudit.remediate.selection import (default_val_per_class, evaluate_per_class, selection_score,
+                                          split_validation, worst_metric)
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +206,7 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
     before the teacher audit writes its first file.
     """
     run = _prepare(cfg, teacher, train_data, test_data, student_module)
+    cfg = run.cfg   # with the hold-out size resolved
     if dry_run:
         distributed.on_main(lambda: run.prepare_out_dir(create=False))
         return None
@@ -252,6 +255,9 @@ def _prepare(cfg: RemediateConfig, teacher, train_data, test_data, student_modul
     if test_data is not None and len(test_data.classes) != num_classes:
         raise UserError(f"the test split has {len(test_data.classes)} classes but the training split {num_classes}")
 
+    if cfg.val_per_class is None:
+        per_class, rule = default_val_per_class(train_data.y, num_classes)
+        cfg = dataclasses.replace(cfg, val_per_class=per_class, val_rule=rule)
     milestones = tuple(cfg.milestones) if cfg.milestones is not None else scale_milestones(cfg.epochs)
     method = create_method(cfg.method, num_classes, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
                            seed=cfg.seed, dataset=cfg.dataset or getattr(train_data, "name", None),
@@ -259,8 +265,10 @@ def _prepare(cfg: RemediateConfig, teacher, train_data, test_data, student_modul
                            **cfg.method_options)
     method.configure(epochs=cfg.epochs, lr_milestones=milestones)
     if getattr(method, "needs_validation", False) and cfg.val_per_class <= 0:
-        raise UserError(f"method {method.name!r} averages weights on a validation split: "
-                        f"pass --val-per-class > 0 (CFA uses 100) or turn its weight averaging off")
+        raise UserError(f"method {method.name!r} updates from a held-out validation split each epoch: "
+                        f"pass --val-per-class > 0 (CFA and FRL use 100), or see its options (robaudit list --options)")
+    if method_cls.fine_tunes and student_module is None and not cfg.student_init:
+        raise UserError(f"method {method.name!r} fine-tunes a trained model: pass it with --student-init PATH")
     train_pos, val_pos = split_validation(train_data.y, train_data.index, cfg.val_per_class, cfg.seed, num_classes)
     fingerprint = _fingerprint(cfg, method.options(), milestones, num_classes, train_data.index[train_pos],
                                student_desc)
@@ -369,7 +377,8 @@ def _train_epochs(run: _Run, data: _DeviceData, optimizer, scheduler, history: L
             if ctx.enabled:
                 distributed.broadcast_tensors_(buffers)                  # one model on every rank
                 run.method.reduce_tallies(distributed.sum_over_ranks)   # the whole epoch's per-class statistics
-            record = run.method.end_epoch(epoch, student=raw, val_robust=lambda m, s: data.val_eval(m, s)[1])
+            record = run.method.end_epoch(epoch, student=raw, val_robust=lambda m, s: data.val_eval(m, s)[1],
+                                          val_accuracy=data.val_eval)
             entry = {"epoch": epoch, "lr": lr, "loss": loss_sum / max(seen, 1)}
             improved = _validate_epoch(run, data, entry, best)
             if improved:

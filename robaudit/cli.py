@@ -122,7 +122,10 @@ def cli(verbose):
 def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir, limit,
          n_per_class, split, attacks, eps, seed, batch_size, device, attack_opt, tpgd_temperature,
          iterates, score, out_dir, no_report, redact_paths, fail_under_worst, fail_over_nsd):
-    """Audit MODEL class by class and write results.json, samples.npz and report.html."""
+    """Audit MODEL class by class and write results.json, samples.npz and report.html.
+
+    MODEL is a model file, a timm Hugging Face folder, or robustbench:[THREAT/]NAME (docs/zoo.md).
+    """
     from robaudit.audit.arch_inference import probe_batch
     from robaudit.audit.datasets import load_dataset
     from robaudit.audit.devices import resolve_device
@@ -141,15 +144,19 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
     loaded = load_model_from_options(model, model_format=model_format, arch=arch, num_classes=num_classes,
                                      trust_pickle=trust_pickle, mean=mean, std=std, device=torch_device,
                                      dataset_classes=data.classes, input_shape=tuple(data.x.shape[1:]),
-                                     probe_data=probe_batch(data.x, data.y))
-    if loaded.arch_inferred is not None and distributed.current().is_main:
-        click.echo(f"robaudit: no --arch given: the weights are {loaded.arch} "
-                   f"({loaded.arch_inferred['how']}; see model.arch_inferred)", err=True)
+                                     probe_data=probe_batch(data.x, data.y), dataset_name=data.name)
+    _say_inferred_arch(loaded)
     results = _run_and_print(cfg, loaded, data)
     if distributed.current().is_main:
         click.echo(f"wrote {Path(out_dir) / 'results.json'}"
                    + ("" if no_report else f" and {Path(out_dir) / 'report.html'}"))
     return results
+
+
+def _say_inferred_arch(loaded) -> None:
+    if loaded.arch_inferred is not None and distributed.current().is_main:
+        click.echo(f"robaudit: no --arch given: the weights are {loaded.arch} "
+                   f"({loaded.arch_inferred['how']}; see model.arch_inferred)", err=True)
 
 
 def _run_and_print(cfg, loaded, data, extra=None):
@@ -189,8 +196,11 @@ def report(results_files, out_file, redact_paths):
     baseline = loaded[0] if len(loaded) == 2 else None
     out = Path(out_file) if out_file else Path(results_files[-1]).with_name(
         "comparison.html" if baseline else "report.html")
+    paired = None
+    if baseline is not None:   # the audits' samples.npz, when they sit next to their results.json
+        paired = _paired(baseline, after, Path(results_files[0]).parent, Path(results_files[-1]).parent)
     try:
-        render_report(after, out, baseline=baseline, redact_paths=redact_paths)
+        render_report(after, out, baseline=baseline, redact_paths=redact_paths, paired=paired)
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}")
     click.echo(f"wrote {out}")
@@ -215,6 +225,7 @@ def list_cmd(show_options):
             if registry is METHODS and show_options:
                 click.echo(f"      options (--method-opt KEY=VALUE): {', '.join(METHODS.get(name).option_names())}")
     click.echo("architectures: any torchvision classification model name also works (e.g. resnet50)")
+    click.echo("zoo models: --arch timm:NAME, a timm Hugging Face folder, robustbench:[THREAT/]NAME (docs/zoo.md)")
     click.echo("datasets: an .npz file path or an image-folder path also works")
 
 
@@ -261,7 +272,7 @@ def main(argv=None):
 @click.option("--attacks", default="clean,fgsm,pgd,cw,tpgd", show_default=True,
               help="AutoAttack (aa) is left out by default: its FAB-T stage takes many minutes on a "
                    "CPU; add it with --attacks clean,fgsm,pgd,cw,aa.")
-@click.option("--remediate-epochs", type=int, default=3, show_default=True,
+@click.option("--remediate-epochs", type=int, default=4, show_default=True,
               help="ABSLD fine-tuning epochs after the audit (0: audit only).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
@@ -306,13 +317,22 @@ def _run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, 
     if remediate_epochs <= 0:
         return
     # A short ABSLD fine-tune of the demo model, distilled from itself: classes the student
-    # finds hard get sharper soft labels. `robaudit remediate` runs the same code. No crop/flip
-    # augmentation: the demo teacher never saw padded borders, so its soft labels on them are noise.
+    # finds hard get sharper soft labels. `robaudit remediate` runs the same code. Settings
+    # for a 4-epoch fine-tune rather than the paper's 300 epochs (issue 15):
+    # - beta 0.5 (paper 0.1): the temperatures reach their bounds within the run, not after it;
+    # - loss_scale 1 (the plain batch-mean KL, not the code's /10) and lr 0.03: a self-distilled
+    #   student starts with a near-zero loss, so the code's scale barely moves it in 4 epochs;
+    # - classwise_mean: each class's mean KL counts equally, so the demo's rare classes
+    #   (audit/demo.py DEMO_RARE_TRAIN) are not outvoted by the common ones;
+    # - val_per_class 10: the rarest class has 40 training images;
+    # - no crop/flip augmentation: the demo teacher never saw padded borders, so its soft
+    #   labels on them are noise.
     rem_out = out / "remediate"
     click.echo(f"demo: ABSLD fine-tuning for {remediate_epochs} epochs into {rem_out} ...", err=True)
     rem_cfg = RemediateConfig(out_dir=rem_out, method="absld", student="smallcnn", dataset="demo",
-                              epochs=remediate_epochs, lr=0.01, steps=5, step_size=2.5 * cfg.eps / 5,
-                              val_per_class=20, augment=False, seed=seed, device=str(torch_device),
+                              method_options={"beta": 0.5, "loss_scale": 1.0, "classwise_mean": True},
+                              epochs=remediate_epochs, lr=0.03, steps=5, step_size=2.5 * cfg.eps / 5,
+                              val_per_class=10, augment=False, seed=seed, device=str(torch_device),
                               audit_attacks=cfg.attacks, command=_command_line(),
                               resume=(rem_out / "checkpoint.pt").exists())
     summary = run_remediate(rem_cfg, teacher=loaded, train_data=train, test_data=test,
@@ -350,15 +370,20 @@ def _method_choices() -> str:
               help="absld: combine with Fair-ARD sample re-weighting (our construction of the journal idea).")
 @click.option("--method-opt", multiple=True, help="Any method option: KEY=VALUE (repeatable).")
 @click.option("--epochs", type=int, default=None, help="Training epochs [the method's paper: 300; ferd 220].")
-@click.option("--lr", type=float, default=0.1, show_default=True)
+@click.option("--schedule", type=click.Choice(["shared", "paper"]), default="shared", show_default=True,
+              help="shared: one schedule for every method (RSLAD's 300 epochs, lr 0.1 /10 after 215, 260, "
+                   "285, wd 2e-4, batch 128), for equal-budget comparisons; paper: the method's own paper's "
+                   "(`robaudit list --options` shows it). --epochs/--lr/... override either.")
+@click.option("--lr", type=float, default=None, help="Learning rate [0.1; the schedule's].")
 @click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--weight-decay", type=float, default=2e-4, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--weight-decay", type=float, default=None, help="Weight decay [2e-4; the schedule's].")
+@click.option("--batch-size", type=int, default=None, help="Global batch size [128; the schedule's].")
 @click.option("--milestones", default=None, help="lr/10 epochs, e.g. 215,260,285 (default: the paper's, scaled to --epochs).")
 @click.option("--steps", type=int, default=10, show_default=True, help="Inner PGD steps.")
 @click.option("--eps", default="8/255", show_default=True)
-@click.option("--val-per-class", type=int, default=100, show_default=True,
-              help="Training images per class held out for checkpoint selection (0: last epoch).")
+@click.option("--val-per-class", type=int, default=None,
+              help="Training images per class held out for checkpoint selection (0: last epoch) "
+                   "[100; 25 with >= 50 classes; at most 10% of the smallest class].")
 @click.option("--val-steps", type=int, default=20, show_default=True,
               help="PGD steps of the checkpoint-selection attack on the held-out images (0: the random start alone).")
 @click.option("--no-augment", is_flag=True, help="No random crop / flip.")
@@ -376,7 +401,7 @@ def _method_choices() -> str:
 @threads_option
 def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir,
               limit, n_per_class, student, student_init, method, data_free, beta, tau_min, tau_max, alpha,
-              reference_compat, reweight, method_opt, epochs, lr, momentum, weight_decay, batch_size,
+              reference_compat, reweight, method_opt, schedule, epochs, lr, momentum, weight_decay, batch_size,
               milestones, steps, eps, val_per_class, val_steps, no_augment, seed, device, precision, resume, sync_bn,
               audit_attacks, audit_limit, audit_n_per_class, attack_opt, out_dir):
     """Distill a fairer robust student (ABSLD by default), then audit teacher and student."""
@@ -384,7 +409,7 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
     from robaudit.audit.devices import resolve_device
     from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps
     from robaudit.remediate import DEFAULT_METHOD, METHODS
-    from robaudit.remediate.common import RemediateConfig
+    from robaudit.remediate.common import RemediateConfig, resolve_schedule
 
     if data_free and method not in (None, "ferd"):
         raise UserError(f"--data-free trains with ferd; drop --method {method} (or pass --method ferd alone)")
@@ -412,9 +437,10 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         raise UserError(f"malformed --milestones {milestones!r}: give epochs like 215,260,285")
     cfg = RemediateConfig(
         out_dir=Path(out_dir), method=method_cls.name, method_options=options, student=student,
-        student_init=student_init, epochs=epochs if epochs is not None else method_cls.default_epochs, lr=lr,
-        momentum=momentum, weight_decay=weight_decay, batch_size=batch_size, milestones=milestone_list,
-        steps=steps, eps=eps_value, val_per_class=val_per_class, val_steps=val_steps, augment=not no_augment,
+        student_init=student_init, momentum=momentum, steps=steps,
+        **resolve_schedule(method_cls, schedule, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                           batch_size=batch_size, milestones=milestone_list),
+        eps=eps_value, val_per_class=val_per_class, val_steps=val_steps, augment=not no_augment,
         seed=seed, device=str(torch_device), precision=precision, resume=resume, sync_bn=sync_bn,
         audit_attacks=audit_cfg.attacks, audit_overrides=audit_cfg.attack_overrides, command=_command_line())
     method_cls.check_config(cfg, distributed.current().world_size)  # before anything is loaded or written
@@ -431,7 +457,8 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
                                           num_classes=num_classes, trust_pickle=trust_pickle, mean=mean,
                                           std=std, device=torch_device, dataset_classes=train.classes,
                                           input_shape=tuple(train.x.shape[1:]),
-                                          probe_data=probe_batch(test.x, test.y))
+                                          probe_data=probe_batch(test.x, test.y), dataset_name=train.name)
+        _say_inferred_arch(teacher)
         if train is not test:
             test.classes[:] = train.classes  # --class-names renames train.classes in place: audit with them too
     _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test)
@@ -465,6 +492,7 @@ def _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test):
     from dataclasses import replace
 
     from robaudit.audit.outlock import hold_out_dir
+    from robaudit.remediate.common import student_architecture
 
     def train_student(dry_run=False):
         return method_cls.run(cfg, teacher=teacher, train_data=train, test_data=test, dry_run=dry_run)
@@ -476,11 +504,22 @@ def _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test):
         if teacher is not None:
             click.echo(f"remediate: auditing the teacher into {out / 'teacher'} ...", err=True)
             before = _run_and_print(replace(audit_cfg, out_dir=out / "teacher"), teacher, test)
+        student_arch, student_note = student_architecture(cfg)
+        if student_note is not None and student_arch != cfg.student.strip().lower():   # an alias was resolved
+            click.echo(f"robaudit: --student {student_note}", err=True)
         click.echo(f"remediate: training a {cfg.student or 'student'} with {cfg.method} "
                    f"for {cfg.epochs} epochs ...", err=True)
         summary = train_student()
         _print_comparison(before, summary["student_results"], out)
     return summary
+
+
+def _paired(before: dict, after: dict, before_dir: Path, after_dir: Path):
+    """(PairedOutcomes or None, why not) of the compared attack, from each audit's samples.npz."""
+    from robaudit.audit.paired import load_paired
+    from robaudit.audit.report_comparison import comparison_key
+
+    return load_paired(before_dir, after_dir, before, after, comparison_key(after, before))
 
 
 def _print_comparison(before, after, out: Path):
@@ -491,7 +530,8 @@ def _print_comparison(before, after, out: Path):
         return
 
     click.echo(format_table(after))
-    render_report(after, out / "report.html", baseline=before)
+    render_report(after, out / "report.html", baseline=before,
+                  paired=_paired(before, after, out / "teacher", out / "student") if before is not None else None)
     if before is not None:
         b = before.get("ensemble") or before["attacks"]["clean"]
         a = after.get("ensemble") or after["attacks"]["clean"]

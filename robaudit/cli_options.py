@@ -30,6 +30,8 @@ def _parse_floats(text, flag):
 # does not take them as parameters gets them through the click context instead, where
 # `load_model_from_options` reads them, so every command using @model_options honours them.
 BOUNDARY_OPTIONS = ("input_layout", "input_range", "output", "output_name", "class_names", "class_map")
+# Stashed the same way: where robustbench:NAME checkpoints are cached (audit/zoo.py).
+STASHED_OPTIONS = BOUNDARY_OPTIONS + ("zoo_dir",)
 _CONTEXT_KEY = "robaudit.model_boundary"
 
 
@@ -40,8 +42,12 @@ def model_options(f):
                      help="Force the model format: auto, export (.pt2), torchscript, state_dict, "
                           "checkpoint, safetensors, pickle, onnx."),
         click.option("--arch", default=None,
-                     help="Architecture for a state_dict/safetensors file (see `robaudit list`); "
-                          "default: the registered one its keys and shapes fit."),
+                     help="Architecture for a state_dict/safetensors file (see `robaudit list`; "
+                          "timm:NAME builds it with timm); default: the registered one its keys and shapes fit."),
+        click.option("--zoo-dir", type=click.Path(), default=None,
+                     help="Cache of robustbench:[THREAT/]NAME checkpoints, laid out as RobustBench's "
+                          "DIR/DATASET/THREAT/NAME.pt [default: $ROBAUDIT_ZOO_DIR, else "
+                          "~/.cache/robaudit/robustbench]."),
         click.option("--num-classes", type=int, default=None, help="Expected class count (checked against the dataset)."),
         click.option("--trust-pickle", is_flag=True, help="Allow loading a fully pickled nn.Module (executes code from the file!)."),
         click.option("--mean", default=None,
@@ -74,7 +80,7 @@ def model_options(f):
     except (TypeError, ValueError):
         accepted = {}
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
-    stashed = [name for name in BOUNDARY_OPTIONS if name not in accepted and not takes_all]
+    stashed = [name for name in STASHED_OPTIONS if name not in accepted and not takes_all]
 
     @functools.wraps(f)
     def command(*args, **kwargs):
@@ -125,7 +131,7 @@ def dataset_options(f):
 def load_model_from_options(model_path, *, model_format, arch, num_classes, trust_pickle, mean, std,
                             device, dataset_classes, input_shape, input_layout=None, input_range=None,
                             output=None, output_name=None, class_names=None, class_map=None,
-                            probe_data=None):
+                            probe_data=None, dataset_name=None, zoo_dir=None):
     """load_model with the command's options; returns a LoadedModel.
 
     The boundary options (--input-layout ... --class-map) default to the values the
@@ -133,6 +139,8 @@ def load_model_from_options(model_path, *, model_format, arch, num_classes, trus
     (EvalData.classes): with --class-names its entries are replaced in place, so the
     results name the classes as the user asked. probe_data: (x, y) of the audited data
     (arch_inference.probe_batch), used to tell same-key architecture forms apart.
+    dataset_name (EvalData.name) and --zoo-dir (zoo_dir, else the command line's) place a
+    robustbench:NAME model (audit/zoo.py).
     """
     from robaudit.audit.loading import load_model
 
@@ -143,6 +151,7 @@ def load_model_from_options(model_path, *, model_format, arch, num_classes, trus
     boundary = {name: (value if value is not None else stashed.get(name)) for name, value in given.items()}
     defaults = {"input_layout": "auto", "input_range": "0-1", "output": "auto"}
     boundary = {name: (defaults.get(name) if value is None else value) for name, value in boundary.items()}
+    zoo_dir = zoo_dir if zoo_dir is not None else stashed.get("zoo_dir")
 
     if num_classes is not None and num_classes != len(dataset_classes):
         raise UserError(f"--num-classes {num_classes} does not match the dataset's "
@@ -150,7 +159,8 @@ def load_model_from_options(model_path, *, model_format, arch, num_classes, trus
     loaded = load_model(model_path, format=model_format, arch=arch, num_classes=len(dataset_classes),
                         trust_pickle=trust_pickle, mean=_parse_floats(mean, "--mean"),
                         std=_parse_floats(std, "--std"), device=device, input_shape=input_shape,
-                        dataset_classes=list(dataset_classes), probe_data=probe_data, **boundary)
+                        dataset_classes=list(dataset_classes), probe_data=probe_data, dataset=dataset_name,
+                        zoo_dir=zoo_dir, **boundary)
     if loaded.class_names is not None and isinstance(dataset_classes, list):
         dataset_classes[:] = loaded.class_names
     return loaded

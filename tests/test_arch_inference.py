@@ -17,6 +17,7 @@ from torch import nn
 
 from robaudit.audit import arch_inference
 from robaudit.audit.architectures import ARCHITECTURES, PREACT_RESNET18_FORMS, SmallCNN, create_architecture
+from robaudit.audit.metrics import binomial_upper_tail, mcnemar_exact_p
 from robaudit.audit.loading import load_model
 from robaudit.cli import main
 from robaudit.errors import UserError
@@ -199,9 +200,9 @@ def test_decisive_needs_margin_significance_and_more_than_chance():
                                                       _correct([1] * 55 + [0] * 45), 10)
     # 30 of 200 (15%) against 0: significant gap, but not clearly above chance (10%).
     assert "chance" in arch_inference.decisive_reason(_correct([1] * 30 + [0] * 170), _correct([0] * 200), 10)
-    assert arch_inference.mcnemar_p(5, 5) == 1.0
-    assert arch_inference.binomial_tail(0, 10, 0.3) == 1.0
-    assert abs(arch_inference.binomial_tail(10, 10, 0.5) - 2 ** -10) < 1e-15
+    assert mcnemar_exact_p(5, 5) == 1.0
+    assert binomial_upper_tail(0, 10, 0.3) == 1.0
+    assert abs(binomial_upper_tail(10, 10, 0.5) - 2 ** -10) < 1e-15
 
 
 def test_probe_batch_is_deterministic_and_spread():
@@ -266,6 +267,56 @@ def test_a_model_that_normalises_itself_is_not_normalised_twice(tmp_path):
         assert_logits_close(loaded.module(x), model(x))
     other = dict(own, mu=torch.full((1, 3, 1, 1), 0.5))
     assert "normalises its own input" in _error(_save(other, tmp_path / "dm2.pt", "plain"))
+
+
+def _dm_file(tmp_path):
+    """A DM WideResNet (normalises its own input with the CIFAR-10 constants), saved plain."""
+    torch.manual_seed(0)
+    model = _randomise_bn(create_architecture("dm-wrn-10-1"))
+    return model, _save(model.state_dict(), tmp_path / "dm.pt", "plain")
+
+
+def test_mean_std_equal_to_a_models_own_normalisation_are_applied_once(tmp_path):
+    model, path = _dm_file(tmp_path)
+    x = torch.rand(4, 3, 32, 32)
+    mean, std = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1), torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected, twice = model(x), model((x - mean) / std)
+    assert (expected - twice).abs().max() > 0.1   # so normalising twice would show
+    for arch in (None, "dm-wrn-10-1"):
+        loaded = load_model(path, arch=arch, mean=CIFAR10_MEAN, std=CIFAR10_STD)
+        assert loaded.arch == "dm-wrn-10-1"
+        assert loaded.adaptations["normalize"] is None   # not at the boundary ...
+        assert not any("(x - mean) / std" in step for step in loaded.adaptations["pipeline"])
+        notes = [n for n in loaded.adaptations["notes"] if "equal the model's own input normalisation" in n]
+        assert len(notes) == 1 and "applied once, inside the model" in notes[0], loaded.adaptations["notes"]
+        assert "mean [0.4914, 0.4822, 0.4465]" in notes[0]
+        with torch.no_grad():
+            assert_logits_close(loaded.module(x), expected, msg=str(arch))   # ... but inside, once
+
+
+@pytest.mark.parametrize("mean,std", [([0.5, 0.5, 0.5], [0.5, 0.5, 0.5]), ([0.4914], [0.2471]),
+                                      (CIFAR10_MEAN, [0.2023, 0.1994, 0.2010])])
+def test_mean_std_other_than_a_models_own_normalisation_are_refused(mean, std, tmp_path):
+    _, path = _dm_file(tmp_path)
+    message = _error(path, mean=mean, std=std)
+    assert message.startswith("the weights (dm-wrn-10-1) normalise their input themselves "
+                              "(mean [0.4914, 0.4822, 0.4465], std [0.2471, 0.2435, 0.2616])"), message
+    assert message.endswith("would normalise it a second time: drop --mean/--std")
+
+
+def test_scan_refuses_mean_std_for_a_model_that_normalises_itself_in_one_line(tmp_path, capsys):
+    _, path = _dm_file(tmp_path)
+    x = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
+    np.savez(tmp_path / "d32.npz", x_test=x, y_test=np.arange(4) % 10)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_:
+        main(["scan", path, "--dataset", str(tmp_path / "d32.npz"), "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5",
+              "--out", str(out), "--device", "cpu", "--attacks", "clean", "--no-report"])
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("robaudit: error: the weights (dm-wrn-10-1) normalise")
+    assert "drop --mean/--std" in lines[0] and not out.exists()
 
 
 # --- the command line ----------------------------------------------------------------------

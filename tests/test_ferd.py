@@ -1,5 +1,7 @@
-"""Data-free remediation (FERD, remediate/ferd.py): the generator loss terms against
-independent computations, the class reweighting on a teacher with one fragile class,
+"""Data-free remediation (FERD, remediate/ferd.py): the generator loss terms, IKL (against an
+explicit double loop) and the UTAE objective against independent computations, the information
+bottleneck's direction on a teacher whose head reads one channel, its layer on the registered
+architectures, the class reweighting on a teacher with one fragile class,
 the bounded bank, the BN-less and gradient-less teachers, the all-off baseline,
 bitwise resume and one end-to-end run through export and the student audit.
 
@@ -12,6 +14,7 @@ import base64
 import csv
 import json
 import math
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,9 +29,10 @@ from robaudit.errors import UserError
 from robaudit.remediate.common import RemediateConfig
 from robaudit.remediate.ferd import run_ferd
 from robaudit.remediate.ferd_options import FerdOptions, default_warmup
+from robaudit.remediate.ferd_ib import InformationBottleneck, find_ib_layer, ib_kl, nonrobust_mask
 from robaudit.remediate.ferd_synthesis import (
-    FerdGenerator, SyntheticBank, TeacherTaps, class_probabilities, generator_loss, negative_margin,
-    nonrobust_channel_mask, nonrobust_logits, uta_attack_loss,
+    FerdGenerator, SyntheticBank, TeacherTaps, class_probabilities, generator_loss, ikl_per_sample,
+    negative_margin, nonrobust_channel_mask, nonrobust_logits, uta_attack_loss,
 )
 
 C = 3
@@ -85,7 +89,7 @@ def teacher_model(module=None, **extra):
 
 
 TINY = dict(g_steps=3, synthesis_batch_size=12, nz=8, ngf=4, kd_steps=2, teacher_steps=2, warmup=1,
-            image_shape=list(SHAPE), examples_per_class=3)
+            image_shape=list(SHAPE), examples_per_class=3, ib_steps=4)
 
 
 def config(out_dir, options=None, **overrides) -> RemediateConfig:
@@ -160,7 +164,7 @@ def test_one_hot_kl_and_uniformity_terms_match_independent_computations():
     mask = torch.tensor([1.0, 0.0, 1.0, 0.0])
     bn_terms = [torch.tensor(0.7), torch.tensor(0.2)]
     total, parts = generator_loss(t_logits, s_logits, y, bn_terms=bn_terms,
-                                  nonrobust=nonrobust_logits(features, mask, weight, bias))
+                                  nonrobust=nonrobust_logits(features, mask, weight, bias), adv_loss="kl")
 
     t, s = t_logits.double().numpy(), s_logits.double().numpy()
 
@@ -181,13 +185,69 @@ def test_one_hot_kl_and_uniformity_terms_match_independent_computations():
     assert float(parts["bn"]) == pytest.approx(0.9)
     assert float(total) == pytest.approx(5 * 0.9 + oh - kl + 5 * uni, rel=1e-5)
     # Terms that are off: no BN layers, no non-robust channels yet.
-    total_off, parts_off = generator_loss(t_logits, s_logits, y)
+    total_off, parts_off = generator_loss(t_logits, s_logits, y, adv_loss="kl")
     assert parts_off["bn"] is None and parts_off["uni"] is None
     assert float(total_off) == pytest.approx(oh - kl, rel=1e-5)
-    # The uniform-target attack objective: KL(p_t || s) - 10 KL(u || s), per sample.
-    uta = uta_attack_loss(s_logits, torch.from_numpy(p_t).float()).double().numpy()
-    expected = (p_t * (np.log(p_t) - log_softmax(s))).sum(1) - 10 * (1.0 / C * (np.log(1.0 / C) - log_softmax(s))).sum(1)
-    np.testing.assert_allclose(uta, expected, rtol=1e-4, atol=1e-5)
+    # The default L_adv is -IKL (the code's -dkl_loss), with the same other terms.
+    total_ikl, parts_ikl = generator_loss(t_logits, s_logits, y)
+    ikl = _ikl_double_loop(s, t)
+    assert float(parts_ikl["adv"]) == pytest.approx(ikl.mean(), rel=1e-5)
+    assert float(total_ikl) == pytest.approx(oh - ikl.mean(), rel=1e-5)
+
+
+def _ikl_double_loop(s: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """losses.py dkl_loss (GI off) per sample, written out with explicit loops over i, j."""
+    out = []
+    for b in range(s.shape[0]):
+        p = np.exp(t[b] / 100.0) / np.exp(t[b] / 100.0).sum()
+        num, den = 0.0, 0.0
+        for i in range(s.shape[1]):
+            for j in range(s.shape[1]):
+                w = p[i] * p[j]
+                num += w * ((t[b, i] - t[b, j]) - (s[b, i] - s[b, j])) ** 2
+                den += w
+        q_t = np.exp(t[b] - t[b].max()) / np.exp(t[b] - t[b].max()).sum()
+        log_q_s = s[b] - s[b].max() - np.log(np.exp(s[b] - s[b].max()).sum())
+        out.append(0.25 * num / den - (q_t * log_q_s).sum())
+    return np.array(out)
+
+
+def test_ikl_matches_an_explicit_double_loop_and_reduces_to_ce_on_equal_logits():
+    g = torch.Generator().manual_seed(7)
+    t_logits, s_logits = torch.randn(4, 5, generator=g) * 4, torch.randn(4, 5, generator=g) * 4
+    ours = ikl_per_sample(s_logits, t_logits).double().numpy()
+    np.testing.assert_allclose(ours, _ikl_double_loop(s_logits.double().numpy(), t_logits.double().numpy()),
+                               rtol=1e-5)
+    # IKL(z, z): the pair term vanishes, leaving the cross-entropy = the entropy of softmax(z).
+    same = ikl_per_sample(t_logits, t_logits)
+    p = F.softmax(t_logits, dim=1)
+    assert torch.allclose(same, -(p * F.log_softmax(t_logits, dim=1)).sum(1), rtol=1e-6)
+    # The code's batch form 0.25 * sum_bij w (.)^2 / sum_bij w + mean CE equals our per-sample mean.
+    gap = (t_logits[:, :, None] - t_logits[:, None, :]) - (s_logits[:, :, None] - s_logits[:, None, :])
+    q = F.softmax(t_logits / 100, dim=1)
+    w = q[:, :, None] * q[:, None, :]
+    batch_form = 0.25 * (gap ** 2 * w).sum() / w.sum() - (p * F.log_softmax(s_logits, 1)).sum(1).mean()
+    assert float(ikl_per_sample(s_logits, t_logits).mean()) == pytest.approx(float(batch_form), rel=1e-5)
+    # The CE target is detached (code), the pair weights are not: the teacher side still gets a gradient.
+    t_req = t_logits.clone().requires_grad_(True)
+    ikl_per_sample(s_logits, t_req).sum().backward()
+    assert t_req.grad is not None and float(t_req.grad.abs().sum()) > 0
+
+
+def test_uta_objective_with_gamma():
+    g = torch.Generator().manual_seed(3)
+    s_logits, t_logits = torch.randn(5, C, generator=g) * 2, torch.randn(5, C, generator=g) * 2
+    p_t = F.softmax(t_logits, dim=1)
+    s, pt = s_logits.double().numpy(), p_t.double().numpy()
+    log_s = s - s.max(1, keepdims=True) - np.log(np.exp(s - s.max(1, keepdims=True)).sum(1, keepdims=True))
+    kl = (pt * (np.log(pt) - log_s)).sum(1)
+    kl_u = (1.0 / C * (np.log(1.0 / C) - log_s)).sum(1)
+    for gamma in (0.3, 0.5):
+        np.testing.assert_allclose(uta_attack_loss(s_logits, p_t, gamma).double().numpy(), kl - gamma * kl_u,
+                                   rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(uta_attack_loss(s_logits, p_t, 0.0).double().numpy(), kl, rtol=1e-5, atol=1e-6)
+    assert FerdOptions().uta_gamma == 0.3 and FerdOptions().attack_gamma() == 0.3
+    assert FerdOptions(uta=False).attack_gamma() == 0.0      # uta off = the code's gamma 0
 
 
 def test_class_probabilities_margins_and_nonrobust_channels():
@@ -211,8 +271,123 @@ def test_class_probabilities_margins_and_nonrobust_channels():
     assert nonrobust_channel_mask(clean, adv, 0.25).tolist() == [0.0, 0.0, 1.0, 0.0]
 
 
+class ChannelTeacher(nn.Module):
+    """Layer l = `features` (a 1x1 conv, 4 channels); the head reads channel 0 only (red - 0.5),
+    so channel 0 decides the class and channels 1-3 are ignored."""
+
+    def __init__(self):
+        super().__init__()
+        self.features, self.head = nn.Conv2d(3, 4, 1), nn.Linear(4, 2)
+        with torch.no_grad():
+            self.features.weight.zero_()
+            self.features.bias.zero_()
+            self.features.weight[0, 0], self.features.bias[0] = 1.0, -0.5
+            for k in (1, 2, 3):
+                self.features.weight[k, k % 3] = 0.5
+            self.head.weight.zero_()
+            self.head.bias.zero_()
+            self.head.weight[0, 0], self.head.weight[1, 0] = 10.0, -10.0
+        self.eval()
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def _fit(teacher, x, beta):
+    name, module, _ = find_ib_layer(teacher, x)
+    ib = InformationBottleneck(module, name, steps=50, lr=0.1, beta=beta)
+    try:
+        y = teacher(x).argmax(1)
+        with ib.recording():
+            teacher(x)
+        z = ib.recorded
+        scale = ib.fit_noise(teacher, x, z, y, torch.Generator().manual_seed(0))
+        logits, mask = ib.nonrobust_logits(teacher, x, y, torch.Generator().manual_seed(0))
+    finally:
+        ib.close()
+    assert not module._forward_hooks
+    return name, z, scale, mask, logits
+
+
+def test_information_bottleneck_keeps_the_deciding_channel_low_noise():
+    teacher = ChannelTeacher()
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    # Without the KL term (beta 0) only CE moves the noise: the ignored channels get no gradient and
+    # keep softplus(0)^2 = 0.48, above every feature variance (~0.1) -> robust (mask 0); the channel
+    # that decides the class has its noise pushed down -> non-robust (mask 1), in every sample.
+    name, z, scale, mask, logits = _fit(teacher, x, beta=0.0)
+    assert name == "features"
+    variance = z.var(dim=(2, 3))
+    assert float(variance.max()) < math.log(2) ** 2
+    assert torch.allclose(scale[:, 1:], torch.full_like(scale[:, 1:], math.log(2)))
+    assert float(scale[:, 0].square().max()) < float(variance.max())
+    assert mask[:, 0].tolist() == [1.0] * 16 and mask[:, 1:].sum() == 0
+    # f_{l+} ran on Z * m: only channel 0 kept, which the head reads, so the logits are the teacher's.
+    assert torch.allclose(logits, teacher(x), atol=1e-5)
+    # With the code's beta 0.3 the KL term draws each channel's noise variance to its own feature
+    # variance v_bc; CE pushes the deciding channel's further below it. Every noise then stays under
+    # the batch's largest variance: the code's rule calls all channels non-robust here.
+    _, z, scale, mask, _ = _fit(teacher, x, beta=0.3)
+    variance = z.var(dim=(2, 3))
+    ratio = scale.square() / variance
+    assert float(ratio[:, 0].mean()) < 0.5 * float(ratio[:, 1:].mean())
+    assert float(ratio[:, 1:].mean()) == pytest.approx(1.0, abs=0.35)
+    assert mask.sum() == mask.numel()
+
+
+def test_ib_kl_and_mask_follow_the_code():
+    v = torch.tensor([[0.5, 2.0], [1.0, 0.25]])
+    s = torch.tensor([[1.0, 1.0], [0.5, 2.0]])
+    expected = np.mean([0.5 * (vi / si ** 2 + math.log(si ** 2 / vi) - 1)
+                        for vi, si in zip(v.flatten().tolist(), s.flatten().tolist())])
+    assert float(ib_kl(v, s)) == pytest.approx(expected, rel=1e-5)
+    assert float(ib_kl(v, v.sqrt())) == pytest.approx(0.0, abs=1e-6)
+    # robust: noise variance above the batch's largest feature variance (2.0): only s = 2 (4.0 > 2).
+    assert nonrobust_mask(s, v).tolist() == [[1.0, 1.0], [1.0, 0.0]]
+
+
+def test_ib_layer_of_the_registered_architectures_and_hidden_layers():
+    from robaudit.audit.architectures import (MobileNetV2, PreActResNet, SmallCNN, WideResNet,
+                                              create_architecture)
+
+    cifar, tiny = torch.rand(2, 3, 32, 32), torch.rand(2, *SHAPE)
+    # WideResNet: bn1 (the BatchNorm under the final ReLU module, the code's pop 3); the others: the
+    # last spatial map, or the BatchNorm whose output a parameter-free activation module takes.
+    cases = [(WideResNet(depth=10, widen_factor=1), cifar, "bn1"), (create_architecture("resnet18", 10), cifar,
+             "layer4"), (PreActResNet([1, 1, 1, 1]), cifar, "bn"), (MobileNetV2(), cifar, "bn2"),
+             (SmallCNN(), cifar, "features"), (BNTeacher(), tiny, "bn2")]
+    for model, x, expected in cases:
+        name, _, _ = find_ib_layer(model.eval(), x)
+        assert name == expected, (type(model).__name__, name)
+    assert find_ib_layer(FragileBlueTeacher(), torch.rand(2, *SHAPE))[1] is None      # no spatial map
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(BNTeacher())
+    assert find_ib_layer(scripted, torch.rand(2, *SHAPE))[1] is None                   # hidden layers
+    with pytest.raises(UserError, match="ib_layer 'head'"):
+        find_ib_layer(BNTeacher(), torch.rand(2, *SHAPE), "head")
+    assert find_ib_layer(BNTeacher(), torch.rand(2, *SHAPE), "conv1")[0] == "conv1"
+
+
 def test_options_are_validated_with_one_line():
     assert FerdOptions.from_mapping({"fae": "false", "bank_eviction": "random"}).fae is False
+    with pytest.raises(UserError, match="uta_weight.*replaced by uta_gamma"):
+        FerdOptions.from_mapping({"uta_weight": 10})
+    for name in ("student_loss", "generator_adv_loss", "nonrobust"):
+        with pytest.raises(UserError, match=name):
+            FerdOptions.from_mapping({name: "magic"})
+    opts = FerdOptions.from_mapping({"uta_gamma": "0.5", "student_loss": "kl", "generator_adv_loss": "kl",
+                                     "nonrobust": "fragility", "ib_layer": "block3"})
+    assert FerdOptions.from_mapping(opts.as_dict()) == opts                            # round trip
+    defaults = FerdOptions().as_dict()
+    assert (defaults["uta_gamma"], defaults["student_loss"], defaults["generator_adv_loss"],
+            defaults["nonrobust"]) == (0.3, "ikl", "ikl", "ib")
+    from robaudit.remediate.ferd import FERD
+    from robaudit.remediate.common import resolve_schedule
+    for preset in ("shared", "paper"):   # FERD has one schedule, the authors' code's
+        schedule = resolve_schedule(FERD, preset)
+        assert (schedule["schedule"], schedule["weight_decay"], schedule["batch_size"], schedule["epochs"],
+                schedule["milestones"]) == ("own", 5e-4, 256, 220, None)
     with pytest.raises(UserError, match="no option 'magic'"):
         FerdOptions.from_mapping({"magic": 1})
     with pytest.raises(UserError, match="bank_eviction"):
@@ -276,8 +451,43 @@ def test_class_probabilities_move_to_the_fragile_class_and_bn_loss_is_off_withou
     assert "BN-statistics loss off" in caplog.text
     assert all(r["gen_bn"] == "" for r in rows) and all(r["gen_oh"] != "" for r in rows)
     assert rows[0]["phase"] == "warmup" and rows[1]["phase"] == "distill" and rows[1]["loss"] != ""
-    # FAE found the head (an nn.Linear with C outputs): L_uni from epoch 2 on.
+    # No spatial layer for the information bottleneck: FAE falls back to the fragility substitute on the
+    # head (an nn.Linear with C outputs), says so, and L_uni starts in epoch 2 (after the first measurement).
     assert options["method"]["fae_active"] is True and rows[0]["gen_uni"] == "" and rows[1]["gen_uni"] != ""
+    assert options["method"]["nonrobust"] == "ib" and options["method"]["nonrobust_active"] == "fragility"
+    assert any("fell back to nonrobust=fragility" in n and "robaudit's substitute" in n for n in options["notes"])
+    # Cosine over all 3 epochs, stepped every epoch, warm-up included (test.py): epoch 2 trains at step 1.
+    history = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["history"]
+    assert history[0]["lr"] is None
+    assert [h["lr"] for h in history[1:]] == pytest.approx([0.05 * (1 + math.cos(math.pi * k / 3)) for k in (1, 2)])
+    assert "cosine over all epochs" in options["schedule"]
+
+
+def test_default_run_uses_the_information_bottleneck_and_records_the_choices(tmp_path):
+    teacher = BNTeacher()
+    summary = run_ferd(config(tmp_path, {"warmup": 1}), teacher=teacher_model(teacher), student_module=tiny_student())
+    assert all(not m._forward_hooks for m in teacher.modules())          # BN taps and the IB hook removed
+    options = summary["training"]["options"]
+    method = options["method"]
+    assert (method["uta_gamma"], method["student_loss"], method["generator_adv_loss"], method["nonrobust"]) == \
+        (0.3, "ikl", "ikl", "ib")
+    assert method["nonrobust_active"] == "ib" and method["ib_layer_active"] == "bn2"
+    assert method["uta_gamma_active"] == 0.3
+    assert not any("substitute" in n for n in options["notes"])
+    rows = read_metrics(tmp_path / "metrics.csv")
+    # The IB runs on every generator step: L_uni from epoch 1.
+    assert all(r["gen_uni"] != "" and 0.0 <= float(r["gen_nonrobust_share"]) <= 1.0 for r in rows)
+    assert rows[1]["student_loss_adv:red"] != "" or rows[1]["student_loss_adv:green"] != "" or \
+        rows[1]["student_loss_adv:blue"] != ""
+    # nonrobust=fragility (robaudit's substitute) with the plain-KL losses and gamma 0: labelled in the notes.
+    frag = run_ferd(config(tmp_path / "frag", {"warmup": 1, "nonrobust": "fragility", "student_loss": "kl",
+                                               "generator_adv_loss": "kl", "uta_gamma": 0.0}),
+                    teacher=teacher_model(), student_module=tiny_student())
+    options = frag["training"]["options"]
+    assert options["method"]["nonrobust_active"] == "fragility" and options["method"]["ib_layer_active"] is None
+    assert any(n.startswith("Non-robust channels from robaudit's substitute") for n in options["notes"])
+    rows = read_metrics(tmp_path / "frag" / "metrics.csv")
+    assert rows[0]["gen_uni"] == "" and rows[1]["gen_uni"] != ""
 
 
 def test_teacher_without_gradients_is_refused_with_one_line(tmp_path):
@@ -304,11 +514,11 @@ def test_all_switches_off_runs_the_plain_data_free_baseline(tmp_path):
 
 
 # ================================================================= resume
-@pytest.mark.parametrize("reset_generator", [True, False])
-def test_resume_is_bitwise_equal_to_a_straight_run(tmp_path, monkeypatch, reset_generator):
+@pytest.mark.parametrize("reset_generator,nonrobust", [(True, "ib"), (False, "fragility")])
+def test_resume_is_bitwise_equal_to_a_straight_run(tmp_path, monkeypatch, reset_generator, nonrobust):
     import robaudit.remediate.ferd as ferd
 
-    options = {"warmup": 0, "bank_size": 20, "reset_generator": reset_generator}
+    options = {"warmup": 0, "bank_size": 20, "reset_generator": reset_generator, "nonrobust": nonrobust}
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_ferd(config(straight, options, epochs=2), teacher=teacher_model(), student_module=tiny_student())
     # 1 epoch + resume + 1: the cosine schedule depends on the total, so the first run is a
@@ -343,7 +553,11 @@ def test_resume_is_bitwise_equal_to_a_straight_run(tmp_path, monkeypatch, reset_
     assert a["scheduler"] == b["scheduler"]
     for key in ("images", "labels", "ids", "epochs"):
         assert torch.equal(a["bank"][key], b["bank"][key]), key
-    assert torch.equal(a["class_probs"], b["class_probs"]) and torch.equal(a["nonrobust_mask"], b["nonrobust_mask"])
+    assert torch.equal(a["class_probs"], b["class_probs"])
+    if nonrobust == "ib":          # the mask is re-fitted on every generator step, nothing to carry over
+        assert a["nonrobust_mask"] is None and b["nonrobust_mask"] is None
+    else:
+        assert torch.equal(a["nonrobust_mask"], b["nonrobust_mask"])
     assert all(torch.equal(a["generator"][k], b["generator"][k]) for k in a["generator"])
     assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
 
@@ -371,6 +585,9 @@ def test_end_to_end_exports_audits_and_reports_synthetic_examples(tmp_path):
     training = results["training"]
     assert training["method"] == "ferd" and training["teacher"] == "tiny-teacher"
     assert training["options"]["data_free"] is True and training["epochs"] == 2
+    for key, value in (("uta_gamma", 0.3), ("student_loss", "ikl"), ("generator_adv_loss", "ikl"),
+                       ("nonrobust", "ib")):
+        assert training["options"]["method"][key] == value
     assert len(training["class_probabilities"]) == 2 and all(len(p) == C for p in training["class_probabilities"])
     examples = training["synthetic_examples"]
     assert {e["class"] for e in examples} <= set(CLASSES) and examples
@@ -387,8 +604,6 @@ def test_onnx_teacher_distills_and_says_whether_the_bn_loss_ran(tmp_path):
     """The issue's user: an ONNX teacher and no data. robaudit converts it (onnx2torch) and
     FERD runs; the BN-statistics loss runs exactly when the converted graph still has
     BatchNorm modules to hook, and the results say which."""
-    import warnings
-
     from robaudit.audit.loading import load_model
 
     path = tmp_path / "teacher.onnx"
@@ -403,6 +618,9 @@ def test_onnx_teacher_distills_and_says_whether_the_bn_loss_ran(tmp_path):
     options = summary["training"]["options"]
     assert options["method"]["bn_loss_active"] is has_bn
     assert any("BN-statistics loss off" in n for n in options["notes"]) is (not has_bn)
+    # The converted graph keeps hookable modules: the IB runs on it, else the fallback is said.
+    active = options["method"]["nonrobust_active"]
+    assert active == "ib" or any("fell back to nonrobust=fragility" in n for n in options["notes"])
     rows = read_metrics(tmp_path / "run" / "metrics.csv")
     assert len(rows) == 2 and all((r["gen_bn"] != "") is has_bn for r in rows)
     assert rows[-1]["loss"] != "" and math.isfinite(float(rows[-1]["loss"]))

@@ -72,6 +72,8 @@ def test_a_method_from_one_file_reaches_list_metrics_results_and_report(toy_meth
     results = json.loads((out / "student" / "results.json").read_text())
     training = results["training"]
     assert training["method"] == toy_method.NAME and training["options"]["method"]["base_weight"] == 2.0
+    assert training["options"]["schedule_preset"].startswith("shared:")          # no --schedule given
+    assert training["options"]["val_per_class"] == 0 and training["options"]["val_per_class_rule"] == "given"
     [state] = training["class_state"]
     assert state["name"] == "toy_weight" and state["label"] == toy_method.TOY_WEIGHT.label
     np.testing.assert_allclose(state["per_epoch"], weights, rtol=0, atol=1e-6)   # csv rounds to 6 decimals
@@ -79,3 +81,19 @@ def test_a_method_from_one_file_reaches_list_metrics_results_and_report(toy_meth
     html = (out / "report.html").read_text()
     assert "Before and after" in html   # the comparison report (teacher audited first)
     assert "Toy per-class weight (1.5 - training accuracy)" in html
+    # The page opens with the paired verdict on the class that was worst before; recount it here.
+    assert html.index('id="comparison"') < html.index('id="verdict"')
+    before = json.loads((out / "teacher" / "results.json").read_text())
+    worst = before["ensemble"]["worst_class"]
+    k = CLASSES.index(worst)
+    outcomes = []
+    for side in ("teacher", "student"):
+        with np.load(out / side / "samples.npz") as samples:
+            ok = (samples["clean_pred"] == samples["y"]) & samples["robust_fgsm"]
+            order = np.argsort(samples["index"])
+            outcomes.append((ok[order], samples["y"][order]))
+    (ok_b, y), (ok_a, _) = outcomes
+    became_right = int(np.sum(ok_a[y == k] & ~ok_b[y == k]))
+    became_wrong = int(np.sum(ok_b[y == k] & ~ok_a[y == k]))
+    assert (f"The class that was worst before, {worst}," in html
+            and f"{became_right} became correct and {became_wrong} became wrong" in html)

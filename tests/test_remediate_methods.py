@@ -464,7 +464,8 @@ def test_cfa_fawa_averages_only_when_worst_validation_class_passes():
 
 # ================================================================= registry and state
 def test_registry_lists_all_methods_and_rejects_unknown_input():
-    assert set(list_methods()) == {"absld", "rslad", "sat", "trades", "fair-rslad", "cfa", "ferd"}
+    assert set(list_methods()) == {"absld", "rslad", "sat", "trades", "fair-rslad", "cfa", "ferd",
+                                   "ard", "fair-ard", "frl"}
     assert set(batch_method_names()) == set(list_methods()) - {"ferd"}   # ferd trains with its own loop
     with pytest.raises(UserError, match="its own loop"):
         create_method("ferd", C)
@@ -476,6 +477,11 @@ def test_registry_lists_all_methods_and_rejects_unknown_input():
         create_method("absld", C, adapt="nat")
 
 
+def val_accuracy(model, steps):
+    """A validation callback's (clean, robust) per class with unequal classes (FRL's multipliers move)."""
+    return torch.tensor([0.9, 0.8, 0.6, 0.7]), torch.tensor([0.5, 0.3, 0.2, 0.45])
+
+
 @pytest.mark.parametrize("name", batch_method_names())
 def test_state_dict_round_trip_is_exact(name):
     x, y, index, z = make_batch()
@@ -483,8 +489,9 @@ def test_state_dict_round_trip_is_exact(name):
     method = new_method(name, **options)
     student = make_student()
     val = lambda model, steps: torch.full((C,), 0.5)   # noqa: E731
+    extra = {"val_accuracy": val_accuracy}   # FRL's clean + robust callback; the loop passes it to all
     method.loss(student, z, x, y, index, 1)
-    method.end_epoch(1, student=student, val_robust=val)
+    method.end_epoch(1, student=student, val_robust=val, **extra)
     method.loss(student, z, x, y, index, 2)            # a half-finished epoch's tallies too
     buffer = io.BytesIO()
     torch.save(method.state_dict(), buffer)
@@ -495,8 +502,8 @@ def test_state_dict_round_trip_is_exact(name):
     loss_a, _ = method.loss(student_a, z, x, y, index, 2)
     loss_b, _ = restored.loss(student_b, z, x, y, index, 2)
     assert torch.equal(loss_a, loss_b)   # same state, same calls on the same batch: bitwise
-    record_a = method.end_epoch(2, student=student_a, val_robust=val)
-    record_b = restored.end_epoch(2, student=student_b, val_robust=val)
+    record_a = method.end_epoch(2, student=student_a, val_robust=val, **extra)
+    record_b = restored.end_epoch(2, student=student_b, val_robust=val, **extra)
     assert record_a == record_b
     with pytest.raises(UserError):
         create_method("rslad" if name != "rslad" else "sat", C).load_state_dict(method.state_dict())
@@ -514,7 +521,9 @@ def test_attack_leaves_student_in_train_mode_and_inside_the_ball():
 
 
 EXPECTED_CLASS_STATE = {"absld": {"tau_adv", "tau_nat"}, "fair-rslad": {"class_weights"},
-                        "cfa": {"class_eps", "class_beta"}, "rslad": set(), "sat": set(), "trades": set()}
+                        "cfa": {"class_eps", "class_beta"}, "rslad": set(), "sat": set(), "trades": set(),
+                        "ard": set(), "fair-ard": {"class_weights"},
+                        "frl": {"clean_weight", "boundary_weight", "eps_scale"}}
 
 
 @pytest.mark.parametrize("name", batch_method_names())
@@ -524,8 +533,35 @@ def test_declared_class_state_is_in_every_epoch_record(name):
     x, y, index, z = make_batch()
     method = new_method(name, **({"averaging_start": 1} if name == "cfa" else {}))
     method.loss(make_student(), z, x, y, index, 1)
-    record = method.end_epoch(1, student=make_student(), val_robust=lambda model, steps: torch.full((C,), 0.5))
+    record = method.end_epoch(1, student=make_student(), val_robust=lambda model, steps: torch.full((C,), 0.5),
+                              val_accuracy=val_accuracy)
     declared = {state.key for state in method.class_state()}
     assert declared == EXPECTED_CLASS_STATE[name]
     for key in declared:
         assert len(record[key]) == C and all(v is None or math.isfinite(v) for v in record[key])
+
+
+# ================================================================= CFA's gate with many classes
+@pytest.mark.parametrize("num_classes, robust_worst_ten_percent, opens", [(60, 0.03, True), (60, 0.01, False)])
+def test_cfa_gate_reads_the_worst_ten_percent_with_many_classes(num_classes, robust_worst_ten_percent, opens):
+    """ABSLD A.3: on CIFAR-100 the gate is the worst-10% mean >= 0.02; the single worst class (0
+    here) would never open it. 6 of 60 classes form the worst 10%: one at 0, five at 1.2 x value."""
+    method = create_method("cfa", num_classes, averaging_start=1)
+    method.configure(epochs=10, lr_milestones=())
+    robust = torch.full((num_classes,), 0.5)
+    robust[0] = 0.0
+    robust[1:6] = robust_worst_ten_percent * 6 / 5
+    assert method.options()["fawa_threshold"] == 0.02 and method.options()["fawa_rule"] == "worst-10% mean"
+    student = nn.Linear(2, num_classes)
+    record = method.end_epoch(1, student=student, val_robust=lambda model, steps: robust)
+    assert record["fawa_val_worst"] == pytest.approx(robust_worst_ten_percent)
+    assert record["fawa_updated"] is opens
+
+
+def test_cfa_gate_reads_the_worst_class_with_few_classes():
+    method = create_method("cfa", C, averaging_start=1)
+    method.configure(epochs=10, lr_milestones=())
+    assert method.options()["fawa_threshold"] == 0.2 and method.options()["fawa_rule"] == "worst class"
+    robust = torch.tensor([0.19, 0.9, 0.9, 0.9])
+    record = method.end_epoch(1, student=nn.Linear(2, C), val_robust=lambda model, steps: robust)
+    assert record["fawa_val_worst"] == pytest.approx(0.19) and record["fawa_updated"] is False

@@ -315,3 +315,34 @@ def test_fine_tunes_from_student_init_weights_without_a_teacher(tmp_path):
     with pytest.raises(UserError, match="distils a teacher"):
         run_remediate(config(tmp_path / "other"), teacher=None, train_data=colour_dataset(per_class=6),
                       student_module=tiny_student())
+
+
+# ---------------------------------------------------------------------------- schedules and hold-out size
+def test_paper_schedule_presets_and_explicit_values_win():
+    from robaudit.remediate import METHODS
+    from robaudit.remediate.common import resolve_schedule
+
+    cfa = resolve_schedule(METHODS.get("cfa"), "paper")
+    assert (cfa["epochs"], cfa["lr"], cfa["weight_decay"], tuple(cfa["milestones"])) == (200, 0.1, 5e-4, (100, 150))
+    short = resolve_schedule(METHODS.get("cfa"), "paper", epochs=20, lr=0.05)
+    assert tuple(short["milestones"]) == (10, 15) and short["lr"] == 0.05     # same fractions, lr as given
+    shared = resolve_schedule(METHODS.get("cfa"), "shared")
+    assert (shared["epochs"], shared["weight_decay"], shared["milestones"]) == (300, 2e-4, None)
+    trades = resolve_schedule(METHODS.get("trades"), "paper")
+    assert (trades["epochs"], tuple(trades["milestones"])) == (80, (74,))
+    from robaudit.remediate import Trainer
+
+    with pytest.raises(UserError, match="no paper schedule"):
+        resolve_schedule(type("NoPaper", (Trainer,), {"name": "x"}), "paper")
+    frl = resolve_schedule(METHODS.get("frl"), "shared")   # fine-tuning: never the shared lr 0.1
+    assert (frl["schedule"], frl["lr"], frl["epochs"], tuple(frl["milestones"])) == ("own", 1e-3, 40, ())
+
+
+@pytest.mark.parametrize("num_classes, per_class, expected", [(10, 5000, 100), (100, 500, 25), (4, 40, 4), (4, 5, 0)])
+def test_default_hold_out_scales_with_the_dataset(num_classes, per_class, expected):
+    from robaudit.remediate.selection import default_val_per_class
+
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    got, rule = default_val_per_class(y, num_classes)
+    assert got == expected and "per class" in rule
+    assert got < per_class or got == 0      # every class keeps images to train on

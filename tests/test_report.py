@@ -430,8 +430,8 @@ def test_page_structure(compare_page):
     assert json.loads(parsed.script("results-data")["text"]) == after
     assert json.loads(parsed.script("baseline-data")["text"]) == before
 
-    # Sections in the order the issue asks for.
-    order = ["verdict", "checks", "per-class", "target-flow", "examples", "comparison", "provenance"]
+    # Sections in the order the issues ask for: a comparison opens with the before/after (issue 15).
+    order = ["comparison", "verdict", "checks", "per-class", "target-flow", "examples", "provenance"]
     positions = [page.index(f'<section id="{section}"') for section in order]
     assert positions == sorted(positions)
 

@@ -46,9 +46,9 @@ class ToyReweight(RemediationMethod):
         self._record_batch(y, logits, None)
         return loss, {"loss": loss.detach()}
 
-    def end_epoch(self, epoch, *, student=None, val_robust=None):
+    def end_epoch(self, epoch, *, student=None, **validation):
         accuracy = self._class_means(3)                       # before the base class resets the tallies
         self.weights = torch.where(torch.isnan(accuracy), self.weights, self.base_weight - accuracy)
-        record = super().end_epoch(epoch, student=student, val_robust=val_robust)
+        record = super().end_epoch(epoch, student=student, **validation)
         record["toy_weight"] = tensor_list(self.weights)
         return record
