@@ -293,13 +293,9 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
 
 
 def _run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, seed: int) -> None:
-    import copy
-
     from robaudit.audit.datasets import load_dataset
     from robaudit.audit.demo import train_demo_model
     from robaudit.audit.loading import load_model, save_export
-    from robaudit.remediate.common import RemediateConfig
-    from robaudit.remediate.train import run_remediate
 
     train = load_dataset("demo", split="train")
     test = load_dataset("demo", split="test")
@@ -316,28 +312,52 @@ def _run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, 
     click.echo(f"wrote {out / 'results.json'} and {out / 'report.html'}")
     if remediate_epochs <= 0:
         return
-    # A short ABSLD fine-tune of the demo model, distilled from itself: classes the student
-    # finds hard get sharper soft labels. `robaudit remediate` runs the same code. Settings
-    # for a 4-epoch fine-tune rather than the paper's 300 epochs (issue 15):
-    # - beta 0.5 (paper 0.1): the temperatures reach their bounds within the run, not after it;
-    # - loss_scale 1 (the plain batch-mean KL, not the code's /10) and lr 0.03: a self-distilled
-    #   student starts with a near-zero loss, so the code's scale barely moves it in 4 epochs;
-    # - classwise_mean: each class's mean KL counts equally, so the demo's rare classes
-    #   (audit/demo.py DEMO_RARE_TRAIN) are not outvoted by the common ones;
-    # - val_per_class 10: the rarest class has 40 training images;
-    # - no crop/flip augmentation: the demo teacher never saw padded borders, so its soft
-    #   labels on them are noise.
-    rem_out = out / "remediate"
-    click.echo(f"demo: ABSLD fine-tuning for {remediate_epochs} epochs into {rem_out} ...", err=True)
-    rem_cfg = RemediateConfig(out_dir=rem_out, method="absld", student="smallcnn", dataset="demo",
-                              method_options={"beta": 0.5, "loss_scale": 1.0, "classwise_mean": True},
-                              epochs=remediate_epochs, lr=0.03, steps=5, step_size=2.5 * cfg.eps / 5,
+    summary = _demo_student("absld", cfg, out / "remediate", loaded, model, train, test, remediate_epochs, seed,
+                            torch_device)
+    _print_comparison(before, summary["student_results"], out / "remediate", before_dir=out)
+    # The same budget and loss without the per-class temperatures (beta 0 is RSLAD): what the
+    # temperatures themselves add on this data, said whichever way it falls.
+    rslad = _demo_student("rslad", cfg, out / "remediate-rslad", loaded, model, train, test, remediate_epochs,
+                          seed, torch_device)
+    a, r = (res.get("ensemble") or res["attacks"]["clean"] for res in (summary["student_results"],
+                                                                         rslad["student_results"]))
+    verdict = ("ABSLD's worst class is higher" if a["worst"] > r["worst"] else
+               "ABSLD's worst class is lower" if a["worst"] < r["worst"] else "the worst classes are equal")
+    nsd = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    click.echo(f"same budget with RSLAD (no per-class temperatures): worst class {r['worst_class']} "
+               f"{100 * r['worst']:.1f}%, NSD {nsd(r['nsd'])}; ABSLD {a['worst_class']} {100 * a['worst']:.1f}%, "
+               f"NSD {nsd(a['nsd'])}: {verdict} on this seed ({out / 'remediate-rslad'})")
+
+
+def _demo_student(method: str, cfg, rem_out: Path, loaded, model, train, test, epochs: int, seed: int,
+                  torch_device) -> dict:
+    """A short fine-tune of the demo model, distilled from itself (`robaudit remediate` runs the same code).
+
+    Settings for a 4-epoch fine-tune rather than the paper's 300 epochs (issue 15):
+    - ABSLD beta 0.5 (paper 0.1): the temperatures reach their bounds within the run, not after it;
+    - loss_scale 1 (the plain batch-mean KL, not the code's /10) and lr 0.03: a self-distilled
+      student starts with a near-zero loss, so the code's scale barely moves it in 4 epochs;
+    - classwise_mean: each class's mean KL counts equally, so the demo's rare classes
+      (audit/demo.py DEMO_RARE_TRAIN) are not outvoted by the common ones;
+    - val_per_class 10: the rarest class has 40 training images;
+    - no crop/flip augmentation: the demo teacher never saw padded borders, so its soft
+      labels on them are noise.
+    RSLAD gets the same settings but the temperatures (it has none).
+    """
+    import copy
+
+    from robaudit.remediate.common import RemediateConfig
+    from robaudit.remediate.train import run_remediate
+
+    options = {"loss_scale": 1.0, "classwise_mean": True, **({"beta": 0.5} if method == "absld" else {})}
+    click.echo(f"demo: {method.upper()} fine-tuning for {epochs} epochs into {rem_out} ...", err=True)
+    rem_cfg = RemediateConfig(out_dir=rem_out, method=method, student="smallcnn", dataset="demo",
+                              method_options=options, epochs=epochs, lr=0.03, steps=5, step_size=2.5 * cfg.eps / 5,
                               val_per_class=10, augment=False, seed=seed, device=str(torch_device),
                               audit_attacks=cfg.attacks, command=_command_line(),
                               resume=(rem_out / "checkpoint.pt").exists())
-    summary = run_remediate(rem_cfg, teacher=loaded, train_data=train, test_data=test,
-                            student_module=copy.deepcopy(model).train())
-    _print_comparison(before, summary["student_results"], rem_out)
+    return run_remediate(rem_cfg, teacher=loaded, train_data=train, test_data=test,
+                         student_module=copy.deepcopy(model).train())
 
 
 def _method_choices() -> str:
@@ -522,7 +542,7 @@ def _paired(before: dict, after: dict, before_dir: Path, after_dir: Path):
     return load_paired(before_dir, after_dir, before, after, comparison_key(after, before))
 
 
-def _print_comparison(before, after, out: Path):
+def _print_comparison(before, after, out: Path, before_dir: Path | None = None):
     """Student table, before/after summary line, and the comparison report (or a plain one)."""
     from robaudit.audit.report import render_report
 
@@ -531,7 +551,8 @@ def _print_comparison(before, after, out: Path):
 
     click.echo(format_table(after))
     render_report(after, out / "report.html", baseline=before,
-                  paired=_paired(before, after, out / "teacher", out / "student") if before is not None else None)
+                  paired=(_paired(before, after, before_dir or out / "teacher", out / "student")
+                          if before is not None else None))
     if before is not None:
         b = before.get("ensemble") or before["attacks"]["clean"]
         a = after.get("ensemble") or after["attacks"]["clean"]
