@@ -148,6 +148,11 @@ def fit_architecture(name: str, state: Mapping[str, torch.Tensor], num_classes: 
         if adapt is not None:
             adapt(list(state))
         expected = module.state_dict()
+    return compare_keys(name, expected, state, classes)
+
+
+def compare_keys(name: str, expected, state, classes: int) -> Fit:
+    """How `state` fits an architecture whose own state_dict is `expected` (keys and shapes)."""
     fit = Fit(name=name, num_classes=classes)
     # Checkpoints from before torch 0.4.1 lack BatchNorm's num_batches_tracked, which eval ignores.
     fit.missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]

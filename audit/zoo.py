@@ -48,7 +48,7 @@ from torch import nn
 
 from robaudit.audit import formats
 from robaudit.audit.adapters import BoundaryRequest, ModelInfo, first_line
-from robaudit.audit.arch_inference import Fit, mismatch_error
+from robaudit.audit.arch_inference import compare_keys, mismatch_error
 from robaudit.errors import UserError
 
 ROBUSTBENCH_PREFIX = "robustbench:"
@@ -356,16 +356,6 @@ def check_timm_arch(arch: str) -> str:
     return TIMM_PREFIX + name
 
 
-def _fit(name: str, expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
-         classes: int) -> Fit:
-    fit = Fit(name=name, num_classes=classes)
-    fit.missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    fit.unexpected = [k for k in state if k not in expected]
-    fit.wrong_shape = [f"{k}: file {list(state[k].shape)}, arch {list(expected[k].shape)}"
-                       for k in expected if k in state and state[k].shape != expected[k].shape]
-    return fit
-
-
 def _head_classes(module: nn.Module, state: Mapping[str, torch.Tensor]) -> Optional[int]:
     """Rows of the weights' classifier (timm's get_classifier()), if they have one."""
     get = getattr(module, "get_classifier", None)
@@ -395,7 +385,7 @@ def timm_from_weights(state: Mapping[str, torch.Tensor], kind: str, path: str, o
     head = _head_classes(module, state)
     if head is not None and head != classes:
         classes, module = head, create(head)
-    fit = _fit(arch, module.state_dict(), state, classes)
+    fit = compare_keys(arch, module.state_dict(), state, classes)
     if not fit.exact:
         raise mismatch_error(fit, path)
     module.load_state_dict(state, strict=False)  # exact but for a missing num_batches_tracked

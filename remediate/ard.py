@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from robaudit.audit.attacks.ascent import cross_entropy_pgd
 from robaudit.audit.modes import eval_mode
 from robaudit.errors import UserError
-from robaudit.remediate.base import METHODS, RemediationMethod, kl_per_sample, tensor_list, unwrap
-from robaudit.remediate.distillation import CLASS_WEIGHTS, FairARDWeights, kappa_counting
+from robaudit.remediate.base import METHODS, RemediationMethod, kl_per_sample, unwrap
+from robaudit.remediate.distillation import FairARDReweighting, kappa_counting
 
 # Defaults of both codes' argparse (ARD main.py, Fair-ARD.py): --alpha 1.0, --temp 30.
 ARD_ALPHA = 1.0
@@ -126,7 +126,7 @@ class ARD(RemediationMethod):
 
 
 @METHODS.register("fair-ard", help="Fair-ARD (Yue et al. 2023): ARD with Fair-ARD class weights (T = 30)")
-class FairARD(ARD):
+class FairARD(FairARDReweighting, ARD):
     """Fair-ARD (Yue et al. 2023), the ARD-based variant (the ABSLD paper's CIFAR-10 Fair-ARD
     rows; NISP-official/Fair-ARD Fair-ARD.py).
 
@@ -142,40 +142,5 @@ class FairARD(ARD):
     name = "fair-ard"
     paper_schedule = FAIR_ARD_SCHEDULE
 
-    def __init__(self, num_classes: int, *, weight_power: float = 2.0, **ard_options):
-        super().__init__(num_classes, **ard_options)
-        self.fair = FairARDWeights(self.num_classes, weight_power)
-
-    def options(self) -> dict:
-        return {**super().options(), "weight_power": self.fair.power}
-
-    def class_state(self):
-        return (CLASS_WEIGHTS,)
-
-    def sample_weights(self, y):
-        return self.fair.weights[y]
-
     def _new_kappa(self, y):
         return torch.zeros_like(y)
-
-    def reduce_tallies(self, reduce):
-        super().reduce_tallies(reduce)
-        self.fair.reduce_tally(reduce)
-
-    def end_epoch(self, epoch, *, student=None, **validation):
-        record = super().end_epoch(epoch, student=student, **validation)
-        record["kappa_bar"] = tensor_list(self.fair.update())
-        record["class_weights"] = tensor_list(self.fair.weights)
-        return record
-
-    def state_dict(self):
-        return {**super().state_dict(), "fair_ard": self.fair.state_dict()}
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.fair.load_state_dict(state["fair_ard"], self.tally.device)
-
-    def to(self, device):
-        super().to(device)
-        self.fair.to(device)
-        return self

@@ -241,28 +241,18 @@ class RSLAD(RemediationMethod):
         raise NotImplementedError
 
 
-@METHODS.register("fair-rslad", help="Fair-RSLAD (Yue et al. 2023): RSLAD with Fair-ARD class weights")
-class FairRSLAD(RSLAD):
-    """Fair-RSLAD (Yue et al. 2023): the RSLAD loss with per-sample weight w_y.
+class FairARDReweighting:
+    """The Fair-ARD class re-weighting a method gets by listing this class first in its bases
+    (Fair-RSLAD here, Fair-ARD in remediate/ard.py): the `weight_power` option, the weights
+    w_y as sample_weights, their tallies reduced over ranks, their update at each epoch end
+    (recorded as kappa_bar / class_weights, declared as class state) and their state."""
 
-    w comes from the previous epoch's kappas (see FairARDWeights); all ones in the first
-    epoch. `weight_power` is the exponent (2 in the paper's code, its --beta).
-    """
-
-    name = "fair-rslad"
-
-    def __init__(self, num_classes: int, *, weight_power: float = 2.0, **rslad_options):
-        super().__init__(num_classes, **rslad_options)
+    def __init__(self, num_classes: int, *, weight_power: float = 2.0, **options):
+        super().__init__(num_classes, **options)
         self.fair = FairARDWeights(self.num_classes, weight_power)
 
     def options(self) -> dict:
         return {**super().options(), "weight_power": self.fair.power}
-
-    def _counts_kappa(self) -> bool:
-        return True
-
-    def _fair_weights(self) -> FairARDWeights:
-        return self.fair
 
     def class_state(self):
         return (CLASS_WEIGHTS,)
@@ -291,6 +281,23 @@ class FairRSLAD(RSLAD):
         super().to(device)
         self.fair.to(device)
         return self
+
+
+@METHODS.register("fair-rslad", help="Fair-RSLAD (Yue et al. 2023): RSLAD with Fair-ARD class weights")
+class FairRSLAD(FairARDReweighting, RSLAD):
+    """Fair-RSLAD (Yue et al. 2023): the RSLAD loss with per-sample weight w_y.
+
+    w comes from the previous epoch's kappas (see FairARDWeights); all ones in the first
+    epoch. `weight_power` is the exponent (2 in the paper's code, its --beta).
+    """
+
+    name = "fair-rslad"
+
+    def _counts_kappa(self) -> bool:
+        return True
+
+    def _fair_weights(self) -> FairARDWeights:
+        return self.fair
 
 
 @METHODS.register("absld", help="ABSLD (Zhao et al. 2024): anti-bias soft label distillation (default)")

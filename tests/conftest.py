@@ -104,3 +104,13 @@ def assert_flags_agree(actual, expected, *, what: str = "", atol: float = 0.0, m
     limit = allowed_flips(len(a)) if max_flips is None else max_flips
     assert len(differ) <= limit, (f"{what}: {len(differ)} of {len(a)} samples differ (at most {limit} allowed "
                                   f"for last-bit differences): positions {differ[:20].tolist()}")
+
+
+def randomise_batchnorm(model, seed=0):
+    """Non-default BatchNorm statistics (eval mode), so eval-mode forwards (and mistakes) show."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model.eval()

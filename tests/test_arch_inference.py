@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from robaudit.audit import arch_inference
 from robaudit.audit.architectures import ARCHITECTURES, PREACT_RESNET18_FORMS, SmallCNN, create_architecture
@@ -22,7 +21,7 @@ from robaudit.audit.loading import load_model
 from robaudit.cli import main
 from robaudit.errors import UserError
 
-from conftest import assert_logits_close
+from conftest import assert_logits_close, randomise_batchnorm
 
 PREACT_TWINS = {"preactresnet18": "preactresnet18-fast", "preactresnet18-fast": "preactresnet18",
                 "preactresnet18-kuangliu": "preactresnet18-robustbench",
@@ -36,16 +35,6 @@ CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]
 def _meta_state(name, num_classes):
     with torch.device("meta"):
         return create_architecture(name, num_classes=num_classes).state_dict()
-
-
-def _randomise_bn(model, seed=0):
-    """Non-default BatchNorm statistics, so eval-mode forwards (and mistakes) show."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
 
 
 def _error(*args, **kwargs) -> str:
@@ -93,7 +82,7 @@ def _save(state, path, how):
     ("dm-wrn-10-1", "safetensors", 32)])
 def test_a_saved_file_loads_into_the_inferred_architecture(name, how, hw, tmp_path):
     torch.manual_seed(0)
-    model = _randomise_bn(create_architecture(name, num_classes=5))
+    model = randomise_batchnorm(create_architecture(name, num_classes=5))
     path = _save(model.state_dict(), tmp_path / "weights.bin", how)
     loaded = load_model(path, num_classes=5, input_shape=(3, hw, hw))
     assert loaded.arch == name
@@ -132,7 +121,7 @@ PROBE_N, PROBE_HW = 32, 16
 def preact(tmp_path_factory):
     """One random-weight PreAct ResNet-18 file, and both forms' predictions on probe images."""
     torch.manual_seed(0)
-    rice = _randomise_bn(create_architecture("preactresnet18"))
+    rice = randomise_batchnorm(create_architecture("preactresnet18"))
     fast = create_architecture("preactresnet18-fast")
     fast.load_state_dict(rice.state_dict())
     fast.eval()
@@ -230,7 +219,7 @@ class NormalisingSmallCNN(SmallCNN):
 @pytest.mark.parametrize("shape", [(1, 3, 1, 1), (3,)])
 def test_mu_sigma_become_the_boundary_normalisation(shape, tmp_path):
     torch.manual_seed(0)
-    model = _randomise_bn(NormalisingSmallCNN(CIFAR10_MEAN, CIFAR10_STD, shape))
+    model = randomise_batchnorm(NormalisingSmallCNN(CIFAR10_MEAN, CIFAR10_STD, shape))
     path = _save(model.state_dict(), tmp_path / "rb.pt", "plain")
     x = torch.rand(4, 3, 8, 8)
     with torch.no_grad():
@@ -256,7 +245,7 @@ def test_mu_sigma_disagreeing_with_mean_std_are_refused(tmp_path):
 
 def test_a_model_that_normalises_itself_is_not_normalised_twice(tmp_path):
     torch.manual_seed(0)
-    model = _randomise_bn(create_architecture("dm-wrn-10-1"))
+    model = randomise_batchnorm(create_architecture("dm-wrn-10-1"))
     own = dict(model.state_dict(), mu=torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1),
                sigma=torch.tensor(CIFAR10_STD).view(1, 3, 1, 1))
     loaded = load_model(_save(own, tmp_path / "dm.pt", "plain"))
@@ -272,7 +261,7 @@ def test_a_model_that_normalises_itself_is_not_normalised_twice(tmp_path):
 def _dm_file(tmp_path):
     """A DM WideResNet (normalises its own input with the CIFAR-10 constants), saved plain."""
     torch.manual_seed(0)
-    model = _randomise_bn(create_architecture("dm-wrn-10-1"))
+    model = randomise_batchnorm(create_architecture("dm-wrn-10-1"))
     return model, _save(model.state_dict(), tmp_path / "dm.pt", "plain")
 
 

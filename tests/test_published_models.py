@@ -35,7 +35,7 @@ from torch import nn
 from robaudit.audit import arch_inference
 from robaudit.audit.loading import load_model
 
-from conftest import assert_is_argmax, assert_logits_close, logit_tolerance
+from conftest import assert_is_argmax, assert_logits_close, logit_tolerance, randomise_batchnorm
 from test_cli import run_cli
 from test_engine import CLASSES, make_arrays
 
@@ -158,16 +158,6 @@ class Normalized(nn.Module):
 # --- random weights, saved the repositories' ways ------------------------------------------
 
 
-def _randomise_bn(model, seed=0):
-    """Non-default BatchNorm statistics, so eval-mode forwards (and mistakes) show."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model.eval()
-
-
 def _images32(per_class=5):
     x, y = make_arrays(per_class=per_class)
     return np.clip(np.repeat(np.repeat(x, 4, axis=2), 4, axis=3), 0, 1).astype(np.float32), y
@@ -200,7 +190,7 @@ def published(tmp_path_factory):
     xt = torch.from_numpy(x)
 
     torch.manual_seed(0)
-    wrn = _randomise_bn(TradesWideResNet(depth=10, num_classes=NUM_CLASSES, widen_factor=1))
+    wrn = randomise_batchnorm(TradesWideResNet(depth=10, num_classes=NUM_CLASSES, widen_factor=1))
     torch.save(wrn.state_dict(), root / "trades_wrn.pt")                          # TRADES, MART
     torch.save(nn.DataParallel(wrn).state_dict(), root / "awp_wrn.pt")            # TRADES-AWP
     optimizer = torch.optim.SGD(wrn.parameters(), lr=0.1, momentum=0.9)
@@ -213,7 +203,7 @@ def published(tmp_path_factory):
     files = {}
     for name, from_x, final_bn, std in (("fast", True, True, CIFAR10_STD), ("kuangliu", False, False, KUANGLIU_STD)):
         torch.manual_seed(1)
-        net = Normalized(_randomise_bn(PreActResNet18(NUM_CLASSES, from_x, final_bn)), CIFAR10_MEAN, std).eval()
+        net = Normalized(randomise_batchnorm(PreActResNet18(NUM_CLASSES, from_x, final_bn)), CIFAR10_MEAN, std).eval()
         _spread_head(net, xt)
         if name == "fast":
             state = _amp_o2(net.model.state_dict())
