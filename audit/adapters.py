@@ -34,6 +34,7 @@ log(FLOOR) = -87.3 instead of -inf, with zero gradient (they carried none anyway
 
 from __future__ import annotations
 
+import abc
 import math
 import os
 import time
@@ -347,7 +348,7 @@ class ModelInfo:
     input_normalization: Optional[Dict[str, Any]] = None
 
 
-class DeferredModel:
+class DeferredModel(abc.ABC):
     """A model that its reader can only finish once the boundary has decided the input
     layout and the output (ONNX: onnxruntime's outputs on a probe in the model's layout,
     then the onnx2torch conversion checked against the chosen one; audit/onnx_support.py).
@@ -356,15 +357,15 @@ class DeferredModel:
     attacks what `finish` returns.
     """
 
+    @abc.abstractmethod
     def outputs(self, native_shape: Tuple[int, ...], scale: float, layout: str,
                 layout_reason: str) -> Tuple[Dict[str, Any], int]:
         """Every output on the reader's probe batch of images of `native_shape` with values
         in [0, scale], and that batch's size."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def finish(self, key: Any, names: List[str], outputs: Dict[str, Any], info: ModelInfo) -> nn.Module:
         """The module (model layout in, output `key` out) to attack; may update `info`."""
-        raise NotImplementedError
 
 
 # --- the builder -----------------------------------------------------------------------

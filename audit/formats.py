@@ -34,6 +34,7 @@ trust_pickle) -> "pickle".
 
 from __future__ import annotations
 
+import abc
 import os
 import pickle
 import struct
@@ -79,16 +80,18 @@ class ReadOptions:
     score_candidate: Optional[arch_inference.CandidateScorer] = None
 
 
-class ModelFormat:
+class ModelFormat(abc.ABC):
     """One model file format; subclass, set `name` and `order`, decorate with @register_format."""
     name: ClassVar[str] = ""
     order: ClassVar[int] = 100          # detection (and listing) order: lowest first
 
+    @abc.abstractmethod
     def detect(self, path: str, head: bytes) -> bool:
-        raise NotImplementedError
+        """Whether the file (its first HEAD_BYTES bytes: `head`) is in this format; never raises."""
 
+    @abc.abstractmethod
     def read(self, path: str, options: ReadOptions) -> Tuple[nn.Module, ModelInfo]:
-        raise NotImplementedError
+        """(the model as it arrived, what the reader learned); one-line UserError for user mistakes."""
 
 
 def register_format(cls):

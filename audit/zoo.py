@@ -37,6 +37,7 @@ import difflib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import re
 import sys
@@ -50,6 +51,8 @@ from robaudit.audit import formats
 from robaudit.audit.adapters import BoundaryRequest, ModelInfo, first_line
 from robaudit.audit.arch_inference import compare_keys, mismatch_error
 from robaudit.errors import UserError
+
+log = logging.getLogger(__name__)
 
 ROBUSTBENCH_PREFIX = "robustbench:"
 TIMM_PREFIX = "timm:"
@@ -285,7 +288,8 @@ class RobustBenchZooSource(ZooSource):
             raise UserError(f"cannot create the zoo cache {os.path.dirname(self.path)}: "
                             f"{err.strerror or err}; pass --zoo-dir DIR") from None
         partial = f"{self.path}.{os.getpid()}.part"
-        print(f"robaudit: downloading robustbench:{name} into {self.path} ...", file=sys.stderr)
+        # A download can take minutes: say so even without -v.
+        log.warning("downloading robustbench:%s into %s ...", name, self.path)
         try:
             with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # it prints the .part name
                 self.utils.download_gdrive_new(self.entry["gdrive_id"], partial)

@@ -50,6 +50,7 @@ adversarial_training.py (SAT, TRADES, CFA), remediate/ard.py (ARD, Fair-ARD), re
 
 from __future__ import annotations
 
+import abc
 import copy
 import inspect
 import math
@@ -104,7 +105,7 @@ class ClassState:
         return self.name or self.key
 
 
-class Trainer:
+class Trainer(abc.ABC):
     """What `robaudit remediate` needs from a registered method (see docs/architecture.md).
 
     name / needs_teacher / needs_training_data / default_epochs describe it to the CLI;
@@ -125,8 +126,9 @@ class Trainer:
     fine_tunes: ClassVar[bool] = False          # True: starts from a trained model (--student-init)
 
     @classmethod
+    @abc.abstractmethod
     def option_names(cls) -> List[str]:
-        raise NotImplementedError
+        """The options it accepts (--method-opt KEY=VALUE)."""
 
     @classmethod
     def shortcut_options(cls) -> List[str]:
@@ -136,14 +138,15 @@ class Trainer:
         return cls.option_names()
 
     @classmethod
+    @abc.abstractmethod
     def check_config(cls, cfg, world_size: int = 1) -> None:
         """Every check on a RemediateConfig that needs no model or data (run before loading them)."""
-        raise NotImplementedError
 
     @classmethod
+    @abc.abstractmethod
     def run(cls, cfg, *, teacher, train_data=None, test_data=None, student_module: Optional[nn.Module] = None,
             dry_run: bool = False) -> Optional[dict]:
-        raise NotImplementedError
+        """Train a student; the summary documented at remediate.train.run_remediate (None on a dry run)."""
 
     def class_state(self) -> Tuple[ClassState, ...]:
         """The per-class quantities this method's epoch records hold (drawn by metrics.csv and the report)."""
@@ -300,15 +303,15 @@ class RemediationMethod(Trainer):
         return {"eps": self.eps, "step_size": self.step_size, "steps": self.steps, "seed": self.seed}
 
     # ------------------------------------------------------------------ per-batch API
+    @abc.abstractmethod
     def attack(self, student: nn.Module, teacher_logits: Optional[torch.Tensor], x: torch.Tensor,
                y: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
         """The inner maximisation's x' (detached); the student is left in train mode."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, student: nn.Module, teacher_logits: Optional[torch.Tensor], x: torch.Tensor,
              y: torch.Tensor, index: torch.Tensor, epoch: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """(scalar training loss, detached per-batch stats); adds the batch to the epoch tallies."""
-        raise NotImplementedError
 
     def reduce_tallies(self, reduce: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace every epoch tally t by reduce(t) before `end_epoch`.

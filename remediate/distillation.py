@@ -160,6 +160,7 @@ class RSLAD(RemediationMethod):
     """
 
     name = "rslad"
+    fair: Optional[FairARDWeights] = None    # Fair-ARD class weights, for the methods that use them
     paper_schedule = RSLAD_SCHEDULE
 
     def __init__(self, num_classes: int, *, alpha: float = 5 / 6, loss_scale: float = 0.1,
@@ -190,11 +191,9 @@ class RSLAD(RemediationMethod):
         """Per-sample KL of a loss term (ABSLD's reference_compat changes its form)."""
         return kl_per_sample(student_logits, target)
 
-    def _counts_kappa(self) -> bool:
-        return False
-
     def _inner(self, student, p_adv, x, y, index, epoch) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        kappa = torch.zeros_like(y) if self._counts_kappa() else None
+        # Methods with Fair-ARD weights (self.fair) count the kappas during this attack.
+        kappa = torch.zeros_like(y) if self.fair is not None else None
         net = unwrap(student)
         forward = kappa_counting(net, y, kappa)
 
@@ -234,12 +233,8 @@ class RSLAD(RemediationMethod):
         loss = self.loss_scale * (self.alpha * kl_adv + (1.0 - self.alpha) * kl_nat)
         self._record_batch(y, logits_adv, logits_nat)
         if kappa is not None:
-            self._fair_weights().add(y, kappa)
+            self.fair.add(y, kappa)
         return loss, {"loss": loss.detach(), "kl_adv": kl_adv.detach(), "kl_nat": kl_nat.detach()}
-
-    def _fair_weights(self) -> FairARDWeights:
-        raise NotImplementedError
-
 
 class FairARDReweighting:
     """The Fair-ARD class re-weighting a method gets by listing this class first in its bases
@@ -292,12 +287,6 @@ class FairRSLAD(FairARDReweighting, RSLAD):
     """
 
     name = "fair-rslad"
-
-    def _counts_kappa(self) -> bool:
-        return True
-
-    def _fair_weights(self) -> FairARDWeights:
-        return self.fair
 
 
 @METHODS.register("absld", help="ABSLD (Zhao et al. 2024): anti-bias soft label distillation (default)")
@@ -399,12 +388,6 @@ class ABSLD(RSLAD):
             return kl_per_sample(student_logits, target)
         log_q = torch.log(F.softmax(student_logits.float(), dim=1))
         return (-log_q * target + torch.log(target + REFERENCE_COMPAT_LOG_OFFSET) * target).sum(dim=1)
-
-    def _counts_kappa(self) -> bool:
-        return self.fair is not None
-
-    def _fair_weights(self) -> FairARDWeights:
-        return self.fair
 
     def class_state(self):
         return TEMPERATURES + ((CLASS_WEIGHTS,) if self.fair is not None else ())

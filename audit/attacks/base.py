@@ -15,6 +15,7 @@ it lands in, and the global torch RNG is never touched.
 
 from __future__ import annotations
 
+import abc
 
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Tuple
@@ -72,7 +73,7 @@ def format_value(key: str, value: Any) -> str:
     return str(value)
 
 
-class Attack:
+class Attack(abc.ABC):
     """Base of every evaluation attack; subclasses implement `_attack` only.
 
     eps: L-inf radius in [0, 1] pixel units. seed: keys all randomness.
@@ -187,10 +188,10 @@ class Attack:
         robust[chosen] = adv_pred[chosen] == y[chosen]
         return AttackResult(robust=robust, adv_pred=adv_pred, x_adv=x_adv)
 
+    @abc.abstractmethod
     def _attack(self, model, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
                 clean_pred: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Perturb the points handed in; return (x_adv, prediction on x_adv)."""
-        raise NotImplementedError
 
     def _check_ball(self, x: torch.Tensor, x_adv: torch.Tensor) -> None:
         # A fooled point outside the threat model would inflate the reported attack
@@ -220,9 +221,9 @@ class SignGradientAttack(Attack):
     iterative = True
     white_box = True
 
+    @abc.abstractmethod
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample loss [B] to maximise."""
-        raise NotImplementedError
 
     # Subclasses give `steps`, `step_size` and `random_start` through `defaults`
     # (FGSM fixes steps = 1 and step_size = eps through properties).
