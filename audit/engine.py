@@ -65,6 +65,7 @@ class ScanConfig:
     out_dir: Optional[Path]
     attacks: Sequence[str] = DEFAULT_ATTACKS
     eps: float = 8 / 255
+    norm: str = "linf"             # threat model of every attack: "linf" | "l2" (eps in its units)
     seed: int = 0
     batch_size: int = 256
     device: str = "auto"
@@ -79,12 +80,19 @@ class ScanConfig:
     gate_attack: Optional[str] = None   # which block the gates read; default: ensemble
 
 
-def parse_eps(text) -> float:
-    """'8/255', '0.031', '8' (read as k/255 when > 1) -> float in [0, 1]."""
+def parse_eps(text, norm: str = "linf") -> float:
+    """'8/255', '0.031', '8' (read as k/255 when > 1) -> float in [0, 1].
+
+    norm="l2": the number is an L2 radius in [0, 1] pixel units, taken as given (radii
+    above 1, e.g. ImageNet's 3.0, are common), so no k/255 reading and no upper bound."""
     try:
         value = float(Fraction(str(text).strip()))
     except (ValueError, ZeroDivisionError, OverflowError):
         raise UserError(f"malformed --eps {text!r}: give a fraction like 8/255 or a number like 0.031")
+    if norm == "l2":
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--eps {text!r} must be an L2 radius >= 0 (in [0,1] image units, e.g. 0.5)")
+        return value
     if value > 1:
         value = value / 255.0
     if not (math.isfinite(value) and 0 <= value <= 1):
@@ -114,7 +122,8 @@ def build_attacks(cfg: ScanConfig):
     for name in dict.fromkeys(names):
         try:
             attacks[name] = create_attack(name, eps=cfg.eps, seed=cfg.seed, iterates=cfg.iterates,
-                                          score=cfg.score, **cfg.attack_overrides.get(name, {}))
+                                          score=cfg.score, norm=cfg.norm,
+                                          **cfg.attack_overrides.get(name, {}))
         except TypeError as err:
             raise UserError(f"bad option for attack {name!r}: {err}")
     return attacks
@@ -348,7 +357,8 @@ def _run_attacks(cfg, attacks, model, module, data, clean_pred, positions, devic
         block["description"] = repr(attack)
         out.blocks[name] = block
         if name != "clean":
-            out.flows[name] = target_flow(y_np, adv_pred, fooled, num_classes)
+            # results.json keeps only the non-zero cells (docs/results-schema.md, target_flow)
+            out.flows[name] = results_schema.sparse_flow(target_flow(y_np, adv_pred, fooled, num_classes))
             out.examples[name] = (ex_pos, ex_img)
     return out
 
@@ -381,7 +391,7 @@ def _assemble_results(cfg, model, data, device, attacked: _AttackedBlocks, per_s
                "adaptations": model.adaptations},
         dataset={"name": data.name, "split": data.split, "n": len(data.y), "num_classes": len(data.classes),
                  "classes": list(data.classes), "source": str(data.source), "subset": data.subset},
-        config={"eps": cfg.eps, "eps_255": eps_as_255(cfg.eps), "seed": cfg.seed,
+        config={"eps": cfg.eps, "eps_255": eps_as_255(cfg.eps), "norm": cfg.norm, "seed": cfg.seed,
                 "device": str(device), "batch_size": cfg.batch_size,
                 "scoring": {"iterates": cfg.iterates, "score": cfg.score},
                 "attacks": attacked.config},

@@ -13,7 +13,7 @@ from typing import Any
 
 from robaudit.audit.report_figures import comparison_figure
 from robaudit.audit.paired import per_class_tests
-from robaudit.audit.report_format import ci, display, eps_as_fraction_of_255, finite, pct, pp, ratio
+from robaudit.audit.report_format import ci, display, budget_text, finite, pct, pp, ratio
 from robaudit.audit.report_records import CLEAN_KEY, ENSEMBLE_KEY, attack_label, headline_key, records, robustness_order
 from robaudit.errors import UserError
 
@@ -44,10 +44,10 @@ def like_for_like(after: dict, before: dict, key: str) -> list[str]:
             notes.append(f"The {label} differs: before {display(b_data.get(field))}, "
                          f"after {display(a_data.get(field))}.")
     a_config, b_config = after["config"], before["config"]
-    if finite(a_config.get("eps")) != finite(b_config.get("eps")):
-        notes.append(f"The perturbation budget differs: before ε = "
-                     f"{eps_as_fraction_of_255(b_config.get('eps'), b_config.get('eps_255'))}, after ε = "
-                     f"{eps_as_fraction_of_255(a_config.get('eps'), a_config.get('eps_255'))}.")
+    if (finite(a_config.get("eps")) != finite(b_config.get("eps"))
+            or (a_config.get("norm") or "linf") != (b_config.get("norm") or "linf")):
+        notes.append(f"The perturbation budget differs: before ε = {budget_text(b_config)}, "
+                     f"after ε = {budget_text(a_config)}.")
     if (a_config.get("scoring") or {}) != (b_config.get("scoring") or {}):
         notes.append(f"The scoring rule differs: before {display(b_config.get('scoring'))}, "
                      f"after {display(a_config.get('scoring'))}.")
@@ -61,8 +61,11 @@ def like_for_like(after: dict, before: dict, key: str) -> list[str]:
     else:
         names = [key]
     for name in names:
-        a_params = {k: v for k, v in (a_config.get("attacks") or {}).get(name, {}).items() if k != "repr"}
-        b_params = {k: v for k, v in (b_config.get("attacks") or {}).get(name, {}).items() if k != "repr"}
+        # Results written before --norm existed have no "norm" parameter: they were L-inf.
+        a_params = {"norm": "linf", **{k: v for k, v in (a_config.get("attacks") or {}).get(name, {}).items()
+                                       if k != "repr"}}
+        b_params = {"norm": "linf", **{k: v for k, v in (b_config.get("attacks") or {}).get(name, {}).items()
+                                       if k != "repr"}}
         if a_params != b_params:
             notes.append(f"The {name} attack ran with different settings: before {display(b_params)}, "
                          f"after {display(a_params)}.")

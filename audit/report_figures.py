@@ -220,3 +220,40 @@ def trajectory_figure(classes: list[str], key: str, per_epoch: list[list]) -> di
                    "legend": {"orientation": "v", "x": 1.02, "y": 1},
                    "margin": {"l": 64, "r": 24, "t": 24, "b": 56}})
     return {"data": traces, "layout": layout}
+
+
+def accuracy_curve_figure(entries: list[dict], classes: list[str], order: list[int], worst_k: int,
+                          label: str) -> dict:
+    """Many classes: accuracy per class sorted low to high (x = rank), the 95% Wilson CI as
+    a shaded band, and a marker line after the worst `worst_k` classes (the worst 10%)."""
+    ranks = list(range(1, len(order) + 1))
+    values, lower, upper, names = [], [], [], []
+    for index in order:
+        low, high = ci(entries[index])
+        values.append(rounded(finite(entries[index]["accuracy"])))
+        lower.append(rounded(low))
+        upper.append(rounded(high))
+        names.append([plotly_text(classes[index]), entries[index].get("correct"), entries[index].get("n")])
+    colour = OKABE_ITO[3]
+    traces = [
+        {"type": "scatter", "mode": "lines", "name": "95% CI (upper)", "x": ranks, "y": upper,
+         "line": {"width": 0, "color": colour}, "hoverinfo": "skip", "showlegend": False},
+        {"type": "scatter", "mode": "lines", "name": "95% CI", "x": ranks, "y": lower,
+         "line": {"width": 0, "color": colour}, "fill": "tonexty", "fillcolor": "rgba(0,114,178,0.2)",
+         "hoverinfo": "skip"},
+        {"type": "scatter", "mode": "lines", "name": plotly_text(label), "x": ranks, "y": values,
+         "line": {"color": colour, "width": 2}, "customdata": names,
+         "hovertemplate": ("rank %{x}: %{customdata[0]} %{y:.1%} (%{customdata[1]} of %{customdata[2]})"
+                           "<extra>%{fullData.name}</extra>")},
+    ]
+    layout = base_layout(440)
+    layout.update({
+        "xaxis": {"title": {"text": "class rank (least robust first)"}, "range": [0.5, len(order) + 0.5],
+                  "gridcolor": "#eeeeee", "zeroline": False},
+        "yaxis": {**accuracy_axis(), "title": {"text": "accuracy (band: 95% CI)"}},
+        "shapes": [{"type": "line", "xref": "x", "yref": "paper", "x0": worst_k + 0.5, "x1": worst_k + 0.5,
+                    "y0": 0, "y1": 1, "line": {"color": "#333333", "width": 1, "dash": "dash"}}],
+        "annotations": [{"xref": "x", "yref": "paper", "x": worst_k + 0.5, "y": 1, "xanchor": "left",
+                         "yanchor": "bottom", "showarrow": False, "text": f"worst {worst_k} (10%)"}],
+    })
+    return {"data": traces, "layout": layout}

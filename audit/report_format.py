@@ -60,6 +60,24 @@ def plotly_text(text: Any) -> str:
     return html.escape(str(text), quote=False)
 
 
+NORM_LABELS = {"linf": "L∞", "l2": "L2", "l1": "L1"}
+
+
+def budget_text(config: dict) -> str:
+    """The perturbation budget as users quote it: k/255 under L-inf (results without a norm are
+    L-inf), the plain radius under L2/L1 (k/255 means nothing there)."""
+    norm = config.get("norm") or "linf"
+    if norm == "linf":
+        return eps_as_fraction_of_255(config.get("eps"), config.get("eps_255"))
+    eps = finite(config.get("eps"))
+    return "—" if eps is None else f"{eps:g} ({NORM_LABELS.get(norm, norm)})"
+
+
+def norm_label(config: dict) -> str:
+    norm = config.get("norm") or "linf"
+    return NORM_LABELS.get(norm, norm)
+
+
 def eps_as_fraction_of_255(eps: float | None, eps_255: float | None = None) -> str:
     """8/255 style: how perturbation budgets are usually quoted for [0, 1] images."""
     k = finite(eps_255)

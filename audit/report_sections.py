@@ -11,18 +11,26 @@ comparison and remediation training sections live in `report_comparison` and
 
 from __future__ import annotations
 
-from robaudit.audit.report_figures import flow_heatmap, per_class_figure
-from robaudit.audit.report_format import ci, display, eps_as_fraction_of_255, finite, pct, png_data_uri, rounded
+import math
+
+from robaudit.audit.report_figures import accuracy_curve_figure, flow_heatmap, per_class_figure
+from robaudit.audit.report_format import ci, display, budget_text, norm_label, finite, pct, png_data_uri, rounded
 from robaudit.audit.report_records import (
     CLEAN_KEY, attack_in_words, attack_label, headline_key, records, robustness_order,
 )
 from robaudit.audit.report_redaction import basename
+from robaudit.audit.results_schema import dense_flow, flow_rows
 
 # Above these class counts a heatmap or full matrix table stops being readable (and
 # grows the file quadratically); the top-destinations table still covers every class.
 MAX_HEATMAP_CLASSES = 100
 MAX_MATRIX_TABLE_CLASSES = 20
 TOP_DESTINATIONS = 3
+# Above this many classes per-class bars are unreadable: the page shows a sorted accuracy
+# curve, the worst ceil(C/10) classes' table first and the full table collapsed; the
+# target flow shows its TOP_FLOWS largest source -> target pairs instead of a heatmap.
+MAX_BAR_CLASSES = 100
+TOP_FLOWS = 20
 
 
 # --------------------------------------------------------------------------- verdict and flags
@@ -86,7 +94,7 @@ def verdict_section(results: dict) -> dict:
     clean = results["attacks"].get(CLEAN_KEY)
     rows = _verdict_rows(results, key)
     warnings = [check for check in results["checks"] if check.get("severity") == "warning"]
-    eps_text = eps_as_fraction_of_255(config.get("eps"), config.get("eps_255"))
+    eps_text = budget_text(config)
     if key == CLEAN_KEY:
         summary = (f"Only clean accuracy was measured: {pct(average)} on average across classes; "
                    f"no attack ran, so this report says nothing about robustness.")
@@ -149,19 +157,39 @@ def per_class_section(results: dict, figures: dict) -> dict:
             "cells": [_accuracy_cell(record["per_class"][index]) for record in by_attack.values()],
         })
     figure_id, table_id = "fig-per-class", "table-per-class"
-    figures[figure_id] = per_class_figure(by_attack, classes, order, worst_name)
-    return {"columns": columns, "rows": rows, "figure_id": figure_id, "table_id": table_id,
-            "sorted_by": attack_label(results, key), "worst_class": worst_name}
+    many = len(classes) > MAX_BAR_CLASSES
+    section = {"columns": columns, "rows": rows, "figure_id": figure_id, "table_id": table_id,
+               "sorted_by": attack_label(results, key), "worst_class": worst_name, "many_classes": many}
+    if not many:
+        figures[figure_id] = per_class_figure(by_attack, classes, order, worst_name)
+        return section
+    # Many classes: a sorted accuracy curve, the worst 10% first, the full table collapsed.
+    headline = by_attack[key]["per_class"]
+    k = math.ceil(len(classes) / 10)
+    worst_accuracies = [finite(headline[i]["accuracy"]) for i in order[:k]]
+    known = [a for a in worst_accuracies if a is not None]
+    widths = sorted(high - low for low, high in (ci(headline[i]) for i in order) if None not in (low, high))
+    sizes = sorted(e.get("n") for e in headline if isinstance(e.get("n"), int))
+    figures[figure_id] = accuracy_curve_figure(headline, classes, order, k, attack_label(results, key))
+    section.update({
+        "worst_k": k, "worst_rows": rows[:k], "worst_table_id": "table-per-class-worst",
+        "worst10": finite(by_attack[key].get("worst10")) if by_attack[key].get("worst10") is not None
+        else (sum(known) / len(known) if known else None),
+        "median_n": sizes[len(sizes) // 2] if sizes else None,
+        "median_ci_width": widths[len(widths) // 2] if widths else None,
+    })
+    return section
 
 
 def _flow_for(results: dict, name: str, position: int, figures: dict) -> dict:
     classes = results["dataset"]["classes"]
-    matrix = [[int(count or 0) for count in row] for row in results["target_flow"][name]]
     num_classes = len(classes)
-    rows, largest = [], None
-    for source, row in enumerate(matrix):
-        fooled = sum(count for target, count in enumerate(row) if target != source)
-        ranked = sorted(((count, target) for target, count in enumerate(row) if target != source and count > 0),
+    cells = flow_rows(results["target_flow"][name], num_classes)   # sparse or dense results
+    rows, largest, pairs = [], None, []
+    for source, row in enumerate(cells):
+        off_diagonal = {target: count for target, count in row.items() if target != source}
+        fooled = sum(off_diagonal.values())
+        ranked = sorted(((count, target) for target, count in off_diagonal.items() if count > 0),
                         key=lambda item: (-item[0], item[1]))
         top = [{"class": classes[target], "count": count, "share": count / fooled}
                for count, target in ranked[:TOP_DESTINATIONS]]
@@ -169,15 +197,24 @@ def _flow_for(results: dict, name: str, position: int, figures: dict) -> dict:
                      "more": max(0, len(ranked) - TOP_DESTINATIONS)})
         if ranked and (largest is None or ranked[0][0] > largest["count"]):
             largest = {"source": classes[source], "target": classes[ranked[0][1]], "count": ranked[0][0]}
+        pairs.extend((count, source, target, fooled) for count, target in ranked)
     total = sum(row["fooled"] for row in rows)
     figure_id = f"fig-flow-{position}"
     has_chart = num_classes <= MAX_HEATMAP_CLASSES
+    matrix = dense_flow(results["target_flow"][name], num_classes) if has_chart else None
     if has_chart:
         figures[figure_id] = flow_heatmap(classes, matrix, [r["fooled"] for r in rows])
+    top_flows = None
+    if num_classes > MAX_BAR_CLASSES:
+        pairs.sort(key=lambda item: (-item[0], item[1], item[2]))
+        top_flows = [{"rank": rank, "source": classes[source], "target": classes[target], "count": count,
+                      "share": count / fooled}
+                     for rank, (count, source, target, fooled) in enumerate(pairs[:TOP_FLOWS], start=1)]
     return {
         "key": name, "label": attack_label(results, name), "position": position,
         "figure_id": figure_id if has_chart else None, "table_id": f"table-flow-{position}",
         "matrix_table_id": f"table-flow-matrix-{position}",
+        "top_flows": top_flows, "top_table_id": f"table-flow-top-{position}",
         "rows": rows, "total_fooled": total, "largest": largest,
         "matrix": matrix if num_classes <= MAX_MATRIX_TABLE_CLASSES else None, "classes": classes,
     }
@@ -189,7 +226,7 @@ def target_flow_section(results: dict, figures: dict) -> dict:
     names = run_order + [name for name in flows if name not in run_order]
     return {"attacks": [_flow_for(results, name, position, figures) for position, name in enumerate(names)],
             "has_heatmaps": len(results["dataset"]["classes"]) <= MAX_HEATMAP_CLASSES,
-            "max_heatmap_classes": MAX_HEATMAP_CLASSES}
+            "max_heatmap_classes": MAX_HEATMAP_CLASSES, "top_flow_count": TOP_FLOWS}
 
 
 # --------------------------------------------------------------------------- examples and provenance
@@ -267,8 +304,7 @@ def provenance_section(results: dict, role: str, anchor: str) -> dict:
             ("Subset", subset_text), ("Source", display(dataset.get("source"))),
         ],
         "config": [
-            ("ε (L∞ budget)", f"{eps_as_fraction_of_255(config.get('eps'), config.get('eps_255'))} "
-                             f"= {display(config.get('eps'))}"),
+            (f"ε ({norm_label(config)} budget)", f"{budget_text(config)} = {display(config.get('eps'))}"),
             ("Seed", display(config.get("seed"))), ("Device", display(config.get("device"))),
             ("Batch size", display(config.get("batch_size"))),
             ("Iterates scored", display(scoring.get("iterates"))), ("Score", display(scoring.get("score"))),

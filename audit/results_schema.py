@@ -16,6 +16,7 @@ class_probabilities); `class_state_trajectories` reads those too, and
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -96,6 +97,85 @@ def legacy_class_state_keys(class_state: List[dict]) -> dict:
     return out
 
 
+# --------------------------------------------------------------------------- target flows
+#
+# results.json stores each attack's target flow sparsely: only the non-zero cells of the
+# C x C matrix (row = true class, column = adversarial prediction), as
+# {"format": "sparse", "entries": [[source, target, count], ...]} sorted by (source, target).
+# Results written before that hold the dense C x C list of lists; every reader goes through
+# `flow_rows` / `dense_flow`, which accept both.
+
+SPARSE_FLOW_FORMAT = "sparse"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sparse_flow(matrix) -> Dict[str, Any]:
+    """The sparse results.json form of a dense C x C target-flow matrix (zeros dropped)."""
+    entries = [[source, target, int(count)] for source, row in enumerate(matrix)
+               for target, count in enumerate(row) if count]
+    return {"format": SPARSE_FLOW_FORMAT, "entries": entries}
+
+
+def is_sparse_flow(flow: Any) -> bool:
+    return isinstance(flow, dict) and flow.get("format") == SPARSE_FLOW_FORMAT
+
+
+def flow_rows(flow: Any, num_classes: int) -> List[Dict[int, int]]:
+    """Either form as one {target: count} dict per true class (non-zero cells only)."""
+    rows: List[Dict[int, int]] = [{} for _ in range(num_classes)]
+    if is_sparse_flow(flow):
+        for source, target, count in flow["entries"]:
+            if count:
+                rows[source][target] = rows[source].get(target, 0) + int(count)
+    else:
+        for source, row in enumerate(flow):
+            for target, count in enumerate(row):
+                if count:
+                    rows[source][target] = int(count)
+    return rows
+
+
+def dense_flow(flow: Any, num_classes: int) -> List[List[int]]:
+    """Either form as the dense C x C matrix (for small C: heatmaps, matrix tables, tests)."""
+    if not is_sparse_flow(flow):
+        return [[int(count or 0) for count in row] for row in flow]
+    matrix = [[0] * num_classes for _ in range(num_classes)]
+    for source, row in enumerate(flow_rows(flow, num_classes)):
+        for target, count in row.items():
+            matrix[source][target] = count
+    return matrix
+
+
+def target_flow_problem(flow: Any, num_classes: int) -> Optional[str]:
+    """What is wrong with one attack's target flow (a suffix for "target_flow.<attack>"), or None."""
+    if isinstance(flow, dict):
+        if flow.get("format") != SPARSE_FLOW_FORMAT:
+            return (f' has format {flow.get("format")!r}; expected "sparse" (or a dense '
+                    f"{num_classes}x{num_classes} matrix)")
+        entries = flow.get("entries")
+        if not isinstance(entries, list):
+            return ".entries must be a list of [source, target, count] triples"
+        seen = set()
+        for position, entry in enumerate(entries):
+            if not (isinstance(entry, list) and len(entry) == 3 and all(_is_int(v) for v in entry)
+                    and 0 <= entry[0] < num_classes and 0 <= entry[1] < num_classes
+                    and entry[0] != entry[1] and entry[2] > 0):
+                return (f".entries[{position}] must be [source, target, count]: class indices in "
+                        f"0..{num_classes - 1}, source != target, count a positive integer; "
+                        f"got {json.dumps(entry, default=str)[:80]}")
+            if (entry[0], entry[1]) in seen:
+                return f".entries[{position}] repeats the pair [{entry[0]}, {entry[1]}]"
+            seen.add((entry[0], entry[1]))
+        return None
+    if (not isinstance(flow, list) or len(flow) != num_classes
+            or not all(isinstance(row, list) and len(row) == num_classes for row in flow)):
+        return f' must be a {num_classes}x{num_classes} matrix or {{"format": "sparse", "entries": [...]}}'
+    return None
+
+
 def validate_results(results: Any, *, source: str = "results") -> None:
     """Check what the report relies on; raise UserError naming the first problem."""
 
@@ -143,10 +223,10 @@ def validate_results(results: Any, *, source: str = "results") -> None:
             if entry["class"] != classes[position]:
                 fail(f"{where}.per_class[{position}] is {entry['class']!r} but dataset.classes has "
                      f"{classes[position]!r} there")
-    for name, matrix in results["target_flow"].items():
-        if (not isinstance(matrix, list) or len(matrix) != num_classes
-                or not all(isinstance(row, list) and len(row) == num_classes for row in matrix)):
-            fail(f"target_flow.{name} must be a {num_classes}x{num_classes} matrix")
+    for name, flow in results["target_flow"].items():
+        problem = target_flow_problem(flow, num_classes)
+        if problem:
+            fail(f"target_flow.{name}{problem}")
     for position, example in enumerate(results["examples"]):
         if not isinstance(example, dict):
             fail(f"examples[{position}] must be an object")

@@ -103,7 +103,10 @@ def cli(verbose):
 @click.option("--split", default="test", show_default=True, help="Dataset split to audit.")
 @click.option("--attacks", default="clean,fgsm,pgd,cw,aa", show_default=True,
               help="Comma-separated attacks (see `robaudit list`).")
-@click.option("--eps", default="8/255", show_default=True, help="L-inf budget in [0,1] units, e.g. 8/255.")
+@click.option("--eps", default="8/255", show_default=True,
+              help="Budget in [0,1] units, in --norm: e.g. 8/255 (linf), 0.5 (l2, taken as given).")
+@click.option("--norm", type=click.Choice(["linf", "l2", "l1"]), default="linf", show_default=True,
+              help="Threat model of every attack: linf or l2 (l1 is refused: not implemented yet).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
@@ -120,7 +123,7 @@ def cli(verbose):
 @click.option("--fail-over-nsd", type=float, default=None, help="Exit 3 if the ensemble NSD is above this.")
 @threads_option
 def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir, limit,
-         n_per_class, split, attacks, eps, seed, batch_size, device, attack_opt, tpgd_temperature,
+         n_per_class, split, attacks, eps, norm, seed, batch_size, device, attack_opt, tpgd_temperature,
          iterates, score, out_dir, no_report, redact_paths, fail_under_worst, fail_over_nsd):
     """Audit MODEL class by class and write results.json, samples.npz and report.html.
 
@@ -131,7 +134,8 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
     from robaudit.audit.devices import resolve_device
     from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps
 
-    cfg = ScanConfig(out_dir=Path(out_dir), attacks=attacks.split(","), eps=parse_eps(eps), seed=seed,
+    cfg = ScanConfig(out_dir=Path(out_dir), attacks=attacks.split(","), eps=parse_eps(eps, norm), norm=norm,
+                     seed=seed,
                      batch_size=batch_size, device=device, iterates=iterates, score=score,
                      attack_overrides=_parse_attack_opts(attack_opt, tpgd_temperature),
                      write_report=not no_report, redact_paths=redact_paths, command=_command_line(),

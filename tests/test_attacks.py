@@ -27,6 +27,10 @@ from robaudit.errors import UserError
 from conftest import allowed_flips, assert_flags_agree, assert_is_argmax
 
 EPS = 8 / 255
+EPS_L2 = 0.5  # the usual CIFAR L2 budget; ||x||_2 of these 3x8x8 images is ~8
+EPS_BY_NORM = {"linf": EPS, "l2": EPS_L2}
+# Every (attack, norm) pair the attacks declare.
+ATTACK_NORMS = [(name, norm) for name in list_attacks() for norm in ATTACKS.get(name).norms]
 OUR_ATTACKS = ["fgsm", "pgd", "cw", "tpgd"]
 # Reduced budgets for the third-party attacks so the file stays fast.
 FAST = {"aa": {"n_iter": 5, "n_queries": 30}, "square": {"n_queries": 100}}
@@ -68,8 +72,20 @@ def setup():
 
 def run(name, model, x, y, index, clean_pred, **kw) -> AttackResult:
     overrides = {**FAST.get(name, {}), **kw}
-    eps = overrides.pop("eps", EPS)
+    eps = overrides.pop("eps", EPS_BY_NORM[overrides.get("norm", "linf")])
     return create_attack(name, eps=eps, **overrides)(model, x, y, index, clean_pred)
+
+
+def perturbation_norm(x_adv, x, norm) -> torch.Tensor:
+    """Per-sample ||x_adv - x|| in the threat model's norm."""
+    delta = (x_adv - x).flatten(1)
+    return delta.abs().amax(dim=1) if norm == "linf" else delta.norm(p=2, dim=1)
+
+
+def ball_slack(norm, x) -> float:
+    """The eps-ball guard's tolerance (base.BALL_TOLERANCE / l2_ball_tolerance)."""
+    from robaudit.audit.attacks.base import BALL_TOLERANCE, l2_ball_tolerance
+    return BALL_TOLERANCE if norm == "linf" else l2_ball_tolerance(x[0].numel(), EPS_L2)
 
 
 # ---- registry and configuration ---------------------------------------------------------
@@ -103,6 +119,7 @@ def test_params_are_json_and_complete(name):
     params = json.loads(json.dumps(attack.params()))
     assert params["class"] == type(attack).__name__
     assert params["eps"] == pytest.approx(4 / 255) and params["seed"] == 3
+    assert params["norm"] == "linf"
     assert params["repr"] == repr(attack)
     for key, default in type(attack).defaults.items():
         assert params[key] == default
@@ -110,22 +127,26 @@ def test_params_are_json_and_complete(name):
 
 def test_repr_is_the_provenance_string():
     assert repr(create_attack("pgd")) == (
-        "PGD(eps=8/255, steps=20, step_size=2/255, random_start=uniform, loss=ce, "
+        "PGD(eps=8/255, norm=linf, steps=20, step_size=2/255, random_start=uniform, loss=ce, "
         "iterates=any, score=robust)")
     assert repr(create_attack("cw", steps=20, iterates="final", score="adv-only")) == (
-        "CW(eps=8/255, steps=20, step_size=2/255, random_start=uniform, kappa=50, "
+        "CW(eps=8/255, norm=linf, steps=20, step_size=2/255, random_start=uniform, kappa=50, "
         "loss=cw-margin, iterates=final, score=adv-only)")
+    # L2 budgets are written as numbers; the L2 default step is 2.5 * eps / steps.
+    assert repr(create_attack("pgd", eps=0.5, norm="l2", steps=10)) == (
+        "PGD(eps=0.5, norm=l2, steps=10, step_size=0.125, random_start=uniform, loss=ce, "
+        "iterates=any, score=robust)")
     assert "temperature=0.5" in repr(create_attack("tpgd", temperature=0.5))
 
 
 # ---- invariants of every attack ------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list_attacks())
-def test_attack_invariants(setup, name):
+@pytest.mark.parametrize("name,norm", ATTACK_NORMS)
+def test_attack_invariants(setup, name, norm):
     model, x, y, index, clean_pred = setup
     model.train()  # the attack must switch to eval itself and switch back
     rng_before = torch.get_rng_state()
-    result = run(name, model, x, y, index, clean_pred)
+    result = run(name, model, x, y, index, clean_pred, norm=norm)
     assert model.training and all(m.training for m in model.modules())
     assert torch.equal(torch.get_rng_state(), rng_before), "global RNG touched"
     assert all(p.grad is None for p in model.parameters()), "parameter grads computed"
@@ -134,8 +155,11 @@ def test_attack_invariants(setup, name):
 
     assert result.robust.dtype == torch.bool and result.adv_pred.dtype == torch.int64
     assert result.x_adv.shape == x.shape
-    assert (result.x_adv - x).abs().max().item() <= EPS + 1e-6
+    eps = EPS_BY_NORM[norm]
+    assert perturbation_norm(result.x_adv, x, norm).max().item() <= eps + ball_slack(norm, x)
     assert result.x_adv.min() >= 0 and result.x_adv.max() <= 1
+    if name != "clean":  # the budget is really used: some point moved by more than 10% of eps
+        assert perturbation_norm(result.x_adv, x, norm).max().item() > 0.1 * eps
     # The attack never raises accuracy: robust implies clean-correct.
     assert not (result.robust & (clean_pred != y)).any()
     assert torch.equal(result.robust, result.adv_pred == y)
@@ -148,7 +172,7 @@ def test_attack_invariants(setup, name):
     assert torch.equal(result.x_adv[wrong], x[wrong])
     assert torch.equal(result.adv_pred[wrong], clean_pred[wrong])
 
-    again = run(name, model, x, y, index, clean_pred)  # same batch, same kernels: bitwise
+    again = run(name, model, x, y, index, clean_pred, norm=norm)  # same batch, same kernels: bitwise
     assert torch.equal(again.robust, result.robust)
     assert torch.equal(again.adv_pred, result.adv_pred)
     assert torch.equal(again.x_adv, result.x_adv)
@@ -267,16 +291,20 @@ def _linear_model(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     return model.double().eval()
 
 
-@pytest.mark.parametrize("random_start", ["none", "uniform"])
-def test_pgd_one_step_on_linear_model_matches_hand_computation(random_start):
-    gen = torch.Generator().manual_seed(7)
+def _linear_problem(seed: int):
+    """A float64 3-class linear model on 3x4x4 images and a 6-image batch (generator left for more draws)."""
+    gen = torch.Generator().manual_seed(seed)
     num_classes, shape = 3, (3, 4, 4)
     dim = int(np.prod(shape))
     weight = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64)
     bias = torch.randn(num_classes, generator=gen, dtype=torch.float64)
-    model = _linear_model(weight, bias)
     x = torch.rand(6, *shape, generator=gen, dtype=torch.float64)
-    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    return gen, shape, weight, bias, _linear_model(weight, bias), x, torch.tensor([0, 1, 2, 0, 1, 2])
+
+
+@pytest.mark.parametrize("random_start", ["none", "uniform"])
+def test_pgd_one_step_on_linear_model_matches_hand_computation(random_start):
+    gen, shape, weight, bias, model, x, y = _linear_problem(7)
     index = torch.arange(40, 46)
     eps, step = 8 / 255, 3 / 255
     attack = create_attack("pgd", eps=eps, seed=2, steps=1, step_size=step,
@@ -295,7 +323,7 @@ def test_pgd_one_step_on_linear_model_matches_hand_computation(random_start):
     z = start @ W.T + b
     p = np.exp(z - z.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
-    grad = (p - np.eye(num_classes)[y.numpy()]) @ W
+    grad = (p - np.eye(weight.shape[0])[y.numpy()]) @ W
     expected = np.clip(np.clip(start + step * np.sign(grad), x_np - eps, x_np + eps), 0, 1)
     # float64 throughout: the smallest gradient component here is 2.5e-4 (of up to 3.7), far
     # from float64 rounding, so the signs agree and x_adv matches to rounding of the clips.
@@ -353,11 +381,11 @@ def test_white_box_attack_on_gradient_free_model_says_to_use_square(setup):
 
 # ---- AutoAttack through pyautoattack ------------------------------------------------------
 
-def reference_autoattack(model, x, y, *, eps, seed, n_iter, n_queries, n_targets):
+def reference_autoattack(model, x, y, *, eps, seed, n_iter, n_queries, n_targets, norm="Linf"):
     """pyautoattack used directly, budgets set by hand (what its __init__ derives)."""
     from pyautoattack import AutoAttack as ReferenceAutoAttack
 
-    adversary = ReferenceAutoAttack(model, norm="Linf", eps=eps, version="standard",
+    adversary = ReferenceAutoAttack(model, norm=norm, eps=eps, version="standard",
                                     seed=seed, device="cpu")
     for apgd in (adversary.apgd, adversary.apgd_targeted):
         apgd.n_iter = apgd.n_iter_orig = n_iter
@@ -373,11 +401,14 @@ def reference_autoattack(model, x, y, *, eps, seed, n_iter, n_queries, n_targets
     return y_adv
 
 
-def test_aa_matches_a_direct_pyautoattack_run(setup):
+@pytest.mark.parametrize("norm,package_norm", [("linf", "Linf"), ("l2", "L2")])
+def test_aa_matches_a_direct_pyautoattack_run(setup, norm, package_norm):
     model, x, y, index, clean_pred = setup
-    attack = create_attack("aa", eps=EPS, seed=4, **FAST["aa"])
+    eps = EPS_BY_NORM[norm]
+    attack = create_attack("aa", eps=eps, seed=4, norm=norm, **FAST["aa"])
     ours = attack(model, x, y, index, clean_pred)
-    y_adv = reference_autoattack(model, x, y, eps=EPS, seed=4, n_targets=3, **FAST["aa"])
+    y_adv = reference_autoattack(model, x, y, eps=eps, seed=4, n_targets=3, norm=package_norm,
+                                 **FAST["aa"])
     reference_robust = (y_adv == y) & (clean_pred == y)
     # Exact: pyautoattack seeds per call and attacks, in one batch, the points its clean pass
     # finds correct; both runs hand it the same points (its clean pass on our subset or on the
@@ -453,3 +484,109 @@ def test_square_runs_on_a_gradient_free_model(setup):
     assert 0 < int(result.robust.sum()) < correct
     with torch.no_grad():  # Square predicted on its own batches: an argmax up to rounding
         assert_is_argmax(model(result.x_adv), result.adv_pred)
+
+
+# ---- threat models: L2 -------------------------------------------------------------------
+
+def test_every_attack_declares_its_norms():
+    norms = {name: ATTACKS.get(name).norms for name in list_attacks()}
+    assert norms == {"aa": ("linf", "l2"), "clean": ("linf", "l2"), "cw": ("linf", "l2"),
+                     "fgsm": ("linf", "l2"), "pgd": ("linf", "l2"), "square": ("linf", "l2"),
+                     "tpgd": ("linf", "l2")}
+    for name in list_attacks():
+        attack = create_attack(name, eps=EPS_L2, norm="l2")
+        assert attack.norm == "l2" and attack.params()["norm"] == "l2"
+        if name != "clean":
+            assert "norm=l2" in repr(attack)
+
+
+def test_unknown_l1_and_undeclared_norms_are_refused_in_one_line(monkeypatch):
+    with pytest.raises(UserError, match="l1 is not supported yet") as err:
+        create_attack("pgd", norm="l1")
+    assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="unknown norm 'l7'"):
+        create_attack("pgd", norm="l7")
+    monkeypatch.setattr(ATTACKS.get("cw"), "norms", ("linf",))
+    with pytest.raises(UserError, match="attack cw has no l2 variant; attacks with one: aa, clean, fgsm"):
+        create_attack("cw", eps=EPS_L2, norm="l2")
+    # eps: [0, 1] under linf, any finite radius >= 0 under l2 (the cube's diameter is sqrt(d))
+    with pytest.raises(UserError, match="eps must lie in"):
+        create_attack("pgd", eps=1.5)
+    assert create_attack("pgd", eps=3.0, norm="l2").eps == 3.0
+    with pytest.raises(UserError, match="eps must be a finite number"):
+        create_attack("pgd", eps=float("inf"), norm="l2")
+
+
+def test_l2_default_step_size_is_2_5_eps_over_steps():
+    assert create_attack("pgd", eps=0.5, norm="l2").step_size == pytest.approx(2.5 * 0.5 / 20)
+    assert create_attack("cw", eps=0.5, norm="l2").step_size == pytest.approx(2.5 * 0.5 / 30)
+    assert create_attack("pgd", eps=0.5, norm="l2", steps="5").step_size == pytest.approx(0.25)
+    assert create_attack("pgd", eps=0.5, norm="l2", step_size=0.1).step_size == 0.1  # given: kept
+    assert create_attack("pgd", eps=0.5, norm="l2", steps=0).step_size == pytest.approx(1.25)
+    assert create_attack("pgd", eps=EPS).step_size == 2 / 255  # linf defaults untouched
+
+
+def test_fgm_on_linear_model_matches_hand_computation():
+    gen, shape, weight, bias, model, x, y = _linear_problem(11)
+    eps = 0.5
+    with torch.no_grad():
+        clean_pred = model(x).argmax(1)
+    result = create_attack("fgsm", eps=eps, norm="l2", iterates="final", score="adv-only")(
+        model, x, y, torch.arange(6), clean_pred)
+
+    # By hand: g = W^T (softmax(Wx + b) - onehot(y)); x_adv = clip(x + eps g / ||g||_2, 0, 1).
+    # The model's own weights: _linear_model rounds them through a float32 Linear first.
+    W, b = model[1].weight.detach().numpy(), model[1].bias.detach().numpy()
+    x_np = x.reshape(6, -1).numpy()
+    z = x_np @ W.T + b
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    grad = (p - np.eye(weight.shape[0])[y.numpy()]) @ W
+    expected = np.clip(x_np + eps * grad / np.linalg.norm(grad, axis=1, keepdims=True), 0, 1)
+    # float64 throughout; the step has norm exactly eps, so the renorm is a no-op up to rounding.
+    assert np.allclose(result.x_adv.reshape(6, -1).numpy(), expected, atol=1e-12, rtol=0)
+    assert np.array_equal(result.adv_pred.numpy(), (expected @ W.T + b).argmax(1))
+    assert (np.abs(expected - x_np) > 0).any() and ((expected == 0) | (expected == 1)).any()  # the clip acts
+
+
+def test_l2_projection_keeps_the_ball_and_the_box():
+    from robaudit.audit.attacks.ascent import l2_project, l2_step
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand(64, 3, 8, 8, generator=gen)
+    far = x + 3.0 * torch.randn(64, 3, 8, 8, generator=gen)  # ||delta|| ~ 42, far outside
+    projected = l2_project(far, x, EPS_L2)
+    norms = perturbation_norm(projected, x, "l2")
+    assert norms.max().item() <= EPS_L2 + ball_slack("l2", x)
+    assert projected.min() >= 0 and projected.max() <= 1
+    # points inside the ball are left alone
+    inside = x + 0.01 * torch.randn(64, 3, 8, 8, generator=gen) / 8
+    inside = inside.clamp(0, 1)
+    assert torch.equal(l2_project(inside, x, EPS_L2), inside)
+    # a step from x in direction g moves by step_size in L2 (before the box clip)
+    centre = torch.full((4, 3, 8, 8), 0.5)
+    grad = torch.randn(4, 3, 8, 8, generator=gen)
+    stepped = l2_step(centre, grad, centre, eps=1.0, step_size=0.2)
+    assert torch.allclose(perturbation_norm(stepped, centre, "l2"), torch.full((4,), 0.2), atol=1e-6)
+    assert torch.equal(l2_step(centre, torch.zeros_like(grad), centre, 1.0, 0.2), centre)  # g = 0: no step
+
+
+def test_pgd_l2_keeps_every_iterate_in_the_ball_and_reaches_its_boundary(setup):
+    model, x, y, index, clean_pred = setup
+    result = run("pgd", model, x, y, index, clean_pred, norm="l2", iterates="final", score="adv-only")
+    norms = perturbation_norm(result.x_adv, x, "l2")
+    assert norms.max().item() <= EPS_L2 + ball_slack("l2", x)
+    # 20 steps of 2.5 eps / 20 push most points onto the sphere (the renorm is active)
+    assert int((norms > EPS_L2 - 1e-3).sum()) >= len(x) // 2
+    # and it is a different attack from L-inf PGD: the L-inf distance is well under 8/255 * ...
+    linf = run("pgd", model, x, y, index, clean_pred, iterates="final", score="adv-only")
+    assert not torch.equal(result.x_adv, linf.x_adv)
+
+
+def test_l2_ball_guard_refuses_points_outside_the_l2_ball(setup, monkeypatch):
+    model, x, y, index, clean_pred = setup
+    attack = create_attack("pgd", eps=EPS_L2, norm="l2", steps=1)
+    # each coordinate within eps in L-inf, far outside the L2 ball
+    monkeypatch.setattr(type(attack), "_attack",
+                        lambda self, m, xs, ys, i, p: ((xs + 0.4).clamp(0, 1), p))
+    with pytest.raises(RuntimeError, match="L2 excess"):
+        attack(model, x, y, index, clean_pred)

@@ -25,9 +25,11 @@ def list_attacks() -> List[str]:
 
 
 def create_attack(name: str, eps: float = 8 / 255, seed: int = 0, iterates: str = "any",
-                  score: str = "robust", **overrides) -> Attack:
-    """Build a registered attack; overrides set its hyper-parameters (steps=10, ...)."""
-    return ATTACKS.create(name, eps=eps, seed=seed, iterates=iterates, score=score, **overrides)
+                  score: str = "robust", norm: str = "linf", **overrides) -> Attack:
+    """Build a registered attack; overrides set its hyper-parameters (steps=10, ...).
+    norm: "linf" | "l2" (eps in that norm); an attack without it raises a UserError."""
+    return ATTACKS.create(name, eps=eps, seed=seed, iterates=iterates, score=score, norm=norm,
+                          **overrides)
 
 
 __all__ = ["ATTACKS", "Attack", "AttackResult", "SignGradientAttack", "create_attack", "register_attack",

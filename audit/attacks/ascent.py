@@ -1,4 +1,5 @@
-"""The projected L-inf sign-gradient step shared by evaluation attacks and training.
+"""The projected L-inf sign-gradient step shared by evaluation attacks and training,
+and the L2 step (normalised gradient, per-sample renorm) of the evaluation attacks.
 
 Evaluation attacks (audit/attacks) wrap it with worst-over-iterates tracking and
 early stopping; remediation methods call `projected_ascent` for their inner
@@ -23,6 +24,47 @@ def linf_step(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: flo
               step_size: float) -> torch.Tensor:
     """One ascent step: x_adv + step_size * sign(grad), projected."""
     return linf_project(x_adv + step_size * grad.sign(), x, eps)
+
+
+# Threat models of the evaluation attacks. L2 keeps the same contract as L-inf: a step
+# ascends, the projection puts the point into the eps-ball around x and into [0, 1].
+NORMS = ("linf", "l2")
+# Guard against dividing by a zero gradient / zero perturbation (the step is then 0).
+_TINY = 1e-12
+
+
+def _per_sample_l2(t: torch.Tensor) -> torch.Tensor:
+    """||t_i||_2 over all but the first dimension, shaped to broadcast against t."""
+    return t.flatten(1).norm(p=2, dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def l2_project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Renorm x_adv - x to L2 norm <= eps per sample, then clip into [0, 1].
+
+    The clip keeps the ball: x is in [0, 1], so clipping a coordinate moves it toward x.
+    """
+    delta = x_adv - x
+    factor = torch.clamp(eps / _per_sample_l2(delta).clamp_min(_TINY), max=1.0)
+    return (x + delta * factor).clamp_(0.0, 1.0)
+
+
+def l2_step(x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: float,
+            step_size: float) -> torch.Tensor:
+    """One L2 ascent step: x_adv + step_size * grad / ||grad||_2 (per sample), projected."""
+    return l2_project(x_adv + step_size * grad / _per_sample_l2(grad).clamp_min(_TINY), x, eps)
+
+
+def project(norm: str, x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """`linf_project` or `l2_project`."""
+    return linf_project(x_adv, x, eps) if norm == "linf" else l2_project(x_adv, x, eps)
+
+
+def ascent_step(norm: str, x_adv: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, eps: float,
+                step_size: float) -> torch.Tensor:
+    """`linf_step` (sign steps) or `l2_step` (normalised-gradient steps)."""
+    if norm == "linf":
+        return linf_step(x_adv, grad, x, eps, step_size)
+    return l2_step(x_adv, grad, x, eps, step_size)
 
 
 def input_grad(loss_fn: Callable[[torch.Tensor], torch.Tensor], x_adv: torch.Tensor):

@@ -1,6 +1,7 @@
 """AutoAttack "standard" (Croce & Hein 2020) through the reference package pyautoattack.
 
-APGD-CE, APGD-T, FAB-T, Square (5000 queries), L-inf, 100 iterations, each run only
+APGD-CE, APGD-T, FAB-T, Square (5000 queries), L-inf or L2 (the package's norm='Linf'
+/ 'L2' standard versions: same sub-attacks and budgets), 100 iterations, each run only
 on the points the previous ones left robust. Deviations from calling the package
 directly, each on purpose:
 - targets: min(9, C - 1) for APGD-T and FAB-T (the package hard-codes 9, which
@@ -90,12 +91,17 @@ def set_apgd_iterations(apgd, n_iter: int) -> None:
     apgd.size_decr = max(int(0.03 * n_iter), 1)
 
 
+# Our norm names -> pyautoattack's.
+PACKAGE_NORMS = {"linf": "Linf", "l2": "L2"}
+
+
 def build_autoattack(model, *, eps: float, seed: int, device, num_classes: int,
-                     n_iter: int = 100, n_queries: int = 5000, max_targets: int = 9):
+                     n_iter: int = 100, n_queries: int = 5000, max_targets: int = 9,
+                     norm: str = "linf"):
     """pyautoattack.AutoAttack 'standard', adapted to C classes and the given budgets."""
     from pyautoattack import AutoAttack as ReferenceAutoAttack
 
-    adversary = ReferenceAutoAttack(model, norm="Linf", eps=eps, version="standard",
+    adversary = ReferenceAutoAttack(model, norm=PACKAGE_NORMS[norm], eps=eps, version="standard",
                                     seed=seed, device=device)
     adversary.verbose = False
     n_targets = max(min(max_targets, num_classes - 1), 0)
@@ -122,7 +128,8 @@ class AutoAttack(Attack):
     name = "aa"
     white_box = True
     defaults = {"n_iter": 100, "n_queries": 5000, "n_target_classes": 9}
-    fixed = {"version": "standard", "norm": "Linf"}
+    fixed = {"version": "standard"}
+    norms = ("linf", "l2")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -142,7 +149,7 @@ class AutoAttack(Attack):
             adversary = build_autoattack(model, eps=self.eps, seed=self.seed, device=x.device,
                                          num_classes=num_classes, n_iter=self.n_iter,
                                          n_queries=self.n_queries,
-                                         max_targets=self.n_target_classes)
+                                         max_targets=self.n_target_classes, norm=self.norm)
             x_adv, adv_pred = adversary.run_standard_evaluation(x, y, batch_size=x.shape[0])
         self.last_run = {"num_classes": num_classes,
                          "n_target_classes": adversary.fab.n_target_classes,

@@ -5,7 +5,7 @@ which points are attacked (`score`), the eps-ball guard and the result bookkeepi
 a subclass only says how to perturb the points it is handed (`_attack`).
 
 `SignGradientAttack` adds the one iterate loop shared by FGSM, PGD, CW-inf and
-Temperature-PGD (random start, sign steps through `ascent.linf_step`, "worst over
+Temperature-PGD (random start, sign or L2 steps through `ascent.ascent_step`, "worst over
 iterates" scoring with early stopping); those subclasses only write a loss.
 
 Randomness of our own attacks comes from `rng.per_sample_uniform/normal`, keyed by
@@ -16,13 +16,14 @@ it lands in, and the global torch RNG is never touched.
 from __future__ import annotations
 
 import abc
+import math
 
 from dataclasses import dataclass
 from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 
-from robaudit.audit.attacks.ascent import input_grad, linf_project, linf_step
+from robaudit.audit.attacks.ascent import NORMS, ascent_step, input_grad, project
 from robaudit.audit.rng import per_sample_normal, per_sample_uniform
 from robaudit.audit.modes import eval_mode
 from robaudit.errors import UserError
@@ -41,6 +42,19 @@ def register_attack(cls):
     return cls
 
 SCORES = ("robust", "adv-only")
+NORM_LABELS = {"linf": "L-inf", "l2": "L2"}
+
+
+def check_norm(attack_name: str, supported, norm: str) -> None:
+    """Refuse, in one line, a norm nobody implements or one this attack lacks."""
+    if norm not in NORMS:
+        if norm == "l1":
+            raise UserError("--norm l1 is not supported yet (AutoAttack's L1 version, APGD-L1, is not "
+                            f"wired in); use one of: {', '.join(NORMS)}")
+        raise UserError(f"unknown norm {norm!r}; choose from: {', '.join(NORMS)}")
+    if norm not in supported:
+        others = ", ".join(name for name in ATTACKS.names() if norm in ATTACKS.get(name).norms)
+        raise UserError(f"attack {attack_name} has no {norm} variant; attacks with one: {others}")
 RANDOM_STARTS = ("uniform", "normal", "none")
 
 # rng stream of the random start. Shared by every sign-gradient attack on purpose:
@@ -49,9 +63,28 @@ RANDOM_STARTS = ("uniform", "normal", "none")
 START_STREAM = 0
 # Scale of the "normal" start: x + 0.001 * N(0, 1) (RSLAD/Fair-ARD convention).
 NORMAL_START_SCALE = 0.001
+# rng stream of the radius of the L2 uniform start (its direction comes from START_STREAM).
+L2_RADIUS_STREAM = 1
+# Default L2 step size of the iterative attacks when none is given: 2.5 * eps / steps
+# (Madry et al.'s rule, also robustness/torchattacks' PGD-L2 convention): the steps
+# together can travel 2.5 ball radii, enough to cross the ball and come back.
+L2_STEP_FACTOR = 2.5
 # Slack on the eps-ball guard: above float32 rounding of values in [0, 1] (6e-8),
 # far below any perturbation that matters (1/255 = 3.9e-3).
 BALL_TOLERANCE = 1e-6
+
+
+def l2_ball_tolerance(dim: int, eps: float) -> float:
+    """Slack of the L2 eps-ball guard for points with `dim` coordinates.
+
+    float32 rounding, u = 6e-8 for values in [0, 1]: (a) x_adv = x + delta is rounded
+    per coordinate, so x_adv - x recomputed differs from the renormed delta by <= u per
+    coordinate, <= sqrt(dim) * u in L2; (b) the renorm's own norm (a float32 sum of dim
+    squares, reduced pairwise/blockwise) is off by ~(log2(dim) + 2) * u relative, under
+    2e-6 for dim up to ImageNet's 1.5e5. BALL_TOLERANCE * (sqrt(dim) + 2 * eps) covers both
+    with a 16x margin on (a): 5.5e-5 at CIFAR's 3072 coordinates, against L2 budgets of 0.1-3.
+    """
+    return BALL_TOLERANCE * (math.sqrt(dim) + 2.0 * eps)
 
 
 @dataclass
@@ -62,9 +95,10 @@ class AttackResult:
     x_adv: torch.Tensor     # [B, C, H, W]: |x_adv - x|_inf <= eps, inside [0, 1]
 
 
-def format_value(key: str, value: Any) -> str:
-    """How a hyper-parameter is written in a repr: eps-like values as k/255."""
-    if isinstance(value, float) and key in ("eps", "step_size"):
+def format_value(key: str, value: Any, plain: bool = False) -> str:
+    """How a hyper-parameter is written in a repr: eps-like values as k/255 (L-inf
+    budgets; plain=True, used for L2, writes them as numbers)."""
+    if isinstance(value, float) and key in ("eps", "step_size") and not plain:
         k = value * 255.0
         if abs(k * 10 - round(k * 10)) < 1e-6:
             return f"{round(k * 10) / 10:g}/255"
@@ -76,7 +110,8 @@ def format_value(key: str, value: Any) -> str:
 class Attack(abc.ABC):
     """Base of every evaluation attack; subclasses implement `_attack` only.
 
-    eps: L-inf radius in [0, 1] pixel units. seed: keys all randomness.
+    eps: radius in [0, 1] pixel units, measured in `norm` ("linf": max |delta_i|, in
+    [0, 1]; "l2": ||delta||_2 over the whole image, any value >= 0). seed: keys all randomness.
     iterates: "any" (a point is fooled if any iterate fooled it) | "final" (only the
     last iterate is scored, as the papers' evaluators do); only iterative attacks use it.
     score: "robust" (attack clean-correct points only; the rest count as not robust) |
@@ -92,16 +127,21 @@ class Attack(abc.ABC):
     defaults: ClassVar[Dict[str, Any]] = {}
     # Fixed descriptors shown in the repr/params but not overridable (e.g. loss=ce).
     fixed: ClassVar[Dict[str, Any]] = {}
+    # Threat models this attack implements (a subset of ascent.NORMS); any other is refused.
+    norms: ClassVar[Tuple[str, ...]] = ("linf",)
 
     def __init__(self, eps: float = 8 / 255, seed: int = 0, iterates: str = "any",
-                 score: str = "robust", **params):
+                 score: str = "robust", norm: str = "linf", **params):
+        check_norm(self.name, type(self).norms, norm)
         if iterates not in ITERATES:
             raise UserError(f"iterates must be one of {', '.join(ITERATES)}, got {iterates!r}")
         if score not in SCORES:
             raise UserError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
         eps = float(eps)
-        if not 0.0 <= eps <= 1.0:
+        if norm == "linf" and not 0.0 <= eps <= 1.0:
             raise UserError(f"eps must lie in [0, 1] (pixel units; 8/255 = 0.0314), got {eps}")
+        if not (math.isfinite(eps) and eps >= 0.0):
+            raise UserError(f"eps must be a finite number >= 0 (L2 radius in [0, 1] pixel units), got {eps}")
         unknown = sorted(set(params) - set(self.defaults))
         if unknown:
             known = ", ".join(self.defaults) or "none"
@@ -109,24 +149,32 @@ class Attack(abc.ABC):
                 f"attack {self.name!r} has no parameter {unknown[0]!r}; its parameters: {known}"
             )
         self.eps = eps
+        self.norm = norm
         self.seed = int(seed)
         self.iterates = iterates
         self.score = score
+        defaults = self.norm_defaults(params)
         self.hparams: Dict[str, Any] = {
             key: coerce_option(f"attack {self.name!r}", key, params.get(key, default), default)
-            for key, default in self.defaults.items()
+            for key, default in defaults.items()
         }
         for key, value in self.hparams.items():
             setattr(self, key, value)
         self._validate()
 
     # ---- configuration -------------------------------------------------------------
+    def norm_defaults(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """The hyper-parameter defaults under self.norm (subclass hook; `params` are the
+        user's overrides). The class's `defaults` are the L-inf ones."""
+        return dict(self.defaults)
+
     def _validate(self) -> None:
         """Subclass hook: reject impossible hyper-parameters with a UserError."""
 
     def params(self) -> Dict[str, Any]:
         """JSON-able configuration: class, eps, seed, scoring, every hyper-parameter, repr."""
-        out: Dict[str, Any] = {"class": type(self).__name__, "eps": self.eps, "seed": self.seed,
+        out: Dict[str, Any] = {"class": type(self).__name__, "eps": self.eps, "norm": self.norm,
+                               "seed": self.seed,
                                "iterates": self.iterates if self.iterative else None,
                                "score": self.score}
         out.update(self.hparams)
@@ -136,11 +184,12 @@ class Attack(abc.ABC):
         return out
 
     def __repr__(self) -> str:
-        items = [("eps", self.eps), *self.hparams.items(), *self.fixed.items()]
+        items = [("eps", self.eps), ("norm", self.norm), *self.hparams.items(), *self.fixed.items()]
         if self.iterative:
             items.append(("iterates", self.iterates))
         items.append(("score", self.score))
-        body = ", ".join(f"{key}={format_value(key, value)}" for key, value in items)
+        plain = self.norm != "linf"
+        body = ", ".join(f"{key}={format_value(key, value, plain)}" for key, value in items)
         return f"{type(self).__name__}({body})"
 
     # ---- running ---------------------------------------------------------------------
@@ -198,19 +247,29 @@ class Attack(abc.ABC):
         # success; third-party attacks (AutoAttack, Square) are checked too.
         if x.numel() == 0:
             return
-        excess = (x_adv - x).abs().amax().item() - self.eps
-        if excess > BALL_TOLERANCE or x_adv.min() < 0 or x_adv.max() > 1:
+        delta = (x_adv - x).flatten(1)
+        if self.norm == "linf":
+            excess = delta.abs().amax().item() - self.eps
+            tolerance = BALL_TOLERANCE
+        else:
+            excess = delta.norm(p=2, dim=1).amax().item() - self.eps
+            tolerance = l2_ball_tolerance(delta.shape[1], self.eps)
+        if excess > tolerance or x_adv.min() < 0 or x_adv.max() > 1:
             raise RuntimeError(
                 f"{type(self).__name__} returned points outside the eps-ball or [0, 1] "
-                f"(L-inf excess {excess:.3g}); refusing to score them"
+                f"({NORM_LABELS[self.norm]} excess {excess:.3g}); refusing to score them"
             )
 
 
 class SignGradientAttack(Attack):
-    """Projected L-inf sign-gradient ascent on a per-sample loss of the logits.
+    """Projected gradient ascent on a per-sample loss of the logits: L-inf sign steps,
+    or under norm="l2" normalised-gradient steps (step_size * g / ||g||_2) with the
+    per-sample L2 renorm (ascent.l2_step). Under l2 the default step_size is
+    L2_STEP_FACTOR * eps / steps, and random_start="uniform" is x + r * eps * n / ||n||
+    (n ~ N(0, I), r ~ U[0, 1), per sample: the torchattacks PGD-L2 start).
 
     The iterate loop lives here once. Iterate 0 is the start (x, or the random start);
-    iterate k + 1 = linf_step(iterate k). The forward that gives the gradient at
+    iterate k + 1 = ascent_step(norm, iterate k). The forward that gives the gradient at
     iterate k also gives its prediction, and one forward follows the last step.
     iterates="any": a point whose prediction differs from y at some iterate is fooled
     there; it leaves the active set (exact early stop under this rule) and its x_adv /
@@ -220,6 +279,15 @@ class SignGradientAttack(Attack):
 
     iterative = True
     white_box = True
+    norms = ("linf", "l2")
+
+    def norm_defaults(self, params):
+        defaults = dict(self.defaults)
+        if self.norm == "l2" and "step_size" in defaults and "step_size" not in params:
+            steps = coerce_option(f"attack {self.name!r}", "steps",
+                                  params.get("steps", defaults["steps"]), defaults["steps"])
+            defaults["step_size"] = L2_STEP_FACTOR * self.eps / max(int(steps), 1)
+        return defaults
 
     @abc.abstractmethod
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -247,13 +315,18 @@ class SignGradientAttack(Attack):
         if self.random_start == "none":
             return x.clone()
         shape = tuple(x.shape[1:])
-        if self.random_start == "uniform":
+        if self.random_start == "uniform" and self.norm == "linf":
             u = per_sample_uniform(self.seed, index, shape, stream=START_STREAM,
                                    device=x.device, dtype=x.dtype)
-            return linf_project(x + self.eps * (2.0 * u - 1.0), x, self.eps)
+            return project(self.norm, x + self.eps * (2.0 * u - 1.0), x, self.eps)
         noise = per_sample_normal(self.seed, index, shape, stream=START_STREAM,
                                   device=x.device, dtype=x.dtype)
-        return linf_project(x + NORMAL_START_SCALE * noise, x, self.eps)
+        if self.random_start == "uniform":  # l2: Gaussian direction, uniform radius
+            radius = per_sample_uniform(self.seed, index, (1,) * len(shape), stream=L2_RADIUS_STREAM,
+                                        device=x.device, dtype=x.dtype)
+            length = noise.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *(1,) * len(shape))
+            return project(self.norm, x + self.eps * radius * noise / length, x, self.eps)
+        return project(self.norm, x + NORMAL_START_SCALE * noise, x, self.eps)
 
     def _logits_and_grad(self, model, x_cur: torch.Tensor, y: torch.Tensor):
         captured: Dict[str, torch.Tensor] = {}
@@ -302,5 +375,5 @@ class SignGradientAttack(Attack):
                         active[keep], x_cur[keep], x_ref[keep], y_ref[keep], grad[keep])
                     if active.numel() == 0:
                         break
-            x_cur = linf_step(x_cur, grad, x_ref, self.eps, self.step_size)
+            x_cur = ascent_step(self.norm, x_cur, grad, x_ref, self.eps, self.step_size)
         return x_adv, adv_pred

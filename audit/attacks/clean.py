@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from robaudit.audit.attacks.ascent import NORMS
 from robaudit.audit.attacks.base import Attack, register_attack
 
 
@@ -13,6 +14,7 @@ class Clean(Attack):
     # Neither white- nor black-box; False so that it runs on every model, including
     # ones whose gradients were refused.
     white_box = False
+    norms = NORMS  # no perturbation: the same under every threat model
 
     def _attack(self, model, x, y, index, clean_pred):
         return x.clone(), clean_pred.clone()

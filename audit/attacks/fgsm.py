@@ -3,6 +3,7 @@
 Iterate 0 is x itself, or x + 0.001 * N(0, 1) with random_start="normal" (the
 optional start of the Fair-ARD eval code); iterate 1 is that point plus
 eps * sign(grad), projected. Under iterates="any" the start counts as an iterate.
+Under norm="l2" it is FGM: x + eps * grad / ||grad||_2, clipped to [0, 1].
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from robaudit.audit.attacks.base import SignGradientAttack, register_attack
 
 @register_attack
 class FGSM(SignGradientAttack):
-    """FGSM: one cross-entropy sign step of size eps."""
+    """FGSM: one cross-entropy sign step of size eps (FGM, an L2-normalised step, under l2)."""
 
     name = "fgsm"
     defaults = {"random_start": "none"}

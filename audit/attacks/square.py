@@ -1,4 +1,4 @@
-"""Square Attack (Andriushchenko et al. 2020), L-inf, through pyautoattack.
+"""Square Attack (Andriushchenko et al. 2020), L-inf or L2, through pyautoattack.
 
 Black-box: it only queries the model's logits, so it runs on models whose gradients
 are refused (e.g. ONNX models that fail conversion and run through onnxruntime).
@@ -12,19 +12,20 @@ from __future__ import annotations
 
 from typing import List
 
-from robaudit.audit.attacks.autoattack import quiet_third_party
+from robaudit.audit.attacks.autoattack import PACKAGE_NORMS, quiet_third_party
 from robaudit.audit.attacks.base import Attack, register_attack
 from robaudit.errors import UserError
 
 
 @register_attack
 class Square(Attack):
-    """Square Attack (black-box, L-inf, 5000 queries) via pyautoattack."""
+    """Square Attack (black-box, L-inf or L2, 5000 queries) via pyautoattack."""
 
     name = "square"
     white_box = False
     defaults = {"n_queries": 5000, "p_init": 0.8, "n_restarts": 1}
-    fixed = {"norm": "Linf", "loss": "margin"}
+    fixed = {"loss": "margin"}
+    norms = ("linf", "l2")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -42,7 +43,7 @@ class Square(Attack):
         x = x.contiguous()
         collected: List[str] = []
         with quiet_third_party(x.device, collected):
-            adversary = SquareAttack(model, norm="Linf", n_queries=self.n_queries, eps=self.eps,
+            adversary = SquareAttack(model, norm=PACKAGE_NORMS[self.norm], n_queries=self.n_queries, eps=self.eps,
                                      p_init=self.p_init, n_restarts=self.n_restarts,
                                      seed=self.seed, verbose=False, loss="margin",
                                      resc_schedule=False, device=x.device)
