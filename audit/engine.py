@@ -391,7 +391,7 @@ def _assemble_results(cfg, model, data, device, attacked: _AttackedBlocks, per_s
                "adaptations": model.adaptations},
         dataset={"name": data.name, "split": data.split, "n": len(data.y), "num_classes": len(data.classes),
                  "classes": list(data.classes), "source": str(data.source), "subset": data.subset},
-        config={"eps": cfg.eps, "eps_255": eps_as_255(cfg.eps), "norm": cfg.norm, "seed": cfg.seed,
+        config={"eps": cfg.eps, "eps_255": eps_as_255(cfg.eps) if cfg.norm == "linf" else None, "norm": cfg.norm, "seed": cfg.seed,
                 "device": str(device), "batch_size": cfg.batch_size,
                 "scoring": {"iterates": cfg.iterates, "score": cfg.score},
                 "attacks": attacked.config},
