@@ -106,11 +106,15 @@ def assert_flags_agree(actual, expected, *, what: str = "", atol: float = 0.0, m
                                   f"for last-bit differences): positions {differ[:20].tolist()}")
 
 
-def randomise_batchnorm(model, seed=0):
-    """Non-default BatchNorm statistics (eval mode), so eval-mode forwards (and mistakes) show."""
+def randomise_batchnorm(model, seed=0, *, affine=False):
+    """Non-default BatchNorm statistics (eval mode), so eval-mode forwards (and mistakes) show;
+    affine=True also draws the BatchNorm weights and biases (per layer: mean, var, weight, bias)."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            if affine:
+                m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model.eval()

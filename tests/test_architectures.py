@@ -8,6 +8,8 @@ from robaudit.audit.architectures import (ARCHITECTURES, WideResNet, build_wide_
                                           resolve_architecture)
 from robaudit.errors import UserError
 
+from conftest import randomise_batchnorm
+
 BIG = 15_000_000  # parameters; bigger registered models are checked on the meta device
 
 
@@ -265,17 +267,6 @@ def test_generic_wide_resnet_and_inference_from_state_dict():
 # --- forwards against hand-written references ------------------------------------------
 
 
-def _randomise_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-    return model.eval()
-
-
 def _bn_eval(x, s, p):
     return F.batch_norm(x, s[f"{p}.running_mean"], s[f"{p}.running_var"], s[f"{p}.weight"],
                         s[f"{p}.bias"], False, 0.0, 1e-5)
@@ -307,7 +298,7 @@ def reference_preact(s, x, shortcut_from_input, final_bn):
     ("preactresnet18-kuangliu", False, False), ("preactresnet18-robustbench", True, False)])
 def test_preact_forward_matches_the_original(name, from_input, final_bn):
     torch.manual_seed(1)
-    model = _randomise_bn(create_architecture(name))
+    model = randomise_batchnorm(create_architecture(name), affine=True)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         expected = reference_preact(model.state_dict(), x, from_input, final_bn)
@@ -319,7 +310,7 @@ def test_preact_forward_matches_the_original(name, from_input, final_bn):
 
 def test_preact_shortcut_source_changes_logits_for_the_same_weights():
     torch.manual_seed(2)
-    rice = _randomise_bn(create_architecture("preactresnet18"))
+    rice = randomise_batchnorm(create_architecture("preactresnet18"), affine=True)
     fast = create_architecture("preactresnet18-fast")
     fast.load_state_dict(rice.state_dict(), strict=True)
     fast.eval()
@@ -367,7 +358,7 @@ def reference_dm_wrn(s, x, depth, constants):
 @pytest.mark.parametrize("classes,constants", [(10, CIFAR10), (100, CIFAR100)])
 def test_dm_wide_resnet_forward_normalises_like_robustbench(classes, constants):
     torch.manual_seed(3)
-    model = _randomise_bn(create_architecture("dm-wrn-16-2", num_classes=classes))
+    model = randomise_batchnorm(create_architecture("dm-wrn-16-2", num_classes=classes), affine=True)
     x = torch.rand(2, 3, 32, 32)
     other = CIFAR100 if constants is CIFAR10 else CIFAR10
     with torch.no_grad():
@@ -381,7 +372,7 @@ def test_dm_wide_resnet_forward_normalises_like_robustbench(classes, constants):
 
 def test_dm_preact_block_takes_a_3x3_shortcut_from_the_padded_input():
     torch.manual_seed(4)
-    model = _randomise_bn(create_architecture("dm-preactresnet18"))
+    model = randomise_batchnorm(create_architecture("dm-preactresnet18"), affine=True)
     block, x = model.layer_1[0], torch.rand(2, 64, 16, 16)
     s = block.state_dict()
     with torch.no_grad():
