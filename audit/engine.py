@@ -9,12 +9,10 @@ chunking does not change our own attacks' results.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import platform
-import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,7 +23,6 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 import robaudit
 from robaudit.audit import checks as checks_mod
@@ -36,14 +33,15 @@ from robaudit.audit.io import check_writable_dir, png_base64, write_npz_atomic, 
 from robaudit.audit.devices import resolve_device
 from robaudit.audit.metrics import class_summary, target_flow
 from robaudit.audit.outlock import hold_out_dir
+from robaudit.audit.scan_chunks import (ScanState, attack_shard, clean_predictions,
+                                        fooled_mask, hash_array, images_fingerprint, merge_shards,
+                                        run_hash, to_uint8_hwc)
 from robaudit.errors import GateFailed, UserError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ATTACKS = ("clean", "fgsm", "pgd", "cw", "aa")
 STATE_DIR = ".robaudit-state"
-CHUNK_KEYS = {"robust", "adv_pred", "seconds", "ex_pos", "ex_img"}
-EXAMPLES_PER_CLASS = 4      # fooled examples kept per class and attack (for the report)
 REPORT_WORST_CLASSES = 3    # the report shows examples for this many worst classes
 REPORT_PAIRS_PER_CLASS = 3
 
@@ -141,18 +139,6 @@ def check_gate_config(cfg: ScanConfig, attack_names: Sequence[str]) -> None:
         raise UserError(f"the gate reads attack {cfg.gate_attack!r}, which is not in --attacks")
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _hash_array(array) -> str:
-    """Content hash of a tensor/array (dtype, shape and bytes), without a Python loop."""
-    arr = np.ascontiguousarray(array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else array)
-    digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
-    digest.update(arr.reshape(-1).view(np.uint8) if arr.size else b"")
-    return digest.hexdigest()[:16]
-
-
 def _versions() -> dict:
     env = {"python": platform.python_version(), "platform": platform.platform(),
            "robaudit": robaudit.__version__}
@@ -166,78 +152,6 @@ def _versions() -> dict:
         except metadata.PackageNotFoundError:
             pass
     return env
-
-
-def _to_uint8_hwc(x: torch.Tensor) -> np.ndarray:
-    return (x.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def _first_k_per_class(labels: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the first k entries of each label, in the given order (vectorised cumcount)."""
-    labels = np.asarray(labels)
-    if len(labels) == 0:
-        return np.zeros(0, dtype=np.int64)
-    order = np.argsort(labels, kind="stable")
-    sorted_labels = labels[order]
-    rank = np.arange(len(order)) - np.searchsorted(sorted_labels, sorted_labels, side="left")
-    return np.sort(order[rank < k]).astype(np.int64)
-
-
-class ScanState:
-    """Finished chunks of a scan, on disk, keyed so that a different setting never reuses them."""
-
-    def __init__(self, root: Path, run_key: dict):
-        self.root = root
-        self.run_key = _hash(run_key)
-
-    def chunk_path(self, attack_name: str, attack_params: dict, positions: np.ndarray) -> Path:
-        key = _hash({"run": self.run_key, "attack": attack_params})
-        tag = hashlib.sha256(np.ascontiguousarray(positions, dtype=np.int64).tobytes()).hexdigest()[:12]
-        return self.root / f"{attack_name}-{key}" / f"{int(positions[0]):09d}-{int(positions[-1]):09d}-{tag}.npz"
-
-    def load(self, path: Path, positions: np.ndarray, num_classes: int) -> Optional[dict]:
-        """The finished chunk over `positions`, or None (absent, unreadable or malformed)."""
-        if not path.exists():
-            return None
-        size = len(positions)
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                chunk = {k: f[k] for k in f.files}
-            ok = (set(chunk) >= CHUNK_KEYS and chunk["robust"].shape == (size,)
-                  and chunk["robust"].dtype == np.bool_
-                  and chunk["adv_pred"].shape == (size,) and chunk["seconds"].shape == ()
-                  and chunk["ex_pos"].ndim == 1 and chunk["ex_img"].ndim == 4
-                  and len(chunk["ex_img"]) == len(chunk["ex_pos"]))
-            ok = ok and bool(((chunk["adv_pred"] >= 0) & (chunk["adv_pred"] < num_classes)).all()
-                             and np.isin(chunk["ex_pos"], positions).all())
-        except Exception:  # a damaged chunk is recomputed, never trusted
-            ok = False
-        if not ok:
-            log.warning("ignoring unreadable state chunk %s", path)
-            return None
-        return chunk
-
-
-def clean_predictions(module, x: torch.Tensor, batch_size: int, device,
-                      num_classes: Optional[int] = None, positions: Optional[np.ndarray] = None) -> torch.Tensor:
-    """argmax predictions for x[positions] (all of x by default); non-finite logits or a wrong
-    class count are user-facing errors."""
-    preds = []
-    bad = 0
-    if positions is None:
-        positions = np.arange(len(x), dtype=np.int64)
-    with torch.no_grad():
-        for start in range(0, len(positions), batch_size):
-            logits = module(x[torch.from_numpy(positions[start:start + batch_size])].to(device)).float()
-            if logits.ndim != 2 or (num_classes is not None and logits.shape[1] != num_classes):
-                raise UserError(f"the model returns logits of shape {list(logits.shape)} but the dataset "
-                                f"has {num_classes} classes; expected [batch, {num_classes}]")
-            bad += int((~torch.isfinite(logits)).any(dim=1).sum())
-            preds.append(logits.argmax(dim=1).cpu())
-    if bad:
-        raise UserError(f"the model produced NaN or infinite logits on {bad} of {len(positions)} inputs; "
-                        "check --input-range, --mean/--std and the exported graph")
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
 
 
 def _gathered_clean_predictions(module, data, cfg, device, num_classes, positions) -> torch.Tensor:
@@ -295,12 +209,12 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
                             "cannot run on it; use the black-box attack 'square'")
 
     # A chunk is only reused by the exact same model, data, predictions and settings.
-    run_key = {"model": model.sha256, "index": _hash_array(data.index), "y": _hash_array(data.y),
-               "x": _hash_array(data.x), "clean_pred": _hash_array(clean_pred),
+    run_key = {"model": model.sha256, "index": hash_array(data.index), "y": hash_array(data.y),
+               "x": images_fingerprint(data.x), "clean_pred": hash_array(clean_pred),
                "dataset": [data.name, data.split, list(data.classes)],
                "eps": cfg.eps, "seed": cfg.seed, "batch": cfg.batch_size, "device": str(device),
                "iterates": cfg.iterates, "score": cfg.score,
-               "adapt": _hash(model.adaptations)}
+               "adapt": run_hash(model.adaptations)}
     with hold_out_dir(out_dir):  # one run per --out; taken only now that the input checks passed
         state = ScanState(out_dir / STATE_DIR, run_key) if out_dir is not None else None
         per_sample = {"index": data.index.numpy().astype(np.int64), "y": y_np.astype(np.int64),
@@ -324,6 +238,7 @@ class _AttackedBlocks:
     examples: Dict[str, tuple]
     config: Dict[str, dict]
     robust: Dict[str, np.ndarray]
+    extras: Dict[str, Dict[str, np.ndarray]] = field(default_factory=dict)  # attack -> per-sample arrays
 
 
 def _run_attacks(cfg, attacks, model, module, data, clean_pred, positions, device, state,
@@ -339,27 +254,33 @@ def _run_attacks(cfg, attacks, model, module, data, clean_pred, positions, devic
             continue
         shard, error = None, None
         try:
-            shard = _attack_shard(name, attack, params, module, data, clean_pred, positions,
-                                  cfg.batch_size, device, state, num_classes)
+            shard = attack_shard(name, attack, params, module, data, clean_pred, positions,
+                                 cfg.batch_size, device, state, num_classes)
         except Exception as err:  # every rank must learn of it, or the others wait forever
             error = err
         distributed.agree_or_raise(error)
-        robust, adv_pred, ex_pos, ex_img, spent = _merge_shards(
-            distributed.all_gather_objects(shard), clean_pred.numpy(), y_np, data.x.shape[1:])
-        out.seconds[name] = round(spent, 3)
+        merged = merge_shards(distributed.all_gather_objects(shard), clean_pred.numpy(), y_np,
+                              data.x.shape[1:])
+        robust, adv_pred = merged["robust"], merged["adv_pred"]
+        out.seconds[name] = round(merged["seconds"], 3)
         out.robust[name] = robust
+        out.extras[name] = merged["extras"]
         per_sample[f"robust_{name}"] = robust
         per_sample[f"adv_pred_{name}"] = adv_pred.astype(np.int64)
+        for key, values in merged["extras"].items():  # e.g. min_norm_fmn
+            per_sample[f"{key}_{name}"] = values
         block = class_summary(robust, y_np, data.classes)
-        fooled = _fooled(robust, adv_pred, y_np, per_sample["clean_pred"], cfg.score)
+        fooled = fooled_mask(robust, adv_pred, y_np, per_sample["clean_pred"], cfg.score)
         block["n_attacked"] = int(n if cfg.score == "adv-only" else (per_sample["clean_pred"] == y_np).sum())
         block["seconds"] = out.seconds[name]
         block["description"] = repr(attack)
+        if merged["stats"]:  # summed over every sample (e.g. PGD's per-step losses)
+            block["diagnostics"] = attack.diagnostics(merged["stats"])
         out.blocks[name] = block
         if name != "clean":
             # results.json keeps only the non-zero cells (docs/results-schema.md, target_flow)
             out.flows[name] = results_schema.sparse_flow(target_flow(y_np, adv_pred, fooled, num_classes))
-            out.examples[name] = (ex_pos, ex_img)
+            out.examples[name] = (merged["ex_pos"], merged["ex_img"])
     return out
 
 
@@ -433,88 +354,6 @@ def _notes(cfg: ScanConfig) -> List[str]:
     return notes
 
 
-def _fooled(robust, adv_pred, y, clean_pred, score) -> np.ndarray:
-    if score == "adv-only":
-        return adv_pred != y
-    return (clean_pred == y) & ~robust
-
-
-def _attack_shard(name, attack, params, module, data, clean_pred, positions, batch_size, device,
-                  state, num_classes) -> dict:
-    """Attack this rank's positions chunk by chunk, reusing finished chunks from `state`."""
-    y_np = data.y.numpy()
-    robust = np.zeros(len(positions), dtype=bool)
-    adv_pred = np.zeros(len(positions), dtype=np.int64)
-    ex_pos = np.zeros(0, dtype=np.int64)
-    ex_img = np.zeros((0, data.x.shape[2], data.x.shape[3], data.x.shape[1]), np.uint8)
-    spent = 0.0
-    bar = tqdm(total=len(positions), desc=f"{name:>6}", unit="img", file=sys.stderr,
-               disable=None if distributed.current().is_main else True, leave=False)
-    try:
-        for start in range(0, len(positions), batch_size):
-            chunk_positions = positions[start:start + batch_size]
-            path = state.chunk_path(name, params, chunk_positions) if state else None
-            chunk = state.load(path, chunk_positions, num_classes) if state else None
-            if chunk is None:
-                chunk = _attack_chunk(attack, module, data, clean_pred, chunk_positions, device)
-                if state:
-                    write_npz_atomic(path, **chunk)
-            robust[start:start + len(chunk_positions)] = chunk["robust"]
-            adv_pred[start:start + len(chunk_positions)] = chunk["adv_pred"]
-            # keep only the first EXAMPLES_PER_CLASS fooled images per class overall
-            ex_pos = np.concatenate([ex_pos, chunk["ex_pos"].astype(np.int64)])
-            ex_img = np.concatenate([ex_img, chunk["ex_img"]])
-            keep = _first_k_per_class(y_np[ex_pos], EXAMPLES_PER_CLASS)
-            ex_pos, ex_img = ex_pos[keep], ex_img[keep]
-            spent += float(chunk["seconds"])
-            bar.update(len(chunk_positions))
-    finally:
-        bar.close()
-    return {"positions": positions, "robust": robust, "adv_pred": adv_pred,
-            "ex_pos": ex_pos, "ex_img": ex_img, "seconds": spent}
-
-
-def _merge_shards(shards, clean_pred, y_np, image_shape):
-    """Per-rank shard results -> full per-sample arrays in subset order (same on every rank)."""
-    n = len(y_np)
-    robust = np.zeros(n, dtype=bool)
-    adv_pred = clean_pred.copy()
-    ex_pos = np.concatenate([s["ex_pos"] for s in shards])
-    ex_img = np.concatenate([s["ex_img"] for s in shards]) if len(ex_pos) else np.zeros(
-        (0, image_shape[1], image_shape[2], image_shape[0]), np.uint8)
-    for shard in shards:
-        robust[shard["positions"]] = shard["robust"]
-        adv_pred[shard["positions"]] = shard["adv_pred"]
-    order = np.argsort(ex_pos, kind="stable")  # dataset order, whatever the sharding
-    ex_pos, ex_img = ex_pos[order], ex_img[order]
-    keep = _first_k_per_class(y_np[ex_pos], EXAMPLES_PER_CLASS)
-    # seconds: the slowest rank's compute time (what the user waited for)
-    return robust, adv_pred, ex_pos[keep], ex_img[keep], max(s["seconds"] for s in shards)
-
-
-def _attack_chunk(attack, module, data, clean_pred, positions, device) -> dict:
-    take = torch.from_numpy(positions)
-    x = data.x[take].to(device).contiguous()
-    y = data.y[take].to(device)
-    index = data.index[take].to(device)
-    cp = clean_pred[take].to(device)
-    t0 = time.perf_counter()
-    out = attack(module, x, y, index, cp)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    spent = time.perf_counter() - t0
-    robust = out.robust.cpu().numpy().astype(bool)
-    adv_pred = out.adv_pred.cpu().numpy().astype(np.int64)
-    y_np = data.y[take].numpy()
-    fooled = _fooled(robust, adv_pred, y_np, clean_pred[take].numpy(), attack.score)
-    fooled_at = np.flatnonzero(fooled)
-    local = fooled_at[_first_k_per_class(y_np[fooled_at], EXAMPLES_PER_CLASS)]
-    return {"robust": robust, "adv_pred": adv_pred, "seconds": np.float64(spent),
-            "ex_pos": positions[local].astype(np.int64),
-            "ex_img": _to_uint8_hwc(out.x_adv[torch.as_tensor(local, dtype=torch.long, device=out.x_adv.device)])
-            if len(local) else np.zeros((0, x.shape[2], x.shape[3], x.shape[1]), np.uint8)}
-
-
 def _select_examples(kept, attack_blocks, ensemble, data, per_sample) -> List[dict]:
     """A few clean/adversarial pairs for the worst classes (by ensemble robust accuracy).
 
@@ -542,7 +381,7 @@ def _select_examples(kept, attack_blocks, ensemble, data, per_sample) -> List[di
         chosen = candidates[np.sort(first)][:REPORT_PAIRS_PER_CLASS]
         if len(chosen) == 0:
             continue
-        clean_imgs = _to_uint8_hwc(data.x[torch.as_tensor(positions[chosen])])
+        clean_imgs = to_uint8_hwc(data.x[torch.as_tensor(positions[chosen])])
         for j, c in enumerate(chosen.tolist()):
             name, pos = names[attack_of[c]], int(positions[c])
             examples.append({

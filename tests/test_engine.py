@@ -651,7 +651,7 @@ def test_autoattack_and_square_through_the_engine(tmp_path):
     assert not strided.x.is_contiguous()
     scan(tmp_path / "b", attacks=attacks, attack_overrides=overrides, data=strided)
     a, b = load_samples(tmp_path / "a"), load_samples(tmp_path / "b")
-    # Exact: the attacks get contiguous copies of each batch (engine._attack_chunk), so they
+    # Exact: the attacks get contiguous copies of each batch (scan_chunks.attack_chunk), so they
     # repeat the same kernel calls. The clean pass sees the strided batch, whose channel
     # means are summed in another order (~1e-6 on these logits); every clean margin here is
     # above 1e-3, so the clean predictions (which decide what is attacked) agree too.

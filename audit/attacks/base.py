@@ -18,9 +18,10 @@ from __future__ import annotations
 import abc
 import math
 
-from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 
 from robaudit.audit.attacks.ascent import NORMS, ascent_step, input_grad, project
@@ -93,6 +94,22 @@ class AttackResult:
     adv_pred: torch.Tensor  # int64 [B]: prediction at the fooling iterate, else the final one;
                             # the clean prediction for points that were not attacked
     x_adv: torch.Tensor     # [B, C, H, W]: |x_adv - x|_inf <= eps, inside [0, 1]
+    # Per-sample extra outputs, [B] each (e.g. FMN's "min_norm"); points the attack did not
+    # perturb get the attack's `extra_defaults` value. The engine stores them in samples.npz
+    # as <key>_<attack>.
+    extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+    # Arrays that add up over samples (e.g. PGD's per-step loss sums); the engine sums them
+    # over chunks and ranks and reports attack.diagnostics(totals) in results.json.
+    stats: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class SubResult(NamedTuple):
+    """What `_attack` may return instead of (x_adv, pred): the same plus extras/stats of
+    the sub-batch it was handed (see AttackResult)."""
+    x_adv: torch.Tensor
+    pred: torch.Tensor
+    extras: Dict[str, torch.Tensor] = {}
+    stats: Dict[str, torch.Tensor] = {}
 
 
 def format_value(key: str, value: Any, plain: bool = False) -> str:
@@ -129,6 +146,8 @@ class Attack(abc.ABC):
     fixed: ClassVar[Dict[str, Any]] = {}
     # Threat models this attack implements (a subset of ascent.NORMS); any other is refused.
     norms: ClassVar[Tuple[str, ...]] = ("linf",)
+    # Value of each per-sample extra (SubResult.extras) at points the attack did not perturb.
+    extra_defaults: ClassVar[Dict[str, float]] = {}
 
     def __init__(self, eps: float = 8 / 255, seed: int = 0, iterates: str = "any",
                  score: str = "robust", norm: str = "linf", **params):
@@ -221,21 +240,32 @@ class Attack(abc.ABC):
         adv_pred = clean_pred.clone()
         x_adv = x.detach().clone()
         attacked = self.attacked_mask(y, clean_pred)
+        extras = {key: torch.full((batch,), float(value), dtype=torch.float64, device=device)
+                  for key, value in self.extra_defaults.items()}
         if not bool(attacked.any()):
-            return AttackResult(robust=robust, adv_pred=adv_pred, x_adv=x_adv)
+            return AttackResult(robust=robust, adv_pred=adv_pred, x_adv=x_adv, extras=extras)
 
         chosen = attacked.nonzero().squeeze(1)
         # only ascent.input_grad re-enables grad, for inputs only
         with eval_mode(model, freeze_parameters=True), torch.no_grad():
-            sub_x, sub_pred = self._attack(model, x[chosen].detach(), y[chosen],
-                                           index[chosen], clean_pred[chosen])
+            sub = SubResult(*self._attack(model, x[chosen].detach(), y[chosen],
+                                          index[chosen], clean_pred[chosen]))
 
-        sub_x = sub_x.detach().to(device=device, dtype=x.dtype)
+        sub_x = sub.x_adv.detach().to(device=device, dtype=x.dtype)
         self._check_ball(x[chosen], sub_x)
         x_adv[chosen] = sub_x
-        adv_pred[chosen] = sub_pred.to(device=device, dtype=torch.long)
+        adv_pred[chosen] = sub.pred.to(device=device, dtype=torch.long)
         robust[chosen] = adv_pred[chosen] == y[chosen]
-        return AttackResult(robust=robust, adv_pred=adv_pred, x_adv=x_adv)
+        for key, values in sub.extras.items():
+            extras.setdefault(key, torch.full((batch,), math.nan, dtype=torch.float64, device=device))
+            extras[key][chosen] = values.detach().to(device=device, dtype=torch.float64)
+        return AttackResult(robust=robust, adv_pred=adv_pred, x_adv=x_adv, extras=extras,
+                            stats={key: value.detach() for key, value in sub.stats.items()})
+
+    def diagnostics(self, stats: Dict[str, Any]) -> Dict[str, Any]:
+        """JSON-able summary of the summed `stats` for results.json (subclass hook; default:
+        the totals as lists)."""
+        return {key: np.asarray(value, dtype=np.float64).reshape(-1).tolist() for key, value in stats.items()}
 
     @abc.abstractmethod
     def _attack(self, model, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
