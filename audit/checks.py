@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -168,6 +169,8 @@ def result_checks(results: dict) -> List[Dict[str, str]]:
             f"{len(small)} class(es) have fewer than 30 samples (e.g. {small[0]!s})",
             "with few samples a class accuracy carries a wide 95% interval; compare classes by "
             "their intervals, not their point estimates, or audit more samples"))
+    flags += curve_checks(results)
+    flags += loss_convergence_flags(attacks)
     return flags
 
 
@@ -178,3 +181,148 @@ def refused_attack_flag(attack: str, reason: str) -> Dict[str, str]:
         "without trustworthy gradients only black-box attacks (square) can be run; their "
         "robust accuracy is an upper bound")
 
+
+# ---- did the iterative attacks' loss stop improving? (attacks.<name>.diagnostics) ------------
+# The "incomplete optimization" indicator of Pintor et al. 2022 ("Indicators of Attack Failure",
+# NeurIPS; their released code): rescale the loss curve to [0, 1] over the run, take its running
+# best, and flag when the last iterates still improve it by more than 5% of the run's range.
+LOSS_LATE_GAIN = 0.05
+# Their window is the last 10 iterates of attacks run for hundreds; for PGD-20 that would be half
+# the run, so the window here is the last 10% of the steps, and at least the last 2.
+LOSS_WINDOW_SHARE = 0.10
+LOSS_WINDOW_MIN = 2
+# A mean over fewer unfooled points says little about the attack (and the check is off for
+# one-step attacks: FGSM's single step is its design).
+LOSS_MIN_POINTS = 5
+
+
+def loss_late_gain(curve) -> Optional[float]:
+    """Share of the run's loss improvement (running best, i.e. max so far) made in the last
+    max(2, ceil(10% of steps)) steps; None when the curve is too short or never improved."""
+    losses = np.asarray(curve, dtype=np.float64)
+    steps = len(losses) - 1
+    if steps < LOSS_WINDOW_MIN or not np.isfinite(losses).all():
+        return None
+    best = np.maximum.accumulate(losses)
+    span = best[-1] - best[0]
+    if span <= 1e-12 * max(1.0, float(np.abs(best).max())):
+        return None
+    window = max(LOSS_WINDOW_MIN, int(np.ceil(LOSS_WINDOW_SHARE * steps)))
+    return float((best[-1] - best[-1 - window]) / span)
+
+
+def loss_convergence_flags(attacks: dict) -> List[Dict[str, str]]:
+    """`<attack>_loss_not_converged` for every iterative attack whose mean loss over the points it
+    left unfooled still rose over its last steps (attacks.<name>.diagnostics, base.SignGradientAttack)."""
+    flags = []
+    for name, block in attacks.items():
+        diagnostics = block.get("diagnostics") or {}
+        curve = diagnostics.get("loss_mean_unfooled")
+        if not curve or diagnostics.get("n_unfooled", 0) < LOSS_MIN_POINTS:
+            continue
+        gain = loss_late_gain(curve)
+        if gain is None or gain <= LOSS_LATE_GAIN:
+            continue
+        steps = len(curve) - 1
+        window = max(LOSS_WINDOW_MIN, int(np.ceil(LOSS_WINDOW_SHARE * steps)))
+        flags.append(_flag(
+            f"{name}_loss_not_converged", "warning",
+            f"{name}'s mean loss over the {diagnostics['n_unfooled']} points it left unfooled still rose "
+            f"in its last {window} of {steps} steps: {gain:.0%} of the run's gain (from "
+            f"{curve[0]:.4g} to {max(curve):.4g}) came there; rerun with more steps (--attack-opt "
+            f"{name}.steps={2 * steps}) or a larger step_size",
+            "an attack stopped while its loss still improves has not finished its search: more "
+            "steps would likely fool some of these points, so its robust accuracy is an "
+            "overestimate (incomplete optimisation, Pintor et al. 2022)"))
+    return flags
+
+
+# ---- robustness curves (results["curves"], a minimal-norm attack such as fmn) ----------------
+# Share of the clean-correct points an unbounded minimal-norm attack may leave unfooled before
+# the curve is flagged for not reaching 0 (the "unconstrained attack fails" indicator of
+# Pintor et al. 2022, with room for a stray point in small audits).
+CURVE_UNFOOLED_SHARE = 0.01
+# A curve and a fixed-eps attack are measured on the same points, so a per-class gap of d points
+# at the audited eps means >= d discordant points all falling one way. Were each attack equally
+# likely to be the one that finds a discordant point (plain attack noise), that has probability
+# <= 0.5**d (one-sided sign test): d >= 5 gives <= 0.031, so gaps of 5+ points are flagged.
+CURVE_GAP_POINTS = 5
+# "Far above": the curve leaves >= 10 points more of a class robust than the strongest fixed-eps
+# attack (the threshold of aa_much_stronger).
+CURVE_FAR_ABOVE = 0.10
+
+
+def _audited_position(block: dict) -> int:
+    eps = np.asarray(block["eps"], dtype=np.float64)
+    return int(np.argmin(np.abs(eps - float(block["audited_eps"]))))
+
+
+def _class_gaps(curve_rows: list, fixed_rows: list, at: int) -> list:
+    """Per class (fixed accuracy - curve accuracy at grid position `at`, that gap in points);
+    None where either side has no data."""
+    gaps = []
+    for curve, fixed in zip(curve_rows, fixed_rows):
+        value = curve["accuracy"][at]
+        if value is None or fixed.get("accuracy") is None or not curve["n"]:
+            gaps.append(None)
+            continue
+        gap = fixed["accuracy"] - value
+        gaps.append((gap, int(round(abs(gap) * curve["n"]))))
+    return gaps
+
+
+def curve_checks(results: dict) -> List[Dict[str, str]]:
+    """curve_not_reaching_zero, curve_below_fixed_eps, curve_far_above_fixed_eps (docs/checks.md)."""
+    flags: List[Dict[str, str]] = []
+    curves = results.get("curves") or {}
+    attacks = results["attacks"]
+    fixed = [name for name in attacks if name != "clean" and name not in curves]
+    classes = (results.get("dataset") or {}).get("classes") or []
+    for name, block in curves.items():
+        overall = block["overall"]
+        clean_correct = int(round((overall["accuracy"][0] or 0.0) * overall["n"]))
+        unfooled = int(sum(block["not_found"]))
+        if clean_correct and unfooled > CURVE_UNFOOLED_SHARE * clean_correct:
+            flags.append(_flag(
+                "curve_not_reaching_zero", "warning",
+                f"{name} never fooled {unfooled} of {clean_correct} clean-correct points "
+                f"({unfooled / clean_correct:.1%}) at any perturbation size",
+                "an attack without a budget should fool every point of a differentiable model; points "
+                "it cannot fool point to masked or vanishing gradients or too few steps, so every "
+                f"robust number here is an upper bound: raise --attack-opt {name}.steps, run square"))
+        at = _audited_position(block)
+        gaps = {other: _class_gaps(block["per_class"], attacks[other]["per_class"], at) for other in fixed}
+        # below: any fixed attack leaves CURVE_GAP_POINTS+ more points robust than the curve
+        below = [(gap[0], gap[1], k, other) for other, rows in gaps.items()
+                 for k, gap in enumerate(rows) if gap is not None and gap[0] > 0 and gap[1] >= CURVE_GAP_POINTS]
+        # far above: the curve is CURVE_FAR_ABOVE above the strongest fixed attack of the class
+        above = []
+        for k in range(len(classes)):
+            known = [(gaps[other][k], other) for other in fixed if gaps[other][k] is not None]
+            if known:
+                (gap, points), other = min(known, key=lambda item: item[0][0])
+                if -gap >= CURVE_FAR_ABOVE and points >= CURVE_GAP_POINTS:
+                    above.append((-gap, points, k, other))
+        eps_text = f"eps={block['audited_eps']:.4g}"
+        if below:
+            gap, points, k, other = max(below)
+            count = len({b[2] for b in below})
+            flags.append(_flag(
+                "curve_below_fixed_eps", "warning",
+                f"at the audited {eps_text} the {name} curve is below a fixed-eps attack's robust "
+                f"accuracy in {count} class(es); worst: {classes[k]}, {gap:.1%} ({points} points) below "
+                f"{other}",
+                f"{name} found adversarial points inside the eps-ball that {other} missed, so that "
+                "attack's numbers are not the tightest; the ensemble already counts "
+                f"{name}'s fooled points, so trust the ensemble (or add steps/restarts to {other})"))
+        if above:
+            gap, points, k, other = max(above)
+            flags.append(_flag(
+                "curve_far_above_fixed_eps", "info",
+                f"at the audited {eps_text} the {name} curve is >= {CURVE_FAR_ABOVE:.0%} above every "
+                f"fixed-eps attack in {len(above)} class(es); worst: {classes[k]} "
+                f"({gap:.1%} above {other}, {points} points)",
+                "minimal-norm attacks trade strength at one eps for the whole curve, so at the audited "
+                "eps trust the fixed-eps attacks (and the ensemble); read the curve's shape and the "
+                "median minimal perturbation as upper bounds"))
+    return flags

@@ -5,7 +5,12 @@
   default $ROBAUDIT_DATA or ~/.cache/robaudit/data), or npz / imagefolder with the path
   as `data_dir`. `load_dataset("cifar10", data_dir="file.npz")` reads CIFAR-10 from
   that .npz instead of torchvision's files;
-- a path to an .npz file or to an image folder (one sub-folder per class).
+- a path to an .npz file or to an image folder (one sub-folder per class, or a flat folder
+  with a labels file; audit/image_folders.py). Image folders load lazily: EvalData.x is a
+  `LazyImages` that decodes the files it is indexed with.
+
+Preprocessing (`resize`, `center_crop`, `preprocess` preset; audit/preprocessing.py) applies
+to every dataset in [0, 1] space and is recorded in EvalData.preprocessing.
 
 Every loader first yields the full split's labels plus a way to fetch images by
 position; the subset is chosen on the labels and only its images are converted (an
@@ -31,6 +36,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
+from robaudit.audit.image_folders import IMAGE_EXTENSIONS  # noqa: F401  (re-exported)
 from robaudit.errors import UserError
 from robaudit.registry import Registry
 
@@ -51,7 +57,6 @@ CIFAR100_CLASSES = (
 ).split()
 SVHN_CLASSES = [str(d) for d in range(10)]  # torchvision maps SVHN's label 10 to digit 0
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 
 
 @dataclass
@@ -62,8 +67,12 @@ class EvalData:
     y: torch.Tensor                # int64
     index: torch.Tensor            # int64 position of each sample in the full split (seeding key)
     classes: List[str]
-    subset: dict                   # {"limit", "n_per_class", "total_in_split"}
+    subset: dict                   # {"limit", "n_per_class", "total_in_split"} (+ image folder notes)
     source: str
+    preprocessing: Optional[dict] = None   # resize / center crop applied (Preprocessing.record); None: none
+
+    # x: a float32 tensor for in-memory datasets; image folders give a LazyImages
+    # (audit/image_folders.py) that decodes on indexing.
 
     @property
     def num_classes(self) -> int:
@@ -122,18 +131,36 @@ def _check_count(value, what: str) -> Optional[int]:
 
 
 def load_dataset(name, *, split: str = "test", data_dir=None, limit: Optional[int] = None,
-                 n_per_class: Optional[int] = None, download: bool = True) -> EvalData:
-    """Load a split (test for audits, train for remediation), optionally as a deterministic subset."""
+                 n_per_class: Optional[int] = None, download: bool = True, resize: Optional[int] = None,
+                 center_crop: Optional[int] = None, preprocess: Optional[str] = None, labels=None,
+                 class_names=None, skip_bad_images: bool = False, workers: Optional[int] = None) -> EvalData:
+    """Load a split (test for audits, train for remediation), optionally as a deterministic subset.
+
+    resize / center_crop / preprocess (a preset name, audit/preprocessing.py PRESETS) are
+    applied to every dataset, in [0, 1] space. Image folders come back lazy (EvalData.x a
+    `LazyImages`); labels (a labels file for a flat folder), class_names (--class-names for
+    folders, image_folders.py) and skip_bad_images only apply to image folders; workers:
+    decode workers of stream_batches (x.workers) and threads of the up-front image checks
+    (None: min(4, cpu count); 0: decode in the main process, checks in min(4, cpus) threads).
+    """
+    from robaudit.audit.preprocessing import preprocess_tensor, resolve_preprocessing
+
     limit = _check_count(limit, "limit")
     n_per_class = _check_count(n_per_class, "n_per_class")
+    preprocessing = resolve_preprocessing(resize, center_crop, preprocess)
+    folder = image_folder_path(name, data_dir)
+    if folder is not None:
+        return _load_image_folder(folder, split, limit, n_per_class, preprocessing, labels, class_names,
+                                  skip_bad_images, workers)
+    for flag, value in (("--labels", labels), ("--skip-bad-images", skip_bad_images or None)):
+        if value is not None:
+            raise UserError(f"{flag} applies to image folders only; {os.fspath(name)} is not one")
     name_text = os.fspath(name)
     if name_text.lower() in DATASETS:
         full = DATASETS.get(name_text)(split=split, data_dir=data_dir, download=download)
     else:
         path = Path(name_text).expanduser()
-        if path.is_dir():
-            full = _imagefolder_split(path, split)
-        elif path.is_file() or path.suffix.lower() == ".npz":
+        if path.is_file() or path.suffix.lower() == ".npz":
             full = _npz_split(path, split)
         else:
             raise UserError(
@@ -141,6 +168,11 @@ def load_dataset(name, *, split: str = "test", data_dir=None, limit: Optional[in
                 f"or pass the path of an .npz file or of an image folder"
             )
 
+    classes = list(full.classes)
+    if class_names is not None:
+        from robaudit.audit.class_maps import read_class_names
+
+        classes = read_class_names(os.fspath(class_names), classes)
     selected = subset_indices(full.labels, limit=limit, n_per_class=n_per_class)
     images = full.take_images(selected)
     x = np.ascontiguousarray(images, dtype=np.float32)
@@ -149,12 +181,13 @@ def load_dataset(name, *, split: str = "test", data_dir=None, limit: Optional[in
     return EvalData(
         name=full.name,
         split=split,
-        x=torch.from_numpy(x),
+        x=preprocess_tensor(torch.from_numpy(x), preprocessing),
         y=torch.from_numpy(np.ascontiguousarray(full.labels[selected], dtype=np.int64)),
         index=torch.from_numpy(selected.astype(np.int64)),
-        classes=list(full.classes),
+        classes=classes,
         subset={"limit": limit, "n_per_class": n_per_class, "total_in_split": int(full.labels.size)},
         source=full.source,
+        preprocessing=None if preprocessing is None else preprocessing.record(resized_as="float32"),
     )
 
 
@@ -391,79 +424,72 @@ def _npz(*, split: str, data_dir=None, download: bool = True) -> _FullSplit:
 # ---------------------------------------------------------------------------- image folders
 
 
-def _class_dirs(directory: Path) -> List[str]:
-    return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+def image_folder_path(name, data_dir=None) -> Optional[Path]:
+    """The folder when `name` (or imagefolder + data_dir) names an image folder, else None."""
+    name_text = os.fspath(name)
+    if name_text.lower() == "imagefolder":
+        if data_dir is None:
+            raise UserError("the imagefolder dataset needs a folder: pass its path as the dataset or as --data-dir")
+        folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"no such image folder: {folder}")
+        return folder
+    if name_text.lower() in DATASETS:
+        return None
+    path = Path(name_text).expanduser()
+    return path if path.is_dir() else None
 
 
-def _imagefolder_split(root: Path, split: str) -> _FullSplit:
-    """DIR/<class>/<image> (test only), or DIR/test/<class>/... and DIR/train/<class>/..."""
-    train_dir, test_dir = root / "train", root / "test"
-    has_train, has_test = train_dir.is_dir(), test_dir.is_dir()
-    if split == "train":
-        if not has_train:
-            raise UserError(f"{root} has no training split; add {train_dir}/<class>/<images> "
-                            f"(and put the test images under {test_dir}/<class>/)")
-        split_dir = train_dir
-    elif split == "test":
-        if has_train and not has_test:
-            raise UserError(f"{root} has a train/ folder but no test/ folder; add {test_dir}/<class>/<images>")
-        split_dir = test_dir if has_test else root
-    else:
-        raise UserError(f"{root} has no {split!r} split; image folders offer test and train")
+def _load_image_folder(folder: Path, split: str, limit, n_per_class, preprocessing, labels, class_names,
+                       skip_bad_images: bool, workers: Optional[int]) -> EvalData:
+    """A lazily decoded image folder: listing, subset, up-front header (or decode) checks."""
+    from robaudit.audit.image_folders import (SHOWN_SKIPPED, LazyImages, common_shape, decode_check,
+                                              header_sizes, list_image_folder)
 
-    classes = _class_dirs(split_dir)
-    if not classes:
-        raise UserError(f"{split_dir} has no class sub-folders; expected {split_dir}/<class>/<images>")
-    if has_train and has_test and _class_dirs(train_dir) != _class_dirs(test_dir):
-        raise UserError(f"{train_dir} and {test_dir} have different class folders; "
-                        f"both splits need the same classes")
-
-    files: List[Path] = []
-    label_list: List[int] = []
-    for label, class_name in enumerate(classes):
-        class_files = sorted(p for p in (split_dir / class_name).iterdir()
-                             if p.is_file() and not p.name.startswith(".")
-                             and p.suffix.lower() in IMAGE_EXTENSIONS)
-        files.extend(class_files)
-        label_list.extend([label] * len(class_files))
-    if not files:
-        raise UserError(f"{split_dir} has class folders but no images "
-                        f"({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    labels = np.asarray(label_list, dtype=np.int64)
-
-    def take(positions: np.ndarray) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
-
-        pixels = []
-        first_file, first_size = None, None
-        for position in positions:
-            image_path = files[int(position)]
-            try:
-                with Image.open(image_path) as image:
-                    rgb = image.convert("RGB")
-            except (OSError, UnidentifiedImageError) as err:
-                raise UserError(f"cannot read image {image_path} ({type(err).__name__})") from err
-            if first_size is None:
-                first_file, first_size = image_path, rgb.size
-            elif rgb.size != first_size:
-                raise UserError(
-                    f"{image_path} is {rgb.size[0]}x{rgb.size[1]} but {first_file} is "
-                    f"{first_size[0]}x{first_size[1]}; all images must share one size (resize them first)"
-                )
-            pixels.append(np.asarray(rgb, dtype=np.uint8))
-        return np.stack(pixels).transpose(0, 3, 1, 2)  # NHWC -> NCHW view
-
-    return _FullSplit(root.resolve().name, labels, take, classes, str(root.resolve()))
+    listing = list_image_folder(folder, split, labels_file=labels, class_names=class_names)
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise UserError(f"--workers must be 0 or more, got {workers!r}")
+    threads = workers if workers else min(4, os.cpu_count() or 1)
+    total = int(listing.labels.size)
+    bad = np.zeros(total, dtype=bool)
+    checked = np.zeros(total, dtype=bool)
+    sizes = np.zeros((total, 2), dtype=np.int64)
+    while True:
+        # A bad image is dropped and the subset chosen again from the rest, so n_per_class /
+        # limit count good images; only images that enter the subset are checked.
+        good = np.flatnonzero(~bad)
+        selected = good[subset_indices(listing.labels[good], limit=limit, n_per_class=n_per_class)]
+        todo = selected[~checked[selected]]
+        if todo.size == 0:
+            break
+        files = [listing.files[k] for k in todo.tolist()]
+        if skip_bad_images:
+            todo_bad, sizes[todo] = decode_check(files, threads)
+            bad[todo[todo_bad]] = True
+        else:
+            sizes[todo] = header_sizes(files, threads)
+        checked[todo] = True
+    if selected.size == 0:
+        raise UserError(f"every selected image in {folder} is unreadable ({int(bad.sum())} skipped)")
+    files = [listing.files[k] for k in selected.tolist()]
+    shape = common_shape(files, sizes[selected], preprocessing)
+    subset = {"limit": limit, "n_per_class": n_per_class, "total_in_split": total, **listing.notes}
+    if skip_bad_images:
+        skipped = np.flatnonzero(bad)
+        subset["skipped_bad_images"] = int(skipped.size)
+        subset["skipped_files"] = [listing.files[k] for k in skipped[:SHOWN_SKIPPED].tolist()]
+    return EvalData(
+        name=listing.name, split=split, x=LazyImages(files, shape, preprocessing, workers=workers),
+        y=torch.from_numpy(np.ascontiguousarray(listing.labels[selected], dtype=np.int64)),
+        index=torch.from_numpy(selected.astype(np.int64)), classes=list(listing.classes),
+        subset=subset, source=listing.source,
+        preprocessing=None if preprocessing is None else preprocessing.record(resized_as="uint8"),
+    )
 
 
-@DATASETS.register("imagefolder", help="a folder with one sub-folder of same-size images per class")
+@DATASETS.register("imagefolder", help="a folder of images: one sub-folder per class, or flat with --labels FILE")
 def _imagefolder(*, split: str, data_dir=None, download: bool = True) -> _FullSplit:
-    if data_dir is None:
-        raise UserError("the imagefolder dataset needs a folder: pass its path as the dataset or as --data-dir")
-    folder = Path(data_dir).expanduser()
-    if not folder.is_dir():
-        raise UserError(f"no such image folder: {folder}")
-    return _imagefolder_split(folder, split)
+    raise UserError("image folders are loaded by load_dataset (lazily); pass the folder as the dataset")
 
 
 # ---------------------------------------------------------------------------- the demo

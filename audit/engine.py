@@ -29,6 +29,7 @@ from robaudit.audit import checks as checks_mod
 from robaudit.audit import distributed
 from robaudit.audit import results_schema
 from robaudit.audit.attacks import create_attack, list_attacks
+from robaudit.audit.curves import scan_curves
 from robaudit.audit.io import check_writable_dir, png_base64, write_npz_atomic, write_text_atomic
 from robaudit.audit.devices import resolve_device
 from robaudit.audit.metrics import class_summary, target_flow
@@ -81,15 +82,18 @@ class ScanConfig:
 def parse_eps(text, norm: str = "linf") -> float:
     """'8/255', '0.031', '8' (read as k/255 when > 1) -> float in [0, 1].
 
-    norm="l2": the number is an L2 radius in [0, 1] pixel units, taken as given (radii
-    above 1, e.g. ImageNet's 3.0, are common), so no k/255 reading and no upper bound."""
+    norm="l2" / "l1": the number is an L2 / L1 radius in [0, 1] pixel units, taken as given
+    (radii above 1, e.g. ImageNet's L2 3.0 or CIFAR-10's L1 12, are common), so no k/255
+    reading and no upper bound."""
     try:
         value = float(Fraction(str(text).strip()))
     except (ValueError, ZeroDivisionError, OverflowError):
         raise UserError(f"malformed --eps {text!r}: give a fraction like 8/255 or a number like 0.031")
-    if norm == "l2":
+    if norm in ("l2", "l1"):
         if not (math.isfinite(value) and value >= 0):
-            raise UserError(f"--eps {text!r} must be an L2 radius >= 0 (in [0,1] image units, e.g. 0.5)")
+            example = "0.5" if norm == "l2" else "12"
+            raise UserError(f"--eps {text!r} must be an {norm.upper()} radius >= 0 (in [0,1] image units, "
+                            f"e.g. {example})")
         return value
     if value > 1:
         value = value / 255.0
@@ -198,7 +202,9 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
     y_np = data.y.numpy()
     my_positions = distributed.shard_positions(y_np, ctx.rank, ctx.world_size)
     clean_pred = _gathered_clean_predictions(module, data, cfg, device, num_classes, my_positions)
-    probe = slice(0, min(64, len(data.y)))
+    # The probe takes gradients of a whole batch at once: --batch-size bounds its memory
+    # as it bounds the attacks' (64 ResNet-50 images at 224 px would need several GB).
+    probe = slice(0, min(64, cfg.batch_size, len(data.y)))
     probe_info: dict = {}
     flags = checks_mod.model_checks(module, data.x[probe].to(device).contiguous(),
                                     data.y[probe].to(device), model.white_box, info=probe_info)
@@ -311,7 +317,8 @@ def _assemble_results(cfg, model, data, device, attacked: _AttackedBlocks, per_s
                "arch_inferred": getattr(model, "arch_inferred", None), "white_box": model.white_box,
                "adaptations": model.adaptations},
         dataset={"name": data.name, "split": data.split, "n": len(data.y), "num_classes": len(data.classes),
-                 "classes": list(data.classes), "source": str(data.source), "subset": data.subset},
+                 "classes": list(data.classes), "source": str(data.source), "subset": data.subset,
+                 "preprocessing": getattr(data, "preprocessing", None)},
         config={"eps": cfg.eps, "eps_255": eps_as_255(cfg.eps) if cfg.norm == "linf" else None, "norm": cfg.norm, "seed": cfg.seed,
                 "device": str(device), "batch_size": cfg.batch_size,
                 "scoring": {"iterates": cfg.iterates, "score": cfg.score},
@@ -327,6 +334,10 @@ def _assemble_results(cfg, model, data, device, attacked: _AttackedBlocks, per_s
         notes=_notes(cfg))
     if extra:
         results.update(extra)
+    curves = scan_curves(attacked.config, attacked.extras, per_sample["y"], per_sample["clean_pred"],
+                         data.classes, audited_eps=cfg.eps, norm=cfg.norm)
+    if curves:  # only when a minimal-norm attack ran (fmn); its flags come from result_checks
+        results["curves"] = curves
     results["checks"] = flags + checks_mod.result_checks(results)
     return results
 

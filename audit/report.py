@@ -39,6 +39,7 @@ from markupsafe import Markup
 from robaudit import __version__ as ROBAUDIT_VERSION
 from robaudit.audit.io import write_bytes_atomic
 from robaudit.audit.report_comparison import comparison_section
+from robaudit.audit.report_curves import curves_sections, embedded_results, validate_curves
 from robaudit.audit.report_figures import PLOTLY_CONFIG
 from robaudit.audit.report_format import display, eps_as_fraction_of_255, finite, pct, pp, ratio, rounded, script_json
 from robaudit.audit.report_records import headline_key
@@ -100,8 +101,10 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
     basenames everywhere, including the embedded results JSON.
     """
     validate_results(results, source="results")
+    validate_curves(results, source="results")
     if baseline is not None:
         validate_results(baseline, source="baseline results")
+        validate_curves(baseline, source="baseline results")
     if redact_paths:
         results = redact_results(results)
         baseline = redact_results(baseline) if baseline is not None else None
@@ -109,6 +112,7 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
     verdict = verdict_section(results)
     checks = checks_section(results)
     per_class = per_class_section(results, figures)
+    curves = curves_sections(results, figures)
     target_flow = target_flow_section(results, figures)
     examples = examples_section(results)
     outcomes, why_not = paired if paired is not None else (None, "")
@@ -120,20 +124,24 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
         provenance.append(provenance_section(baseline, "Before (baseline)", "prov-baseline"))
     sections = [("verdict", "Verdict"), ("checks", "Reliability flags"), ("per-class", "Per-class robustness"),
                 ("target-flow", "Where attacks push each class"), ("examples", "Example adversarial images")]
+    sections[3:3] = [(item["anchor"], item["heading"]) for item in curves]   # right after per-class
     if comparison is not None:   # a comparison is what its reader came for: it opens the page
         sections.insert(0, ("comparison", "Before and after"))
     elif training is not None:
         sections.append(("comparison", "Remediation training"))
     sections.append(("provenance", "Provenance"))
     model_name = verdict["model_name"]
+    embedded, bounds_left_out = embedded_results(results)   # per-class curve bounds dropped when large
+    embedded_baseline, baseline_bounds_left_out = embedded_results(baseline)
     return {
         "title": f"Robustness audit: {model_name} on {verdict['dataset_name']}",
         "nav": [{"id": anchor, "label": label} for anchor, label in sections],
-        "verdict": verdict, "checks": checks, "per_class": per_class, "target_flow": target_flow,
+        "verdict": verdict, "checks": checks, "per_class": per_class, "curves": curves, "target_flow": target_flow,
         "examples": examples, "comparison": comparison, "training": training, "provenance": provenance,
         "figures": figures, "plotly_config": PLOTLY_CONFIG,
         "redacted": redact_paths,
-        "embedded": {"results": results, "baseline": baseline},
+        "embedded": {"results": embedded, "baseline": embedded_baseline,
+                     "curve_bounds_left_out": bounds_left_out or baseline_bounds_left_out},
     }
 
 

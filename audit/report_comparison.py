@@ -9,11 +9,14 @@ settings). Results that cannot be compared at all raise UserError.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
-from robaudit.audit.report_figures import comparison_figure
+from robaudit.audit.report_curves import curves_comparison
+from robaudit.audit.report_figures import comparison_curve_figure, comparison_figure
 from robaudit.audit.paired import per_class_tests
 from robaudit.audit.report_format import ci, display, budget_text, finite, pct, pp, ratio
+from robaudit.audit.report_sections import MAX_BAR_CLASSES
 from robaudit.audit.report_records import CLEAN_KEY, ENSEMBLE_KEY, attack_label, headline_key, records, robustness_order
 from robaudit.errors import UserError
 
@@ -206,7 +209,14 @@ def comparison_section(after: dict, before: dict, figures: dict, paired=None, pa
     label = attack_label(after, key)
     sentence = _sentence(label, a_record, b_record, summary)
     figure_id = "fig-compare"
-    figures[figure_id] = comparison_figure(classes, order, b_record, a_record, worst_after)
+    many = len(classes) > MAX_BAR_CLASSES
+    worst_k = math.ceil(len(classes) / 10)
+    if many:  # grouped bars of 1000 classes are a solid block: sorted curves + the worst 10% table
+        figures[figure_id] = comparison_curve_figure(classes, b_record, a_record, worst_k)
+        summary.append(_metric(f"Worst-10% mean ({worst_k} least robust classes)",
+                               b_record.get("worst10"), a_record.get("worst10"), "pct"))
+    else:
+        figures[figure_id] = comparison_figure(classes, order, b_record, a_record, worst_after)
     tests = per_class_tests(paired, len(classes)) if paired is not None else None
     verdict = _paired_verdict(classes, rows, tests, paired_why or "the per-image outcomes (samples.npz) of both "
                               "audits are needed", worst_before, label)
@@ -216,4 +226,7 @@ def comparison_section(after: dict, before: dict, figures: dict, paired=None, pa
         "warnings": like_for_like(after, before, key), "sentence": sentence,
         "figure_id": figure_id, "table_id": "table-compare", "has_clean": bool(a_clean and b_clean),
         "worst_before": worst_before, "worst_after": worst_after,
+        "curves": curves_comparison(after, before, figures),   # empty when neither side has curves
+        "many_classes": many, "worst_k": worst_k, "worst_rows": rows[:worst_k] if many else rows,
+        "worst_table_id": "table-compare-worst",
     }

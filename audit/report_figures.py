@@ -222,10 +222,9 @@ def trajectory_figure(classes: list[str], key: str, per_epoch: list[list]) -> di
     return {"data": traces, "layout": layout}
 
 
-def accuracy_curve_figure(entries: list[dict], classes: list[str], order: list[int], worst_k: int,
-                          label: str) -> dict:
-    """Many classes: accuracy per class sorted low to high (x = rank), the 95% Wilson CI as
-    a shaded band, and a marker line after the worst `worst_k` classes (the worst 10%)."""
+def _sorted_accuracy_traces(entries: list[dict], classes: list[str], order: list[int], label: str,
+                            colour: str, band_rgba: str, dash: str = "solid") -> list[dict]:
+    """A sorted accuracy line (x = rank in `order`) with its 95% Wilson CI as a band."""
     ranks = list(range(1, len(order) + 1))
     values, lower, upper, names = [], [], [], []
     for index in order:
@@ -234,21 +233,24 @@ def accuracy_curve_figure(entries: list[dict], classes: list[str], order: list[i
         lower.append(rounded(low))
         upper.append(rounded(high))
         names.append([plotly_text(classes[index]), entries[index].get("correct"), entries[index].get("n")])
-    colour = OKABE_ITO[3]
-    traces = [
-        {"type": "scatter", "mode": "lines", "name": "95% CI (upper)", "x": ranks, "y": upper,
+    name = plotly_text(label)
+    return [
+        {"type": "scatter", "mode": "lines", "name": f"{name}: 95% CI (upper)", "x": ranks, "y": upper,
          "line": {"width": 0, "color": colour}, "hoverinfo": "skip", "showlegend": False},
-        {"type": "scatter", "mode": "lines", "name": "95% CI", "x": ranks, "y": lower,
-         "line": {"width": 0, "color": colour}, "fill": "tonexty", "fillcolor": "rgba(0,114,178,0.2)",
+        {"type": "scatter", "mode": "lines", "name": f"{name}: 95% CI", "x": ranks, "y": lower,
+         "line": {"width": 0, "color": colour}, "fill": "tonexty", "fillcolor": band_rgba,
          "hoverinfo": "skip"},
-        {"type": "scatter", "mode": "lines", "name": plotly_text(label), "x": ranks, "y": values,
-         "line": {"color": colour, "width": 2}, "customdata": names,
+        {"type": "scatter", "mode": "lines", "name": name, "x": ranks, "y": values,
+         "line": {"color": colour, "width": 2, "dash": dash}, "customdata": names,
          "hovertemplate": ("rank %{x}: %{customdata[0]} %{y:.1%} (%{customdata[1]} of %{customdata[2]})"
                            "<extra>%{fullData.name}</extra>")},
     ]
+
+
+def _rank_layout(count: int, worst_k: int) -> dict:
     layout = base_layout(440)
     layout.update({
-        "xaxis": {"title": {"text": "class rank (least robust first)"}, "range": [0.5, len(order) + 0.5],
+        "xaxis": {"title": {"text": "class rank (least robust first)"}, "range": [0.5, count + 0.5],
                   "gridcolor": "#eeeeee", "zeroline": False},
         "yaxis": {**accuracy_axis(), "title": {"text": "accuracy (band: 95% CI)"}},
         "shapes": [{"type": "line", "xref": "x", "yref": "paper", "x0": worst_k + 0.5, "x1": worst_k + 0.5,
@@ -256,4 +258,26 @@ def accuracy_curve_figure(entries: list[dict], classes: list[str], order: list[i
         "annotations": [{"xref": "x", "yref": "paper", "x": worst_k + 0.5, "y": 1, "xanchor": "left",
                          "yanchor": "bottom", "showarrow": False, "text": f"worst {worst_k} (10%)"}],
     })
-    return {"data": traces, "layout": layout}
+    return layout
+
+
+def accuracy_curve_figure(entries: list[dict], classes: list[str], order: list[int], worst_k: int,
+                          label: str) -> dict:
+    """Many classes: accuracy per class sorted low to high (x = rank), the 95% Wilson CI as
+    a shaded band, and a marker line after the worst `worst_k` classes (the worst 10%)."""
+    traces = _sorted_accuracy_traces(entries, classes, order, label, OKABE_ITO[3], "rgba(0,114,178,0.2)")
+    return {"data": traces, "layout": _rank_layout(len(order), worst_k)}
+
+
+def comparison_curve_figure(classes: list[str], before_record: dict, after_record: dict, worst_k: int) -> dict:
+    """Many classes, before vs after: each audit's class accuracies sorted low to high on
+    its own (the two distributions; a class's rank can differ between them), with bands."""
+    def own_order(record: dict) -> list[int]:
+        accuracy = [finite(e["accuracy"]) for e in record["per_class"]]
+        return sorted((i for i in range(len(classes)) if accuracy[i] is not None), key=lambda i: accuracy[i])
+
+    traces = (_sorted_accuracy_traces(before_record["per_class"], classes, own_order(before_record), "before",
+                                      CLEAN_COLOUR, "rgba(153,153,153,0.25)", dash="dash")
+              + _sorted_accuracy_traces(after_record["per_class"], classes, own_order(after_record), "after",
+                                        OKABE_ITO[3], "rgba(0,114,178,0.2)"))
+    return {"data": traces, "layout": _rank_layout(len(classes), worst_k)}

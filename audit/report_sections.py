@@ -267,6 +267,29 @@ def examples_section(results: dict) -> dict:
             "headline_label": attack_label(results, key)}
 
 
+def preprocessing_text(preprocessing) -> str:
+    """dataset.preprocessing as a reader quotes it: "preset robustbench-imagenet: resize 256, ..."."""
+    if preprocessing is None:
+        return "none: images used at their stored size"
+    if not isinstance(preprocessing, dict):
+        return display(preprocessing)
+    steps = {k: v for k, v in preprocessing.items() if k != "preset" and v is not None}
+    words = {"resize": "resize shorter side to", "center_crop": "center crop", "interpolation": "interpolation",
+             "antialias": "antialias"}
+    text = ", ".join(f"{words.get(k, k.replace('_', ' '))} {display(v)}" for k, v in steps.items()) or "none"
+    return f"preset {display(preprocessing['preset'])}: {text}" if preprocessing.get("preset") else text
+
+
+def _input_rows(dataset: dict, subset: dict) -> list[tuple[str, str]]:
+    """Preprocessing and unreadable images skipped, when the results record them."""
+    rows = []
+    if "preprocessing" in dataset:
+        rows.append(("Preprocessing", preprocessing_text(dataset["preprocessing"])))
+    if "skipped_bad_images" in subset:
+        rows.append(("Unreadable images skipped", display(subset["skipped_bad_images"])))
+    return rows
+
+
 def provenance_section(results: dict, role: str, anchor: str) -> dict:
     model, dataset, config = results["model"], results["dataset"], results["config"]
     subset = dataset.get("subset") or {}
@@ -284,7 +307,8 @@ def provenance_section(results: dict, role: str, anchor: str) -> dict:
             "seconds": finite(per_attack_seconds.get(name, record.get("seconds"))),
         })
     scoring = config.get("scoring") or {}
-    subset_text = ", ".join(f"{k} = {display(v)}" for k, v in subset.items()) if subset else "—"
+    subset_text = ", ".join(f"{k} = {display(v)}" for k, v in subset.items()
+                            if k != "skipped_bad_images") if subset else "—"
     return {
         "role": role, "anchor": anchor,
         "tool": f"{results['tool'].get('name', 'robaudit')} {results['tool'].get('version', '')}".strip()
@@ -301,8 +325,8 @@ def provenance_section(results: dict, role: str, anchor: str) -> dict:
         "dataset": [
             ("Dataset", display(dataset.get("name"))), ("Split", display(dataset.get("split"))),
             ("Images audited", display(dataset.get("n"))), ("Classes", display(len(dataset["classes"]))),
-            ("Subset", subset_text), ("Source", display(dataset.get("source"))),
-        ],
+            ("Subset", subset_text or "—"), ("Source", display(dataset.get("source"))),
+        ] + _input_rows(dataset, subset),
         "config": [
             (f"ε ({norm_label(config)} budget)", f"{budget_text(config)} = {display(config.get('eps'))}"),
             ("Seed", display(config.get("seed"))), ("Device", display(config.get("device"))),

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robaudit.audit import distributed
+from robaudit.audit.image_folders import stream_batches
 from robaudit.audit.io import write_npz_atomic
 from robaudit.errors import UserError
 
@@ -121,9 +122,10 @@ def clean_predictions(module, x, batch_size: int, device,
     bad = 0
     if positions is None:
         positions = np.arange(len(x), dtype=np.int64)
+    batches = [positions[start:start + batch_size] for start in range(0, len(positions), batch_size)]
     with torch.no_grad():
-        for start in range(0, len(positions), batch_size):
-            logits = module(x[torch.from_numpy(positions[start:start + batch_size])].to(device)).float()
+        for images in stream_batches(x, batches):  # lazy folders decode ahead in workers
+            logits = module(images.to(device)).float()
             if logits.ndim != 2 or (num_classes is not None and logits.shape[1] != num_classes):
                 raise UserError(f"the model returns logits of shape {list(logits.shape)} but the dataset "
                                 f"has {num_classes} classes; expected [batch, {num_classes}]")
@@ -143,7 +145,6 @@ def _add_chunk(shard: dict, chunk: dict, where: slice, y_np: np.ndarray) -> None
     """Fold one finished chunk into the shard's arrays (in place)."""
     shard["robust"][where] = chunk["robust"]
     shard["adv_pred"][where] = chunk["adv_pred"]
-    size = where.stop - where.start
     for key, value in chunk.items():
         if key.startswith(EXTRA_PREFIX):
             name = key[len(EXTRA_PREFIX):]
@@ -152,7 +153,6 @@ def _add_chunk(shard: dict, chunk: dict, where: slice, y_np: np.ndarray) -> None
             name = key[len(STAT_PREFIX):]
             total = shard["stats"].get(name)
             shard["stats"][name] = value.astype(np.float64) if total is None else total + value
-    assert size == len(chunk["robust"])
     # keep only the first EXAMPLES_PER_CLASS fooled images per class overall
     ex_pos = np.concatenate([shard["ex_pos"], chunk["ex_pos"].astype(np.int64)])
     ex_img = np.concatenate([shard["ex_img"], chunk["ex_img"]])
@@ -171,18 +171,23 @@ def attack_shard(name, attack, params, module, data, clean_pred, positions, batc
              "seconds": 0.0}
     bar = tqdm(total=len(positions), desc=f"{name:>6}", unit="img", file=sys.stderr,
                disable=None if distributed.current().is_main else True, leave=False)
+    starts = range(0, len(positions), batch_size)
+    paths = [state.chunk_path(name, params, positions[s:s + batch_size]) if state else None for s in starts]
+    done = [state.load(path, positions[s:s + batch_size], num_classes) if state else None
+            for s, path in zip(starts, paths)]
+    # Only the chunks still to compute are decoded, in order, ahead of the attack (workers).
+    todo = stream_batches(data.x, [positions[s:s + batch_size] for s, c in zip(starts, done) if c is None])
     try:
-        for start in range(0, len(positions), batch_size):
+        for start, path, chunk in zip(starts, paths, done):
             chunk_positions = positions[start:start + batch_size]
-            path = state.chunk_path(name, params, chunk_positions) if state else None
-            chunk = state.load(path, chunk_positions, num_classes) if state else None
             if chunk is None:
-                chunk = attack_chunk(attack, module, data, clean_pred, chunk_positions, device)
+                chunk = attack_chunk(attack, module, data, clean_pred, chunk_positions, device, next(todo))
                 if state:
                     write_npz_atomic(path, **chunk)
             _add_chunk(shard, chunk, slice(start, start + len(chunk_positions)), y_np)
             bar.update(len(chunk_positions))
     finally:
+        todo.close()
         bar.close()
     return shard
 
@@ -214,9 +219,10 @@ def merge_shards(shards, clean_pred, y_np, image_shape) -> dict:
             "seconds": max(s["seconds"] for s in shards)}
 
 
-def attack_chunk(attack, module, data, clean_pred, positions, device) -> dict:
+def attack_chunk(attack, module, data, clean_pred, positions, device, images=None) -> dict:
+    """Attack data.x[positions] (`images`, when the caller already fetched them)."""
     take = torch.from_numpy(positions)
-    x = data.x[take].to(device).contiguous()
+    x = (data.x[take] if images is None else images).to(device).contiguous()
     y = data.y[take].to(device)
     index = data.index[take].to(device)
     cp = clean_pred[take].to(device)

@@ -69,7 +69,7 @@ class SAT(RemediationMethod):
         net = unwrap(student)
         with eval_mode(net):
             x_adv = cross_entropy_pgd(net, x, y, eps=self.eps, step_size=self.step_size, steps=self.steps,
-                                      unit_noise=self._unit_noise(x, index, epoch))
+                                      unit_noise=self._unit_noise(x, index, epoch), norm=self.norm)
         student.train()
         return x_adv
 
@@ -82,14 +82,15 @@ class SAT(RemediationMethod):
 
 
 def trades_attack(student: nn.Module, x: torch.Tensor, x_start: torch.Tensor, eps, step_size: float,
-                   steps: int) -> torch.Tensor:
-    """TRADES inner maximisation: `steps` sign steps on KL(s(x) || s(x')), student in eval."""
+                   steps: int, norm: str = "linf") -> torch.Tensor:
+    """TRADES inner maximisation: `steps` ascent steps (sign steps under linf) on
+    KL(s(x) || s(x')), student in eval."""
     net = unwrap(student)
     with eval_mode(net):
         with torch.no_grad():
             p_nat = F.softmax(net(x).float(), dim=1)
         x_adv = projected_ascent(lambda xa: kl_per_sample(net(xa), p_nat), x, eps=eps,
-                                 step_size=step_size, steps=steps, x_start=x_start)
+                                 step_size=step_size, steps=steps, x_start=x_start, norm=norm)
     student.train()
     return x_adv
 
@@ -117,7 +118,7 @@ class TRADES(RemediationMethod):
     def attack(self, student, teacher_logits, x, y, index, epoch):
         self._ensure_device(x.device)
         return trades_attack(student, x, self._gaussian_start(x, index, epoch), self.eps,
-                              self.step_size, self.steps)
+                              self.step_size, self.steps, self.norm)
 
     def loss(self, student, teacher_logits, x, y, index, epoch):
         x_adv = self.attack(student, None, x, y, index, epoch)
@@ -239,11 +240,11 @@ class CFA(RemediationMethod):
         eps = self.class_eps(epoch)[y].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
         if self.base == "trades":
             return trades_attack(student, x, self._gaussian_start(x, index, epoch), eps,
-                                  self.step_size, self.steps)
+                                  self.step_size, self.steps, self.norm)
         net = unwrap(student)
         with eval_mode(net):
             x_adv = cross_entropy_pgd(net, x, y, eps=eps, step_size=self.step_size, steps=self.steps,
-                                      unit_noise=self._unit_noise(x, index, epoch))
+                                      unit_noise=self._unit_noise(x, index, epoch), norm=self.norm)
         student.train()
         return x_adv
 

@@ -95,7 +95,7 @@ class ARD(RemediationMethod):
         with eval_mode(net):
             x_adv = cross_entropy_pgd(kappa_counting(net, y, kappa), x, y, eps=self.eps,
                                       step_size=self.step_size, steps=self.steps,
-                                      unit_noise=self._unit_noise(x, index, epoch))
+                                      unit_noise=self._unit_noise(x, index, epoch), norm=self.norm)
         student.train()
         return x_adv
 

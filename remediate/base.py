@@ -80,6 +80,7 @@ STREAM_RANDOM_START = 0
 
 # The common constructor options the shared loop sets from its configuration (and where from).
 LOOP_OPTIONS = {"eps": "--eps", "step_size": "the loop (2/255)", "steps": "--steps", "seed": "--seed",
+                "norm": "--norm",
                 "dataset": "--dataset", "student_arch": "--student"}
 
 # Gaussian random-start scale of RSLAD/ABSLD/TRADES ("random start size 0.001").
@@ -222,8 +223,9 @@ class RemediationMethod(Trainer):
     """Base class of the per-batch methods: per-class epoch tallies, state handling and the common options.
 
     Subclasses implement `attack` (the inner maximisation) and `loss`; override
-    `end_epoch` for their per-class updates. Common options: eps (L-inf radius), step_size,
-    steps (inner PGD iterations), seed (random starts), and the training context
+    `end_epoch` for their per-class updates. Common options: eps (radius in `norm`), step_size,
+    steps (inner PGD iterations), seed (random starts), norm (the inner maximisation's threat
+    model, "linf" | "l2" | "l1": ascent.ascent_step / project), and the training context
     `dataset` / `student_arch` (used for dataset-dependent defaults).
     """
 
@@ -235,7 +237,11 @@ class RemediationMethod(Trainer):
 
     def __init__(self, num_classes: int, *, eps: float = 8 / 255, step_size: float = 2 / 255,
                  steps: int = 10, seed: int = 0, dataset: Optional[str] = None,
-                 student_arch: Optional[str] = None):
+                 student_arch: Optional[str] = None, norm: str = "linf"):
+        from robaudit.audit.attacks.ascent import NORMS
+
+        if norm not in NORMS:
+            raise UserError(f"unknown norm {norm!r}; choose from: {', '.join(NORMS)}")
         if int(num_classes) < 2:
             raise UserError(f"a classifier needs at least 2 classes, got {num_classes}")
         if steps < 0 or eps < 0 or step_size < 0:
@@ -245,6 +251,7 @@ class RemediationMethod(Trainer):
         self.step_size = float(step_size)
         self.steps = int(steps)
         self.seed = int(seed)
+        self.norm = norm
         self.dataset = dataset
         self.student_arch = student_arch
         self.epochs: Optional[int] = None
@@ -374,6 +381,7 @@ class RemediationMethod(Trainer):
             self.to(device)
 
     def _gaussian_start(self, x: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
+        """x + 0.001 N(0, 1); the inner ascent projects it into the ball of its norm."""
         noise = per_sample_normal(self.seed, index, x.shape[1:], stream=random_start_stream(epoch),
                                   device=x.device, dtype=x.dtype)
         return x + GAUSSIAN_START_STD * noise

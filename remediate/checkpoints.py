@@ -112,8 +112,13 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+# Fingerprint keys added after checkpoints were first written, with the value every older
+# checkpoint was made with (they trained under L-inf only).
+FINGERPRINT_DEFAULTS = {"norm": "linf"}
+
+
 def check_resume(state: dict, fingerprint: dict) -> None:
-    saved = state.get("fingerprint", {})
+    saved = {**FINGERPRINT_DEFAULTS, **state.get("fingerprint", {})}
     for key, value in fingerprint.items():
         if saved.get(key) != value:
             raise UserError(

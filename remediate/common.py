@@ -58,8 +58,9 @@ class RemediateConfig:
     batch_size: int = 128
     milestones: Optional[Sequence[int]] = None     # None: PAPER_MILESTONES scaled to `epochs`
     steps: int = 10                                # inner maximisation steps
-    step_size: float = 2 / 255
+    step_size: Optional[float] = None              # None: 2/255 under linf, 2.5 * eps / steps otherwise
     eps: float = 8 / 255
+    norm: str = "linf"                             # threat model of the inner maximisation, selection and audits
     val_per_class: Optional[int] = None            # held out of the training split; 0: no selection;
                                                    # None: selection.default_val_per_class (recorded)
     val_rule: str = "given"                        # how val_per_class was set (given, or the default's rule)
@@ -79,9 +80,29 @@ class RemediateConfig:
     progress: bool = True
     sync_bn: bool = False                          # torchrun on GPUs: BatchNorm statistics over the global batch
 
+    def __post_init__(self):
+        if self.step_size is None:
+            self.step_size = default_step_size(self.norm, self.eps, self.steps)
+
+
+
+# The inner maximisation's default step under L-inf (the papers' 2/255); under L2 / L1 the
+# attacks' rule (audit.attacks.base.L2_STEP_FACTOR): 2.5 * eps / steps.
+LINF_STEP_SIZE = 2 / 255
+
+
+def default_step_size(norm: str, eps: float, steps: int) -> float:
+    """The step size of the inner maximisation when none is given, by norm."""
+    from robaudit.audit.attacks.base import L2_STEP_FACTOR
+
+    return LINF_STEP_SIZE if norm == "linf" else L2_STEP_FACTOR * float(eps) / max(int(steps), 1)
 
 
 def check_config(cfg: RemediateConfig, world_size: int = 1) -> None:
+    from robaudit.audit.attacks.ascent import NORMS
+
+    if cfg.norm not in NORMS:
+        raise UserError(f"unknown --norm {cfg.norm!r}; choose from: {', '.join(NORMS)}")
     if cfg.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {cfg.epochs}")
     if cfg.batch_size < 1:
@@ -282,6 +303,7 @@ def training_block(cfg: RemediateConfig, method, teacher, history: List[dict], s
             "student_note": student_architecture(cfg)[1], "student_init": cfg.student_init,
             "epochs": cfg.epochs, "lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
             "batch_size": cfg.batch_size, "milestones": list(method.lr_milestones), "eps": cfg.eps,
+            "norm": cfg.norm,
             "steps": cfg.steps, "step_size": cfg.step_size, "val_per_class": cfg.val_per_class,
             "val_per_class_rule": cfg.val_rule,
             "val_steps": cfg.val_steps, "augment": cfg.augment, "seed": cfg.seed, "precision": cfg.precision,
@@ -324,7 +346,7 @@ def audit_student(cfg: RemediateConfig, exports: Dict[str, dict], test_data, tra
         loaded = load_model(exported, device=cfg.device, num_classes=len(test_data.classes),
                             input_shape=tuple(test_data.x.shape[1:]))
         scan_kwargs = {"attacks": list(cfg.audit_attacks)} if cfg.audit_attacks else {}
-        scan_cfg = ScanConfig(out_dir=out_dir / "student", eps=cfg.eps, seed=cfg.seed,
+        scan_cfg = ScanConfig(out_dir=out_dir / "student", eps=cfg.eps, norm=cfg.norm, seed=cfg.seed,
                               batch_size=cfg.audit_batch_size, device=cfg.device,
                               attack_overrides=dict(cfg.audit_overrides), command=cfg.command, **scan_kwargs)
         return run_scan(scan_cfg, model=loaded, data=test_data, extra={"training": training})

@@ -202,7 +202,8 @@ class RSLAD(RemediationMethod):
 
         with eval_mode(net):
             x_adv = projected_ascent(attack_kl, x, eps=self.eps, step_size=self.step_size,
-                                     steps=self.steps, x_start=self._gaussian_start(x, index, epoch))
+                                     steps=self.steps, x_start=self._gaussian_start(x, index, epoch),
+                                     norm=self.norm)
         student.train()
         return x_adv, kappa
 

@@ -164,6 +164,9 @@ class FERD(Trainer):
 
     @classmethod
     def check_config(cls, cfg, world_size: int = 1) -> None:
+        if getattr(cfg, "norm", "linf") != "linf":   # its synthesis and attacks are the paper's L-inf ones
+            raise UserError(f"method ferd trains under --norm linf only (its data-free synthesis and teacher "
+                            f"attack are L-inf); drop --norm {cfg.norm} or pick another method")
         checked_schedule(cfg, FerdOptions.from_mapping(cfg.method_options))
 
     @classmethod

@@ -217,7 +217,8 @@ class FRL(RemediationMethod):
     def attack(self, student, teacher_logits, x, y, index, epoch):
         self._ensure_device(x.device)
         eps = (self.eps * self.eps_scale())[y].view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
-        return trades_attack(student, x, self._gaussian_start(x, index, epoch), eps, self.step_size, self.steps)
+        return trades_attack(student, x, self._gaussian_start(x, index, epoch), eps, self.step_size, self.steps,
+                             self.norm)
 
     def loss(self, student, teacher_logits, x, y, index, epoch):
         x_adv = self.attack(student, None, x, y, index, epoch)

@@ -60,6 +60,7 @@ def split_validation(y: torch.Tensor, index: torch.Tensor, per_class: int, seed:
 
 def evaluate_per_class(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
                        num_classes: int, *, eps: float, step_size: float, steps: int, seed: int,
+                       norm: str = "linf",
                        batch_size: int = 256, autocast: Callable = nullcontext,
                        memory_format=torch.contiguous_format,
                        reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
@@ -67,7 +68,7 @@ def evaluate_per_class(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index
     """Per-class (clean accuracy, PGD robust accuracy) of `model` in eval mode.
 
     Robust = clean-correct and the final PGD iterate still correct (CE, uniform start
-    fixed per sample, so every epoch faces the same starts). Absent classes give NaN.
+    fixed per sample, so every epoch faces the same starts; steps and ball in `norm`). Absent classes give NaN.
     `reduce` maps the per-class counts [C, 3] (images, clean-correct, robust-correct)
     before the division: under torchrun a sum over ranks, each rank holding a shard.
     """
@@ -82,7 +83,8 @@ def evaluate_per_class(model: nn.Module, x: torch.Tensor, y: torch.Tensor, index
             u = per_sample_uniform(seed, ib, xb.shape[1:], stream=STREAM_VALIDATION_START,
                                    device=device, dtype=xb.dtype)
             with autocast():
-                x_adv = cross_entropy_pgd(model, xb, yb, eps=eps, step_size=step_size, steps=steps, unit_noise=u)
+                x_adv = cross_entropy_pgd(model, xb, yb, eps=eps, step_size=step_size, steps=steps, unit_noise=u,
+                                          norm=norm)
             with torch.no_grad(), autocast():
                 robust = clean_ok & (model(x_adv).argmax(1) == yb)
             columns = torch.stack([torch.ones_like(clean_ok, dtype=torch.float32), clean_ok.float(),

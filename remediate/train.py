@@ -131,7 +131,7 @@ def _fingerprint(cfg: RemediateConfig, method_options: dict, milestones, num_cla
         "student": student_desc, "num_classes": num_classes, "lr": cfg.lr, "momentum": cfg.momentum,
         "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size, "milestones": list(milestones),
         "val_per_class": cfg.val_per_class, "val_steps": cfg.val_steps, "augment": cfg.augment,
-        "seed": cfg.seed, "precision": cfg.precision,
+        "seed": cfg.seed, "precision": cfg.precision, "norm": cfg.norm,
         "train_index_sha256": hashlib.sha256(train_index.numpy().tobytes()).hexdigest(),
     }
 
@@ -260,6 +260,7 @@ def _prepare(cfg: RemediateConfig, teacher, train_data, test_data, student_modul
         cfg = dataclasses.replace(cfg, val_per_class=per_class, val_rule=rule)
     milestones = tuple(cfg.milestones) if cfg.milestones is not None else scale_milestones(cfg.epochs)
     method = create_method(cfg.method, num_classes, eps=cfg.eps, step_size=cfg.step_size, steps=cfg.steps,
+                           norm=cfg.norm,
                            seed=cfg.seed, dataset=cfg.dataset or getattr(train_data, "name", None),
                            student_arch=cfg.student if student_module is None else None,
                            **cfg.method_options)
@@ -314,7 +315,7 @@ def _device_data(run: _Run, train_data) -> _DeviceData:
 
     def val_eval(model: nn.Module, steps: int) -> Tuple[torch.Tensor, torch.Tensor]:
         return evaluate_per_class(model, x_val, y_val, i_val, len(run.classes), eps=cfg.eps,
-                                  step_size=cfg.step_size, steps=steps, seed=cfg.seed,
+                                  step_size=cfg.step_size, steps=steps, seed=cfg.seed, norm=cfg.norm,
                                   batch_size=cfg.val_batch_size, autocast=run.runtime.autocast,
                                   memory_format=memory_format,
                                   reduce=distributed.sum_over_ranks if run.ctx.enabled else None)

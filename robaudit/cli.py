@@ -17,8 +17,8 @@ from pathlib import Path
 import click
 
 from robaudit.audit import distributed
-from robaudit.cli_options import (check_subset_args, dataset_options, load_model_from_options, model_options,
-                                  threads_option)
+from robaudit.cli_options import (check_subset_args, data_loading_kwargs, data_loading_options, dataset_options,
+                                  load_model_from_options, model_options, threads_option)
 from robaudit.errors import UserError
 
 
@@ -100,6 +100,7 @@ def cli(verbose):
 @click.argument("model", type=click.Path())
 @model_options
 @dataset_options
+@data_loading_options
 @click.option("--split", default="test", show_default=True, help="Dataset split to audit.")
 @click.option("--attacks", default="clean,fgsm,pgd,cw,aa", show_default=True,
               help="Comma-separated attacks (see `robaudit list`).")
@@ -129,7 +130,6 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
 
     MODEL is a model file, a timm Hugging Face folder, or robustbench:[THREAT/]NAME (docs/zoo.md).
     """
-    from robaudit.audit.arch_inference import probe_batch
     from robaudit.audit.datasets import load_dataset
     from robaudit.audit.devices import resolve_device
     from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps
@@ -144,17 +144,28 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
     check_subset_args(limit, n_per_class)
     distributed.init_from_env(device)  # no-op unless started by torchrun
     torch_device = resolve_device(device)
-    data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, n_per_class=n_per_class)
+    data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, n_per_class=n_per_class,
+                        **data_loading_kwargs(dataset, data_dir))
     loaded = load_model_from_options(model, model_format=model_format, arch=arch, num_classes=num_classes,
                                      trust_pickle=trust_pickle, mean=mean, std=std, device=torch_device,
                                      dataset_classes=data.classes, input_shape=tuple(data.x.shape[1:]),
-                                     probe_data=probe_batch(data.x, data.y), dataset_name=data.name)
+                                     probe_data=_probe_data(data), dataset_name=data.name)
     _say_inferred_arch(loaded)
     results = _run_and_print(cfg, loaded, data)
     if distributed.current().is_main:
         click.echo(f"wrote {Path(out_dir) / 'results.json'}"
                    + ("" if no_report else f" and {Path(out_dir) / 'report.html'}"))
     return results
+
+
+def _probe_data(data):
+    """(x, y) for telling same-key architectures apart, as tensors (a lazy folder decodes at most 256)."""
+    from robaudit.audit.arch_inference import probe_batch
+
+    import torch
+
+    x, y = probe_batch(data.x, data.y)
+    return (x if isinstance(x, torch.Tensor) else x[:]), y
 
 
 def _say_inferred_arch(loaded) -> None:
@@ -404,7 +415,11 @@ def _method_choices() -> str:
 @click.option("--batch-size", type=int, default=None, help="Global batch size [128; the schedule's].")
 @click.option("--milestones", default=None, help="lr/10 epochs, e.g. 215,260,285 (default: the paper's, scaled to --epochs).")
 @click.option("--steps", type=int, default=10, show_default=True, help="Inner PGD steps.")
-@click.option("--eps", default="8/255", show_default=True)
+@click.option("--eps", default="8/255", show_default=True,
+              help="Training and audit budget in [0,1] units, in --norm: e.g. 8/255 (linf), 0.5 (l2), 12 (l1).")
+@click.option("--norm", "norm", type=click.Choice(["linf", "l2", "l1"]), default="linf", show_default=True,
+              help="Threat model of the inner maximisation (L2/L1: steps of 2.5 * eps / --steps), the "
+                   "checkpoint selection and both audits.")
 @click.option("--val-per-class", type=int, default=None,
               help="Training images per class held out for checkpoint selection (0: last epoch) "
                    "[100; 25 with >= 50 classes; at most 10% of the smallest class].")
@@ -426,8 +441,8 @@ def _method_choices() -> str:
 def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir,
               limit, n_per_class, student, student_init, method, data_free, beta, tau_min, tau_max, alpha,
               reference_compat, reweight, method_opt, schedule, epochs, lr, momentum, weight_decay, batch_size,
-              milestones, steps, eps, val_per_class, val_steps, no_augment, seed, device, precision, resume, sync_bn,
-              audit_attacks, audit_limit, audit_n_per_class, attack_opt, out_dir):
+              milestones, steps, eps, norm, val_per_class, val_steps, no_augment, seed, device, precision, resume,
+              sync_bn, audit_attacks, audit_limit, audit_n_per_class, attack_opt, out_dir):
     """Distill a fairer robust student (ABSLD by default), then audit teacher and student."""
     from robaudit.audit.datasets import load_dataset
     from robaudit.audit.devices import resolve_device
@@ -449,8 +464,8 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
     check_subset_args(limit, n_per_class)
     check_subset_args(audit_limit, audit_n_per_class)
     distributed.init_from_env(device)  # no-op unless started by torchrun
-    eps_value = parse_eps(eps)
-    audit_cfg = ScanConfig(out_dir=None, attacks=audit_attacks.split(","), eps=eps_value, seed=seed,
+    eps_value = parse_eps(eps, norm)
+    audit_cfg = ScanConfig(out_dir=None, attacks=audit_attacks.split(","), eps=eps_value, norm=norm, seed=seed,
                            device=device, attack_overrides=_parse_attack_opts(attack_opt, None),
                            command=_command_line())
     build_attacks(audit_cfg)
@@ -464,7 +479,7 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         student_init=student_init, momentum=momentum, steps=steps,
         **resolve_schedule(method_cls, schedule, epochs=epochs, lr=lr, weight_decay=weight_decay,
                            batch_size=batch_size, milestones=milestone_list),
-        eps=eps_value, val_per_class=val_per_class, val_steps=val_steps, augment=not no_augment,
+        eps=eps_value, norm=norm, val_per_class=val_per_class, val_steps=val_steps, augment=not no_augment,
         seed=seed, device=str(torch_device), precision=precision, resume=resume, sync_bn=sync_bn,
         audit_attacks=audit_cfg.attacks, audit_overrides=audit_cfg.attack_overrides, command=_command_line())
     method_cls.check_config(cfg, distributed.current().world_size)  # before anything is loaded or written
@@ -475,13 +490,11 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
     cfg.dataset = train.name
     teacher = None
     if teacher_path is not None:
-        from robaudit.audit.arch_inference import probe_batch
-
         teacher = load_model_from_options(teacher_path, model_format=model_format, arch=arch,
                                           num_classes=num_classes, trust_pickle=trust_pickle, mean=mean,
                                           std=std, device=torch_device, dataset_classes=train.classes,
                                           input_shape=tuple(train.x.shape[1:]),
-                                          probe_data=probe_batch(test.x, test.y), dataset_name=train.name)
+                                          probe_data=_probe_data(test), dataset_name=train.name)
         _say_inferred_arch(teacher)
         if train is not test:
             test.classes[:] = train.classes  # --class-names renames train.classes in place: audit with them too

@@ -128,6 +128,69 @@ def dataset_options(f):
     return f
 
 
+_DATA_CONTEXT_KEY = "robaudit.data_loading"
+DATA_LOADING_OPTIONS = ("resize", "center_crop", "preprocess", "labels", "skip_bad_images", "workers")
+
+
+def data_loading_options(f):
+    """--resize/--center-crop/--preprocess/--labels/--skip-bad-images/--workers (scan).
+
+    The command does not take them as parameters: they are stashed in the click context
+    and `data_loading_kwargs` turns them into load_dataset's keyword arguments.
+    """
+    from robaudit.audit.preprocessing import PRESETS
+
+    options = [
+        click.option("--resize", type=int, default=None,
+                     help="Resize every image's shorter side to N pixels (bilinear, antialiased), "
+                          "before the attacks, so --eps applies to the resized pixels."),
+        click.option("--center-crop", type=int, default=None,
+                     help="Then keep the central MxM pixels (lets images of different sizes share one)."),
+        click.option("--preprocess", type=click.Choice(sorted(PRESETS)), default=None,
+                     help="A named preprocessing: robustbench-imagenet = --resize 256 --center-crop 224 "
+                          "(RobustBench's ImageNet convention)."),
+        click.option("--labels", type=click.Path(), default=None,
+                     help="Labels of a flat image folder: ImageNet's LOC_val_solution.csv, or a "
+                          "label<TAB>file list (label: class index or name)."),
+        click.option("--skip-bad-images", is_flag=True,
+                     help="Image folders: decode every selected image up front and leave out the "
+                          "unreadable ones (counted in results.json dataset.subset)."),
+        click.option("--workers", type=int, default=None,
+                     help="Image folders: processes decoding images ahead of the model "
+                          "[min(4, CPU count); 0: decode in the main process]."),
+    ]
+
+    @functools.wraps(f)
+    def command(*args, **kwargs):
+        stashed = {name: kwargs.pop(name) for name in DATA_LOADING_OPTIONS if name in kwargs}
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:
+            ctx.meta[_DATA_CONTEXT_KEY] = stashed
+        return f(*args, **kwargs)
+
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def data_loading_kwargs(dataset, data_dir) -> dict:
+    """load_dataset keyword arguments from the stashed data-loading options.
+
+    For an image folder, --class-names is taken from the model options and handed to the
+    dataset instead (it may be ImageNet's LOC_synset_mapping.txt, which only the folder's
+    synset ids can be matched against); the names then reach EvalData.classes directly.
+    """
+    from robaudit.audit.datasets import image_folder_path
+
+    ctx = click.get_current_context(silent=True)
+    kwargs = dict(ctx.meta.get(_DATA_CONTEXT_KEY, {})) if ctx is not None else {}
+    kwargs["skip_bad_images"] = bool(kwargs.get("skip_bad_images"))
+    if image_folder_path(dataset, data_dir) is not None and ctx is not None:
+        boundary = ctx.meta.get(_CONTEXT_KEY, {})
+        kwargs["class_names"] = boundary.pop("class_names", None)
+    return kwargs
+
+
 def load_model_from_options(model_path, *, model_format, arch, num_classes, trust_pickle, mean, std,
                             device, dataset_classes, input_shape, input_layout=None, input_range=None,
                             output=None, output_name=None, class_names=None, class_map=None,

@@ -28,7 +28,9 @@ from conftest import allowed_flips, assert_flags_agree, assert_is_argmax
 
 EPS = 8 / 255
 EPS_L2 = 0.5  # the usual CIFAR L2 budget; ||x||_2 of these 3x8x8 images is ~8
-EPS_BY_NORM = {"linf": EPS, "l2": EPS_L2}
+# CIFAR's L1 budget of 12 over 3072 coordinates, scaled to these 192: the same per-coordinate mean.
+EPS_L1 = 12 * 192 / 3072
+EPS_BY_NORM = {"linf": EPS, "l2": EPS_L2, "l1": EPS_L1}
 # Every (attack, norm) pair the attacks declare.
 ATTACK_NORMS = [(name, norm) for name in list_attacks() for norm in ATTACKS.get(name).norms]
 OUR_ATTACKS = ["fgsm", "pgd", "cw", "tpgd"]
@@ -79,19 +81,23 @@ def run(name, model, x, y, index, clean_pred, **kw) -> AttackResult:
 def perturbation_norm(x_adv, x, norm) -> torch.Tensor:
     """Per-sample ||x_adv - x|| in the threat model's norm."""
     delta = (x_adv - x).flatten(1)
+    if norm == "l1":
+        return delta.abs().sum(dim=1)
     return delta.abs().amax(dim=1) if norm == "linf" else delta.norm(p=2, dim=1)
 
 
 def ball_slack(norm, x) -> float:
-    """The eps-ball guard's tolerance (base.BALL_TOLERANCE / l2_ball_tolerance)."""
-    from robaudit.audit.attacks.base import BALL_TOLERANCE, l2_ball_tolerance
+    """The eps-ball guard's tolerance (base.BALL_TOLERANCE / l2_ / l1_ball_tolerance)."""
+    from robaudit.audit.attacks.base import BALL_TOLERANCE, l1_ball_tolerance, l2_ball_tolerance
+    if norm == "l1":
+        return l1_ball_tolerance(x[0].numel(), EPS_L1)
     return BALL_TOLERANCE if norm == "linf" else l2_ball_tolerance(x[0].numel(), EPS_L2)
 
 
 # ---- registry and configuration ---------------------------------------------------------
 
 def test_registry_lists_every_attack_and_rejects_unknown_names_and_parameters():
-    assert list_attacks() == ["aa", "clean", "cw", "fgsm", "pgd", "square", "tpgd"]
+    assert list_attacks() == ["aa", "clean", "cw", "fgsm", "fmn", "pgd", "square", "tpgd"]
     with pytest.raises(UserError, match="unknown attack"):
         create_attack("deepfool")
     with pytest.raises(UserError, match="no parameter 'stpes'"):
@@ -109,7 +115,7 @@ def test_registry_lists_every_attack_and_rejects_unknown_names_and_parameters():
 
 def test_white_box_flags():
     flags = {name: ATTACKS.get(name).white_box for name in list_attacks()}
-    assert flags == {"aa": True, "clean": False, "cw": True, "fgsm": True, "pgd": True,
+    assert flags == {"aa": True, "clean": False, "cw": True, "fgsm": True, "fmn": True, "pgd": True,
                      "square": False, "tpgd": True}
 
 
@@ -401,7 +407,7 @@ def reference_autoattack(model, x, y, *, eps, seed, n_iter, n_queries, n_targets
     return y_adv
 
 
-@pytest.mark.parametrize("norm,package_norm", [("linf", "Linf"), ("l2", "L2")])
+@pytest.mark.parametrize("norm,package_norm", [("linf", "Linf"), ("l2", "L2"), ("l1", "L1")])
 def test_aa_matches_a_direct_pyautoattack_run(setup, norm, package_norm):
     model, x, y, index, clean_pred = setup
     eps = EPS_BY_NORM[norm]
@@ -490,9 +496,9 @@ def test_square_runs_on_a_gradient_free_model(setup):
 
 def test_every_attack_declares_its_norms():
     norms = {name: ATTACKS.get(name).norms for name in list_attacks()}
-    assert norms == {"aa": ("linf", "l2"), "clean": ("linf", "l2"), "cw": ("linf", "l2"),
-                     "fgsm": ("linf", "l2"), "pgd": ("linf", "l2"), "square": ("linf", "l2"),
-                     "tpgd": ("linf", "l2")}
+    every = ("linf", "l2", "l1")
+    assert norms == {"aa": every, "clean": every, "cw": every, "fgsm": every, "fmn": ("linf", "l2"),
+                     "pgd": every, "square": every, "tpgd": every}
     for name in list_attacks():
         attack = create_attack(name, eps=EPS_L2, norm="l2")
         assert attack.norm == "l2" and attack.params()["norm"] == "l2"
@@ -500,12 +506,11 @@ def test_every_attack_declares_its_norms():
             assert "norm=l2" in repr(attack)
 
 
-def test_unknown_l1_and_undeclared_norms_are_refused_in_one_line(monkeypatch):
-    with pytest.raises(UserError, match="l1 is not supported yet") as err:
-        create_attack("pgd", norm="l1")
-    assert "\n" not in str(err.value)
-    with pytest.raises(UserError, match="unknown norm 'l7'"):
+def test_unknown_and_undeclared_norms_are_refused_in_one_line(monkeypatch):
+    assert create_attack("pgd", eps=12.0, norm="l1").norm == "l1"
+    with pytest.raises(UserError, match="unknown norm 'l7'; choose from: linf, l2, l1") as err:
         create_attack("pgd", norm="l7")
+    assert "\n" not in str(err.value)
     monkeypatch.setattr(ATTACKS.get("cw"), "norms", ("linf",))
     with pytest.raises(UserError, match="attack cw has no l2 variant; attacks with one: aa, clean, fgsm"):
         create_attack("cw", eps=EPS_L2, norm="l2")

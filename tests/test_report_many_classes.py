@@ -184,3 +184,35 @@ def test_thousand_class_page_is_bounded_readable_and_escaped(thousand_page):
     assert XSS_CLASS not in json.dumps(figures)
     assert not [(tag, a) for tag, a in parsed.elements if any(key.startswith("on") for key in a)]
     assert json.loads(parsed.script("results-data")["text"])["dataset"]["classes"][7] == XSS_CLASS
+
+
+def test_thousand_class_comparison_has_sorted_curves_worst_table_and_worst10(thousand):
+    before = sparsify(make_results(classes=thousand["dataset"]["classes"], attacks=("fgsm", "pgd"),
+                                   n_per_class=5, examples_per_class=0, seed=4))
+    context = build_context(thousand, baseline=before)
+    section = context["comparison"]
+    assert section["many_classes"] and section["worst_k"] == 100
+    assert section["worst_rows"] == section["rows"][:100]
+    figure = context["figures"]["fig-compare"]
+    assert all(t["type"] == "scatter" for t in figure["data"])            # no 2000 grouped bars
+    before_line, after_line = figure["data"][2]["y"], figure["data"][5]["y"]
+    assert before_line == sorted(before_line) and after_line == sorted(after_line) and len(after_line) == 1000
+    worst10 = next(m for m in section["summary"] if m["label"].startswith("Worst-10% mean"))
+    key = section["key"]
+    record = thousand["ensemble"] if key == "ensemble" else thousand["attacks"][key]
+    assert worst10["after"] == pytest.approx(record["worst10"])
+    body = without_plotly(render_html(thousand, baseline=before, rendered_at=RENDERED_AT))
+    worst_table = re.search(r'<table class="data sortable" id="table-compare-worst">.*?</table>', body, re.S)
+    assert worst_table.group(0).count("<tr") == 100 + 1
+    assert any('id="table-compare"' in d for d in re.findall(r"<details>.*?</details>", body, re.S))
+    assert html.escape(XSS_CLASS, quote=False) in body and "<img src=x" not in body
+
+
+def test_up_to_100_classes_the_comparison_keeps_grouped_bars():
+    classes = [f"c{i}" for i in range(12)]
+    after = make_results(classes=classes, attacks=("pgd",), n_per_class=5, examples_per_class=0, seed=1)
+    before = make_results(classes=classes, attacks=("pgd",), n_per_class=5, examples_per_class=0, seed=2)
+    context = build_context(after, baseline=before)
+    assert context["comparison"]["many_classes"] is False
+    assert {t["type"] for t in context["figures"]["fig-compare"]["data"]} == {"bar"}
+    assert not any(m["label"].startswith("Worst-10%") for m in context["comparison"]["summary"])

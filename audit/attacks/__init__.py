@@ -14,6 +14,7 @@ from robaudit.audit.attacks.base import ATTACKS, Attack, AttackResult, SignGradi
 from robaudit.audit.attacks.clean import Clean
 from robaudit.audit.attacks.cw import CW, cw_margin_loss
 from robaudit.audit.attacks.fgsm import FGSM
+from robaudit.audit.attacks.fmn import FMN
 from robaudit.audit.attacks.pgd import PGD
 from robaudit.audit.attacks.square import Square
 from robaudit.audit.attacks.tpgd import TPGD, tempered_ce_loss

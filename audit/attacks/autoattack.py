@@ -1,12 +1,15 @@
 """AutoAttack "standard" (Croce & Hein 2020) through the reference package pyautoattack.
 
-APGD-CE, APGD-T, FAB-T, Square (5000 queries), L-inf or L2 (the package's norm='Linf'
-/ 'L2' standard versions: same sub-attacks and budgets), 100 iterations, each run only
-on the points the previous ones left robust. Deviations from calling the package
-directly, each on purpose:
-- targets: min(9, C - 1) for APGD-T and FAB-T (the package hard-codes 9, which
-  indexes past the logits when C < 10); C comes from one forward pass. With C < 4
-  APGD-T is skipped: its targeted DLR loss needs the 4th-largest logit.
+APGD-CE, APGD-T, FAB-T, Square (5000 queries), L-inf, L2 or L1 (the package's norm='Linf'
+/ 'L2' / 'L1' standard versions: same sub-attacks and budgets; under L1 the package's
+standard version runs APGD-L1 with 5 restarts, its eps schedule 3, 2, 1 x eps
+("use_largereps") and 5 APGD-T targets, Croce & Hein 2021, and the L1 Square), 100
+iterations, each run only on the points the previous ones left robust. Deviations from
+calling the package directly, each on purpose:
+- targets: min(T, C - 1) for APGD-T and FAB-T, T the package's standard count (9; 5 for
+  APGD-T under L1), which the package hard-codes and which indexes past the logits when
+  C <= T; C comes from one forward pass. With C < 4 APGD-T is skipped: its targeted DLR
+  loss needs the 4th-largest logit.
 - inputs are made contiguous: the package's APGD gradient buffer copies the input's
   strides and `checks.check_zero_gradients` then fails on `grad.view` for NHWC
   arrays permuted to NCHW.
@@ -92,7 +95,9 @@ def set_apgd_iterations(apgd, n_iter: int) -> None:
 
 
 # Our norm names -> pyautoattack's.
-PACKAGE_NORMS = {"linf": "Linf", "l2": "L2"}
+PACKAGE_NORMS = {"linf": "Linf", "l2": "L2", "l1": "L1"}
+# APGD-T's targets in the package's standard version, per norm (its _set_version).
+STANDARD_APGD_TARGETS = {"linf": 9, "l2": 9, "l1": 5}
 
 
 def build_autoattack(model, *, eps: float, seed: int, device, num_classes: int,
@@ -105,7 +110,7 @@ def build_autoattack(model, *, eps: float, seed: int, device, num_classes: int,
                                     seed=seed, device=device)
     adversary.verbose = False
     n_targets = max(min(max_targets, num_classes - 1), 0)
-    adversary.apgd_targeted.n_target_classes = n_targets
+    adversary.apgd_targeted.n_target_classes = min(n_targets, STANDARD_APGD_TARGETS[norm])
     adversary.fab.n_target_classes = n_targets
     if num_classes < 4:
         adversary.attacks_to_run = [a for a in adversary.attacks_to_run if a != "apgd-t"]
@@ -122,14 +127,15 @@ class AutoAttack(Attack):
     """AutoAttack standard (APGD-CE, APGD-T, FAB-T, Square) via pyautoattack.
 
     n_iter: APGD-CE, APGD-T and FAB-T iterations; n_queries: Square's queries;
-    n_target_classes: the cap on targets, min(cap, C - 1) are used.
+    n_target_classes: the cap on targets, min(cap, C - 1) are used (APGD-T under L1: at
+    most the package's 5).
     """
 
     name = "aa"
     white_box = True
     defaults = {"n_iter": 100, "n_queries": 5000, "n_target_classes": 9}
     fixed = {"version": "standard"}
-    norms = ("linf", "l2")
+    norms = ("linf", "l2", "l1")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -153,6 +159,7 @@ class AutoAttack(Attack):
             x_adv, adv_pred = adversary.run_standard_evaluation(x, y, batch_size=x.shape[0])
         self.last_run = {"num_classes": num_classes,
                          "n_target_classes": adversary.fab.n_target_classes,
+                         "n_apgd_target_classes": adversary.apgd_targeted.n_target_classes,
                          "attacks": list(adversary.attacks_to_run),
                          "warnings": collected}
         return x_adv, adv_pred

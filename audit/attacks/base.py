@@ -5,8 +5,9 @@ which points are attacked (`score`), the eps-ball guard and the result bookkeepi
 a subclass only says how to perturb the points it is handed (`_attack`).
 
 `SignGradientAttack` adds the one iterate loop shared by FGSM, PGD, CW-inf and
-Temperature-PGD (random start, sign or L2 steps through `ascent.ascent_step`, "worst over
-iterates" scoring with early stopping); those subclasses only write a loss.
+Temperature-PGD (random start, sign, L2 or sparse L1 steps through `ascent.ascent_step`,
+"worst over iterates" scoring with early stopping, the per-step loss record behind the
+`<attack>_loss_not_converged` check); those subclasses only write a loss.
 
 Randomness of our own attacks comes from `rng.per_sample_uniform/normal`, keyed by
 (seed, dataset index): a sample gets the same start whatever batch, shard or position
@@ -24,7 +25,8 @@ from typing import Any, ClassVar, Dict, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 
-from robaudit.audit.attacks.ascent import NORMS, ascent_step, input_grad, project
+from robaudit.audit.attacks.ascent import NORMS, ascent_step, input_grad, per_sample_norm, project
+from robaudit.audit.attacks.ascent_l1 import L1_TOP_FRACTION
 from robaudit.audit.rng import per_sample_normal, per_sample_uniform
 from robaudit.audit.modes import eval_mode
 from robaudit.errors import UserError
@@ -43,15 +45,12 @@ def register_attack(cls):
     return cls
 
 SCORES = ("robust", "adv-only")
-NORM_LABELS = {"linf": "L-inf", "l2": "L2"}
+NORM_LABELS = {"linf": "L-inf", "l2": "L2", "l1": "L1"}
 
 
 def check_norm(attack_name: str, supported, norm: str) -> None:
     """Refuse, in one line, a norm nobody implements or one this attack lacks."""
     if norm not in NORMS:
-        if norm == "l1":
-            raise UserError("--norm l1 is not supported yet (AutoAttack's L1 version, APGD-L1, is not "
-                            f"wired in); use one of: {', '.join(NORMS)}")
         raise UserError(f"unknown norm {norm!r}; choose from: {', '.join(NORMS)}")
     if norm not in supported:
         others = ", ".join(name for name in ATTACKS.names() if norm in ATTACKS.get(name).norms)
@@ -64,11 +63,12 @@ RANDOM_STARTS = ("uniform", "normal", "none")
 START_STREAM = 0
 # Scale of the "normal" start: x + 0.001 * N(0, 1) (RSLAD/Fair-ARD convention).
 NORMAL_START_SCALE = 0.001
-# rng stream of the radius of the L2 uniform start (its direction comes from START_STREAM).
+# rng stream of the radius of the L2 / L1 uniform start (its direction comes from START_STREAM).
 L2_RADIUS_STREAM = 1
-# Default L2 step size of the iterative attacks when none is given: 2.5 * eps / steps
-# (Madry et al.'s rule, also robustness/torchattacks' PGD-L2 convention): the steps
-# together can travel 2.5 ball radii, enough to cross the ball and come back.
+# Default L2 (and L1) step size of the iterative attacks when none is given: 2.5 * eps /
+# steps (Madry et al.'s rule, also robustness/torchattacks' PGD-L2 convention): the steps
+# together can travel 2.5 ball radii, enough to cross the ball and come back. Under L1 a
+# step is measured in L1 too (SLIDE's normalised sparse direction), so the rule carries over.
 L2_STEP_FACTOR = 2.5
 # Slack on the eps-ball guard: above float32 rounding of values in [0, 1] (6e-8),
 # far below any perturbation that matters (1/255 = 3.9e-3).
@@ -88,12 +88,27 @@ def l2_ball_tolerance(dim: int, eps: float) -> float:
     return BALL_TOLERANCE * (math.sqrt(dim) + 2.0 * eps)
 
 
+def l1_ball_tolerance(dim: int, eps: float) -> float:
+    """Slack of the L1 eps-ball guard for points with `dim` coordinates.
+
+    float32 rounding, u = 6e-8 for values in [0, 1]: (a) x_adv = x + delta is rounded per
+    coordinate, so |x_adv - x| recomputed differs from |delta| by <= u per coordinate, <=
+    dim * u summed (L1 adds the per-coordinate errors; nothing cancels in the worst case);
+    (b) the guard's float32 sum of dim magnitudes is off by ~(log2(dim) + 2) * u relative.
+    The projection itself (ascent_l1.l1_project) is float64, exact to ~1e-15. BALL_TOLERANCE
+    * (dim + 2 * eps) covers both with a 16x margin on (a): 3.1e-3 at CIFAR's 3072
+    coordinates and eps 12 (2.6e-4 of the radius); a perturbation that matters to an L1
+    attack moves one coordinate by 1/255 = 3.9e-3 at least, more than the slack.
+    """
+    return BALL_TOLERANCE * (dim + 2.0 * eps)
+
+
 @dataclass
 class AttackResult:
     robust: torch.Tensor    # bool [B]: clean-correct (unless score="adv-only") and not fooled
     adv_pred: torch.Tensor  # int64 [B]: prediction at the fooling iterate, else the final one;
                             # the clean prediction for points that were not attacked
-    x_adv: torch.Tensor     # [B, C, H, W]: |x_adv - x|_inf <= eps, inside [0, 1]
+    x_adv: torch.Tensor     # [B, C, H, W]: ||x_adv - x|| <= eps in the attack's norm, inside [0, 1]
     # Per-sample extra outputs, [B] each (e.g. FMN's "min_norm"); points the attack did not
     # perturb get the attack's `extra_defaults` value. The engine stores them in samples.npz
     # as <key>_<attack>.
@@ -128,7 +143,8 @@ class Attack(abc.ABC):
     """Base of every evaluation attack; subclasses implement `_attack` only.
 
     eps: radius in [0, 1] pixel units, measured in `norm` ("linf": max |delta_i|, in
-    [0, 1]; "l2": ||delta||_2 over the whole image, any value >= 0). seed: keys all randomness.
+    [0, 1]; "l2": ||delta||_2 over the whole image, any value >= 0; "l1": sum |delta_i|,
+    any value >= 0, e.g. 12 on CIFAR-10 as in AutoAttack's L1 evaluations). seed: keys all randomness.
     iterates: "any" (a point is fooled if any iterate fooled it) | "final" (only the
     last iterate is scored, as the papers' evaluators do); only iterative attacks use it.
     score: "robust" (attack clean-correct points only; the rest count as not robust) |
@@ -160,19 +176,20 @@ class Attack(abc.ABC):
         if norm == "linf" and not 0.0 <= eps <= 1.0:
             raise UserError(f"eps must lie in [0, 1] (pixel units; 8/255 = 0.0314), got {eps}")
         if not (math.isfinite(eps) and eps >= 0.0):
-            raise UserError(f"eps must be a finite number >= 0 (L2 radius in [0, 1] pixel units), got {eps}")
-        unknown = sorted(set(params) - set(self.defaults))
-        if unknown:
-            known = ", ".join(self.defaults) or "none"
-            raise UserError(
-                f"attack {self.name!r} has no parameter {unknown[0]!r}; its parameters: {known}"
-            )
+            raise UserError(f"eps must be a finite number >= 0 ({NORM_LABELS[norm]} radius in [0, 1] "
+                            f"pixel units), got {eps}")
         self.eps = eps
         self.norm = norm
         self.seed = int(seed)
         self.iterates = iterates
         self.score = score
         defaults = self.norm_defaults(params)
+        unknown = sorted(set(params) - set(defaults))
+        if unknown:
+            known = ", ".join(defaults) or "none"
+            raise UserError(
+                f"attack {self.name!r} has no parameter {unknown[0]!r}; its parameters: {known}"
+            )
         self.hparams: Dict[str, Any] = {
             key: coerce_option(f"attack {self.name!r}", key, params.get(key, default), default)
             for key, default in defaults.items()
@@ -184,7 +201,8 @@ class Attack(abc.ABC):
     # ---- configuration -------------------------------------------------------------
     def norm_defaults(self, params: Dict[str, Any]) -> Dict[str, Any]:
         """The hyper-parameter defaults under self.norm (subclass hook; `params` are the
-        user's overrides). The class's `defaults` are the L-inf ones."""
+        user's overrides, not yet checked). The class's `defaults` are the L-inf ones; a
+        norm may add its own (L1's top_fraction), which only it accepts."""
         return dict(self.defaults)
 
     def _validate(self) -> None:
@@ -281,9 +299,12 @@ class Attack(abc.ABC):
         if self.norm == "linf":
             excess = delta.abs().amax().item() - self.eps
             tolerance = BALL_TOLERANCE
-        else:
+        elif self.norm == "l2":
             excess = delta.norm(p=2, dim=1).amax().item() - self.eps
             tolerance = l2_ball_tolerance(delta.shape[1], self.eps)
+        else:
+            excess = delta.abs().sum(dim=1).amax().item() - self.eps
+            tolerance = l1_ball_tolerance(delta.shape[1], self.eps)
         if excess > tolerance or x_adv.min() < 0 or x_adv.max() > 1:
             raise RuntimeError(
                 f"{type(self).__name__} returned points outside the eps-ball or [0, 1] "
@@ -293,10 +314,13 @@ class Attack(abc.ABC):
 
 class SignGradientAttack(Attack):
     """Projected gradient ascent on a per-sample loss of the logits: L-inf sign steps,
-    or under norm="l2" normalised-gradient steps (step_size * g / ||g||_2) with the
-    per-sample L2 renorm (ascent.l2_step). Under l2 the default step_size is
-    L2_STEP_FACTOR * eps / steps, and random_start="uniform" is x + r * eps * n / ||n||
-    (n ~ N(0, I), r ~ U[0, 1), per sample: the torchattacks PGD-L2 start).
+    under norm="l2" normalised-gradient steps (step_size * g / ||g||_2) with the
+    per-sample L2 renorm (ascent.l2_step), under norm="l1" SLIDE's sparse steps (sign(g)
+    on the top_fraction largest-|g| coordinates the box does not block, L1-normalised)
+    with the exact L1-ball-and-box projection (ascent_l1). Under l2 / l1 the default
+    step_size is L2_STEP_FACTOR * eps / steps, and random_start="uniform" is
+    x + r * eps * n / ||n|| (n ~ N(0, I), r ~ U[0, 1), per sample, ||.|| in the norm: the
+    torchattacks PGD-L2 start), projected into the box.
 
     The iterate loop lives here once. Iterate 0 is the start (x, or the random start);
     iterate k + 1 = ascent_step(norm, iterate k). The forward that gives the gradient at
@@ -305,18 +329,27 @@ class SignGradientAttack(Attack):
     there; it leaves the active set (exact early stop under this rule) and its x_adv /
     adv_pred are those of that iterate. iterates="final": every point takes every step
     and only the last iterate is scored.
+
+    Loss record (stats "loss_sum_unfooled" [steps + 1], "n_unfooled" [1]): the loss of
+    every point at every iterate it reaches, summed at the end over the points the attack
+    did not fool (pred == y at the end), the ones where more steps could matter. Early
+    stopping removes only fooled points, so every unfooled point has all steps + 1 losses
+    and the mean per iterate is over one fixed set of points. diagnostics() turns the
+    totals into the per-iterate mean that checks.loss_convergence_flags reads.
     """
 
     iterative = True
     white_box = True
-    norms = ("linf", "l2")
+    norms = ("linf", "l2", "l1")
 
     def norm_defaults(self, params):
         defaults = dict(self.defaults)
-        if self.norm == "l2" and "step_size" in defaults and "step_size" not in params:
+        if self.norm != "linf" and "step_size" in defaults and "step_size" not in params:
             steps = coerce_option(f"attack {self.name!r}", "steps",
                                   params.get("steps", defaults["steps"]), defaults["steps"])
             defaults["step_size"] = L2_STEP_FACTOR * self.eps / max(int(steps), 1)
+        if self.norm == "l1":
+            defaults["top_fraction"] = L1_TOP_FRACTION
         return defaults
 
     @abc.abstractmethod
@@ -339,6 +372,8 @@ class SignGradientAttack(Attack):
             raise UserError(f"attack {self.name!r}: steps must be >= 0, got {self.steps}")
         if self.step_size < 0:
             raise UserError(f"attack {self.name!r}: step_size must be >= 0, got {self.step_size}")
+        if self.norm == "l1" and not 0 < self.top_fraction <= 1:
+            raise UserError(f"attack {self.name!r}: top_fraction must lie in (0, 1], got {self.top_fraction}")
 
     def start(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Iterate 0, a pure function of (seed, dataset index, x)."""
@@ -351,10 +386,10 @@ class SignGradientAttack(Attack):
             return project(self.norm, x + self.eps * (2.0 * u - 1.0), x, self.eps)
         noise = per_sample_normal(self.seed, index, shape, stream=START_STREAM,
                                   device=x.device, dtype=x.dtype)
-        if self.random_start == "uniform":  # l2: Gaussian direction, uniform radius
+        if self.random_start == "uniform":  # l2 / l1: Gaussian direction, uniform radius
             radius = per_sample_uniform(self.seed, index, (1,) * len(shape), stream=L2_RADIUS_STREAM,
                                         device=x.device, dtype=x.dtype)
-            length = noise.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(-1, *(1,) * len(shape))
+            length = per_sample_norm(self.norm, noise).clamp_min(1e-12)
             return project(self.norm, x + self.eps * radius * noise / length, x, self.eps)
         return project(self.norm, x + NORMAL_START_SCALE * noise, x, self.eps)
 
@@ -371,8 +406,8 @@ class SignGradientAttack(Attack):
             captured["logits"] = logits
             return self.loss(logits, y)
 
-        _, grad = input_grad(loss_fn, x_cur)
-        return captured["logits"].detach(), grad
+        loss, grad = input_grad(loss_fn, x_cur)
+        return captured["logits"].detach(), loss, grad
 
     def _attack(self, model, x, y, index, clean_pred):
         n = x.shape[0]
@@ -382,13 +417,16 @@ class SignGradientAttack(Attack):
         active = torch.arange(n, device=x.device)  # batch positions still being attacked
         x_ref, y_ref = x, y
         early_stop = self.iterates == "any"
+        losses = torch.full((n, self.steps + 1), math.nan, dtype=torch.float64, device=x.device)
         for step in range(self.steps + 1):
             last = step == self.steps
             if last:
                 logits = model(x_cur)
+                loss = self.loss(logits, y_ref)
                 grad: Optional[torch.Tensor] = None
             else:
-                logits, grad = self._logits_and_grad(model, x_cur, y_ref)
+                logits, loss, grad = self._logits_and_grad(model, x_cur, y_ref)
+            losses[active, step] = loss.detach().double()
             pred = logits.argmax(dim=1)
             if last:
                 x_adv[active] = x_cur
@@ -405,5 +443,17 @@ class SignGradientAttack(Attack):
                         active[keep], x_cur[keep], x_ref[keep], y_ref[keep], grad[keep])
                     if active.numel() == 0:
                         break
-            x_cur = ascent_step(self.norm, x_cur, grad, x_ref, self.eps, self.step_size)
-        return x_adv, adv_pred
+            x_cur = ascent_step(self.norm, x_cur, grad, x_ref, self.eps, self.step_size,
+                                getattr(self, "top_fraction", L1_TOP_FRACTION))
+        unfooled = adv_pred == y
+        stats = {"loss_sum_unfooled": losses[unfooled].sum(dim=0),
+                 "n_unfooled": unfooled.sum().reshape(1).double()}
+        return SubResult(x_adv, adv_pred, {}, stats)
+
+    def diagnostics(self, stats):
+        """{"n_unfooled", "loss_mean_unfooled": per-iterate mean loss of the points left
+        unfooled (None when there are none)}: what checks.loss_convergence_flags reads."""
+        n_unfooled = int(round(float(np.asarray(stats["n_unfooled"]).sum())))
+        sums = np.asarray(stats["loss_sum_unfooled"], dtype=np.float64).reshape(-1)
+        return {"n_unfooled": n_unfooled,
+                "loss_mean_unfooled": (sums / n_unfooled).tolist() if n_unfooled else None}

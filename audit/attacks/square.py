@@ -1,4 +1,5 @@
-"""Square Attack (Andriushchenko et al. 2020), L-inf or L2, through pyautoattack.
+"""Square Attack (Andriushchenko et al. 2020), L-inf or L2, through pyautoattack; under L1
+the package's L1 Square (Croce & Hein 2021, the Square of AutoAttack's L1 version).
 
 Black-box: it only queries the model's logits, so it runs on models whose gradients
 are refused (e.g. ONNX models that fail conversion and run through onnxruntime).
@@ -19,13 +20,13 @@ from robaudit.errors import UserError
 
 @register_attack
 class Square(Attack):
-    """Square Attack (black-box, L-inf or L2, 5000 queries) via pyautoattack."""
+    """Square Attack (black-box, L-inf, L2 or L1, 5000 queries) via pyautoattack."""
 
     name = "square"
     white_box = False
     defaults = {"n_queries": 5000, "p_init": 0.8, "n_restarts": 1}
     fixed = {"loss": "margin"}
-    norms = ("linf", "l2")
+    norms = ("linf", "l2", "l1")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
