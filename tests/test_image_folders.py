@@ -311,3 +311,28 @@ def test_lazy_folder_scan_equals_the_in_memory_scan_resumes_and_streams(synsets,
     assert again["dataset"]["preprocessing"]["center_crop"] == 20
     for key in reference:
         np.testing.assert_array_equal(load_samples(tmp_path / "lazy")[key], reference[key], err_msg=key)
+
+
+def test_torchvision_imagenet_model_audits_a_jpeg_folder_with_the_robustbench_preset(synsets, tmp_path, capsys):
+    """Issue 17's end to end: a torchvision ImageNet architecture (random weights; the
+    smallest one, so the test stays fast) on variable-size JPEGs at 224 px."""
+    import torchvision
+
+    from robaudit.cli import main
+
+    torch.manual_seed(0)
+    weights = tmp_path / "mnv3.pth"
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None, num_classes=2).state_dict(), weights)
+    out = tmp_path / "out"
+    code, err = run_main(main, capsys, [
+        "scan", weights, "--arch", "mobilenet_v3_small", "--dataset", synsets,
+        "--preprocess", "robustbench-imagenet", "--attacks", "clean,pgd", "--attack-opt", "pgd.steps=1",
+        "--out", out, "--device", "cpu", "--batch-size", "4"])
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"]["preprocessing"]["resize"] == 256
+    assert results["dataset"]["preprocessing"]["center_crop"] == 224
+    assert results["model"]["arch"] == "torchvision:mobilenet_v3_small" and results["dataset"]["n"] == 5
+    assert results["dataset"]["classes"] == sorted(FOLDER)             # synset order
+    assert (out / "report.html").stat().st_size > 0
+    assert "224" in (out / "report.html").read_text()
