@@ -59,9 +59,23 @@ def tiny_case(tmp_path):
     return data, model_path
 
 
+def _as_png_folder(data: Path) -> Path:
+    """The same images as a lazily loaded image folder (PNG: lossless, so the pixels match)."""
+    from PIL import Image
+
+    root = data.parent / "folder"
+    with np.load(data) as f:
+        x, y, names = f["x_test"], f["y_test"], [str(n) for n in f["class_names"]]
+    for i, (image, label) in enumerate(zip(x, y)):
+        (root / names[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(root / names[label] / f"{i:03d}.png")
+    return root
+
+
 def _scan(tmp_path, data, model_path, out, nproc):
-    args = [str(model_path), "--dataset", str(data), "--attacks", "clean,fgsm,pgd,cw",
+    args = [str(model_path), "--dataset", str(data), "--attacks", "clean,fgsm,pgd,cw,fmn",
             "--eps", "8/255", "--attack-opt", "pgd.steps=3", "--attack-opt", "cw.steps=3",
+            "--attack-opt", "fmn.steps=10",
             "--batch-size", "1", "--device", "cpu", "--out", str(out), "--no-report"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
     if nproc == 1:
@@ -75,15 +89,20 @@ def _scan(tmp_path, data, model_path, out, nproc):
 
 
 @pytest.mark.slow
-def test_two_ranks_equal_one_process(tmp_path, tiny_case):
+@pytest.mark.parametrize("form", ["npz", "folder"])
+def test_two_ranks_equal_one_process(tmp_path, tiny_case, form):
+    """In memory (npz) and streamed from an image folder; fmn's per-sample minimal norms
+    (samples.npz min_norm_fmn) are gathered across ranks like every other array."""
     if not TORCHRUN.exists():
         pytest.skip("torchrun not found next to the python executable")
     data, model_path = tiny_case
+    if form == "folder":
+        data = _as_png_folder(data)
     one = _scan(tmp_path, data, model_path, tmp_path / "one", 1)
     two = _scan(tmp_path, data, model_path, tmp_path / "two", 2)
     a = np.load(tmp_path / "one" / "samples.npz")
     b = np.load(tmp_path / "two" / "samples.npz")
-    assert sorted(a.files) == sorted(b.files)
+    assert sorted(a.files) == sorted(b.files) and "min_norm_fmn" in a.files
     for key in a.files:
         assert np.array_equal(a[key], b[key]), key
     ra = json.loads((tmp_path / "one" / "results.json").read_text())
@@ -92,6 +111,7 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_case):
     for name in ra["attacks"]:
         assert ra["attacks"][name]["per_class"] == rb["attacks"][name]["per_class"]
     assert ra["target_flow"] == rb["target_flow"]
+    assert ra["curves"] == rb["curves"]
     assert [e["index"] for e in ra["examples"]] == [e["index"] for e in rb["examples"]]
     # the attacks fooled some points and not others, so the equality is not vacuous
     robust = a["robust_pgd"]
