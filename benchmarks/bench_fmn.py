@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the quick model")
     parser.add_argument("--data", default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, help="an adversarially trained model file to use instead "
+                                                      "(e.g. a reproduce_absld.py teacher's best.pt)")
+    parser.add_argument("--arch", default="smallcnn", help="architecture of --model")
     common.add_threads_option(parser)
     args = parser.parse_args()
     common.set_threads(args.threads)
@@ -98,7 +101,13 @@ def main() -> None:
     test = common.load_split(path, "test", limit=args.images)
     trained = common.MODELS_DIR / "adversarial" / common.FORMS["pt2"]
     t0 = time.perf_counter()
-    if trained.is_file():
+    if args.model:
+        from robaudit.audit.loading import load_model
+
+        model = load_model(args.model, arch=args.arch, num_classes=10, device="cpu",
+                           input_shape=tuple(test.x.shape[1:])).module
+        model_name, default_eps = f"{args.arch} from {args.model} (adversarially trained)", "8/255"
+    elif trained.is_file():
         model, model_name, default_eps = common.load("adversarial").module, "adversarial (train_models.py)", "8/255"
     else:
         model = quick_model(common.load_split(path, "train"), args.epochs, args.seed)
