@@ -82,12 +82,18 @@ def model_options(f):
     takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     stashed = [name for name in STASHED_OPTIONS if name not in accepted and not takes_all]
 
+    return _stashing_options(f, options, stashed, _CONTEXT_KEY)
+
+
+def _stashing_options(f, options, names, context_key):
+    """Decorate command `f` with click `options`; the values of `names` are not passed to
+    `f` but stashed in the click context's meta[context_key] (read back by helpers)."""
     @functools.wraps(f)
     def command(*args, **kwargs):
-        boundary = {name: kwargs.pop(name) for name in stashed if name in kwargs}
+        stashed = {name: kwargs.pop(name) for name in names if name in kwargs}
         ctx = click.get_current_context(silent=True)
         if ctx is not None:
-            ctx.meta[_CONTEXT_KEY] = boundary
+            ctx.meta[context_key] = stashed
         return f(*args, **kwargs)
 
     for option in reversed(options):
@@ -160,17 +166,7 @@ def data_loading_options(f):
                           "[min(4, CPU count); 0: decode in the main process]."),
     ]
 
-    @functools.wraps(f)
-    def command(*args, **kwargs):
-        stashed = {name: kwargs.pop(name) for name in DATA_LOADING_OPTIONS if name in kwargs}
-        ctx = click.get_current_context(silent=True)
-        if ctx is not None:
-            ctx.meta[_DATA_CONTEXT_KEY] = stashed
-        return f(*args, **kwargs)
-
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _stashing_options(f, options, DATA_LOADING_OPTIONS, _DATA_CONTEXT_KEY)
 
 
 def data_loading_kwargs(dataset, data_dir) -> dict:
