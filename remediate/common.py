@@ -265,14 +265,25 @@ def resolve_schedule(method_cls, preset: str, *, epochs=None, lr=None, weight_de
 
 
 def schedule_description(cfg: RemediateConfig, method) -> str:
-    """Which schedule ran, for the results: the method's paper's (and where it was read) or the shared one."""
+    """Which schedule ran, for the results: the preset (the method's paper's, its own, or the
+    shared one), the values that actually ran, and any of them that differ from the method's
+    own schedule (a Python-API run that keeps RemediateConfig's defaults for a method with
+    its own schedule trains at those defaults: the record says so instead of hiding it)."""
     paper = getattr(type(method), "paper_schedule", None)
+    ran = {"epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size}
+    values = ", ".join(f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+                       for key, value in ran.items())
     if cfg.schedule == "paper" and paper is not None:
-        return f"paper: {method.name}'s own schedule ({paper['source']})"
-    if (cfg.schedule == "own" or not type(method).shared_schedule) and paper is not None:
-        return f"own: {method.name} trains only under its own schedule ({paper['source']})"
-    return ("shared: the same schedule for every method (RSLAD's 300 epochs, lr /10 after 215, 260, 285, "
-            "scaled to --epochs), for equal-budget comparisons; explicit --epochs/--lr/... override it")
+        preset = f"paper: {method.name}'s own schedule ({paper['source']})"
+    elif (cfg.schedule == "own" or not type(method).shared_schedule) and paper is not None:
+        preset = f"own: {method.name} trains only under its own schedule ({paper['source']})"
+    else:
+        return ("shared: the same schedule for every method (RSLAD's 300 epochs, lr /10 after 215, 260, 285, "
+                f"scaled to --epochs), for equal-budget comparisons; explicit --epochs/--lr/... override it; "
+                f"ran: {values}")
+    differs = [f"{key} {ran[key]:g} (its schedule: {paper[key]:g})" for key in ("lr", "weight_decay", "batch_size")
+               if paper.get(key) is not None and ran[key] is not None and float(ran[key]) != float(paper[key])]
+    return f"{preset}; ran: {values}" + (f"; overridden: {', '.join(differs)}" if differs else "")
 
 
 def training_block(cfg: RemediateConfig, method, teacher, history: List[dict], selected_epoch,

@@ -303,3 +303,22 @@ def test_frl_resume_is_bitwise_equal_to_a_straight_run(tmp_path):
         return [{k: v for k, v in row.items() if k != "seconds"} for row in read_metrics(path)]
 
     assert without_seconds(straight / "metrics.csv") == without_seconds(split / "metrics.csv")
+
+
+def test_schedule_record_says_when_an_own_schedule_method_ran_at_other_values():
+    """A Python-API FRL run that keeps RemediateConfig's defaults trains at lr 0.1, not at
+    FRL's own 1e-3: results.json's schedule_preset must say what ran and what was overridden."""
+    from robaudit.remediate.common import RemediateConfig, resolve_schedule, schedule_description
+    from robaudit.remediate.frl import FRL
+
+    class Run:   # what schedule_description reads of a method: its class attributes and name
+        name = "frl"
+        paper_schedule = FRL.paper_schedule
+        shared_schedule = FRL.shared_schedule
+
+    own = FRL.paper_schedule
+    defaults = schedule_description(RemediateConfig(out_dir=None, method="frl"), Run())
+    assert defaults.startswith("own:") and f"lr 0.1 (its schedule: {own['lr']:g})" in defaults
+    resolved = resolve_schedule(FRL, "shared")       # what the CLI does: FRL's own values
+    faithful = schedule_description(RemediateConfig(out_dir=None, method="frl", **resolved), Run())
+    assert "overridden" not in faithful and f"lr {own['lr']:g}" in faithful
