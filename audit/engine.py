@@ -9,7 +9,6 @@ chunking does not change our own attacks' results.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -345,7 +344,7 @@ def _assemble_results(cfg, model, data, device, attacked: _AttackedBlocks, per_s
 def _write_outputs(cfg, out_dir: Path, results: dict, per_sample: dict) -> None:
     # Serialise first: a value JSON cannot hold fails here, before either file is written.
     # results.json goes last, so its presence means the whole scan finished.
-    results_text = json.dumps(results, indent=2, allow_nan=False) + "\n"
+    results_text = results_schema.results_json_text(results)
     write_npz_atomic(out_dir / "samples.npz", **per_sample)
     write_text_atomic(out_dir / "results.json", results_text)
     if cfg.write_report:

@@ -68,6 +68,27 @@ class Trajectory:
     per_epoch: Any       # [[value per class] per epoch]
 
 
+def results_json_text(results: dict, indent: int = 2) -> str:
+    """results.json's text: indented like json.dumps(indent=2), except that a list holding
+    only numbers / null / booleans goes on one line. Per-class curves are 1000 classes x
+    3 lists of ~100 numbers: one number per line would make them ~6 MB of whitespace, on
+    one line they are ~2.7 MB. The JSON value is the same (json.loads gives it back);
+    NaN and infinities are refused as by allow_nan=False."""
+    def scalar(value) -> bool:
+        return value is None or isinstance(value, (bool, int, float))
+
+    def dump(value, level: int) -> str:
+        pad, inner = " " * (indent * level), " " * (indent * (level + 1))
+        if isinstance(value, dict) and value:
+            items = [f"{inner}{json.dumps(str(k))}: {dump(v, level + 1)}" for k, v in value.items()]
+            return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+        if isinstance(value, (list, tuple)) and value and not all(scalar(v) for v in value):
+            return "[\n" + ",\n".join(inner + dump(v, level + 1) for v in value) + "\n" + pad + "]"
+        return json.dumps(value, allow_nan=False, separators=(", ", ": "))
+
+    return dump(results, 0) + "\n"
+
+
 def class_state_trajectories(training: dict) -> List[Trajectory]:
     """The per-class trajectories a training block holds: training.class_state, else the legacy keys."""
     if isinstance(training.get("class_state"), list):

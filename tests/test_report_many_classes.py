@@ -73,6 +73,26 @@ def test_a_thousand_class_results_json_stays_small(thousand):
     assert len(json.dumps(dense, separators=(",", ":"))) > 2 * 2_000_000   # 2 attacks x 10^6 "0,"
 
 
+def test_a_thousand_class_results_json_with_curves_stays_under_5_mb(thousand):
+    """Issue 17's bound on the file robaudit writes (results_json_text, the engine's writer),
+    with an fmn curve block of 1000 classes x 101 eps values (issue 18)."""
+    from robaudit.audit.curves import robustness_curve
+    from robaudit.audit.results_schema import results_json_text
+
+    classes = thousand["dataset"]["classes"]
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(1000), 5)
+    norms = rng.exponential(8 / 255, size=y.size)
+    norms[rng.random(y.size) < 0.3] = 0.0                        # clean-wrong points
+    with_curves = {**thousand, "curves": {"fmn": robustness_curve(
+        norms, y, classes, audited_eps=8 / 255, cap=32 / 255, norm="linf", description="FMN()")}}
+    text = results_json_text(with_curves)
+    assert json.loads(text) == json.loads(json.dumps(with_curves))   # the same JSON value
+    assert len(text.encode("utf-8")) < 5 * 1_000_000, len(text)
+    # one number per line (json.dumps(indent=2)) would not fit: the reason for the writer
+    assert len(json.dumps(with_curves, indent=2)) > 5 * 1_000_000
+
+
 def _without_embedded_results(page: str) -> str:
     return re.sub(r'(<script type="application/json" id="results-data">).*?(</script>)', r"\1\2", page,
                   count=1, flags=re.S)
