@@ -14,9 +14,11 @@ from typing import Any, Dict, List, Mapping, Sequence
 from robaudit.errors import UserError
 
 
-def _read_text(path: str, flag: str) -> str:
+def read_text(path, flag: str) -> str:
+    """A small text file given by a command-line flag; a missing/unreadable file is one line.
+    utf-8-sig: files saved by Windows tools often start with a byte-order mark."""
     try:
-        with open(os.fspath(path), encoding="utf-8") as handle:
+        with open(os.fspath(path), encoding="utf-8-sig") as handle:
             return handle.read()
     except FileNotFoundError:
         raise UserError(f"{flag} file not found: {path}") from None
@@ -24,9 +26,8 @@ def _read_text(path: str, flag: str) -> str:
         raise UserError(f"cannot read {flag} {path}: {getattr(err, 'strerror', None) or err}") from None
 
 
-def read_class_names(path: str, dataset_classes: Sequence[str]) -> List[str]:
-    """Names from FILE (one per line, or a JSON list), in dataset label order."""
-    text = _read_text(path, "--class-names")
+def parse_class_names(text: str, path) -> List[str]:
+    """The names a --class-names file lists (a JSON list, or one per line), unchecked."""
     if text.lstrip().startswith("["):
         try:
             names = json.loads(text)
@@ -35,9 +36,13 @@ def read_class_names(path: str, dataset_classes: Sequence[str]) -> List[str]:
                             f"give a JSON list of names or one name per line") from None
         if not isinstance(names, list) or not all(isinstance(n, (str, int)) for n in names):
             raise UserError(f"--class-names {path} must be a JSON list of names (strings)")
-        names = [str(n).strip() for n in names]
-    else:
-        names = [line.strip() for line in text.splitlines() if line.strip()]
+        return [str(n).strip() for n in names]
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def read_class_names(path: str, dataset_classes: Sequence[str]) -> List[str]:
+    """Names from FILE (one per line, or a JSON list), in dataset label order."""
+    names = parse_class_names(read_text(path, "--class-names"), path)
     count = len(dataset_classes)
     if len(names) != count:
         raise UserError(f"--class-names {path} lists {len(names)} names but the dataset has {count} "
@@ -84,7 +89,7 @@ def resolve_class_map(spec: Any, dataset_classes: Sequence[str],
     count = len(dataset_classes)
     if isinstance(spec, (str, os.PathLike)):
         source = os.fspath(spec)
-        text = _read_text(source, "--class-map")
+        text = read_text(source, "--class-map")
         try:
             spec = json.loads(text)
         except json.JSONDecodeError as err:

@@ -175,13 +175,10 @@ def _read_labels_file(path: Path, root: Path, notes: dict):
     return files, labels, numeric, all_ids
 
 
-def _names_in_file(path, flag: str = "--class-names") -> Tuple[str, List[str]]:
-    try:
-        text = Path(path).expanduser().read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise UserError(f"{flag} file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UserError(f"cannot read {flag} {path}: {getattr(err, 'strerror', None) or err}") from None
+def _names_in_file(path) -> Tuple[str, List[str]]:
+    from robaudit.audit.class_maps import read_text
+
+    text = read_text(path, "--class-names")
     return text, [line.strip() for line in text.splitlines() if line.strip()]
 
 
@@ -233,11 +230,11 @@ def _resolve_classes(raw_labels, all_ids, numeric: bool, class_names, notes: dic
                             f"give the synset mapping the data's classes come from")
         return np.asarray([position[v] for v in raw_labels], dtype=np.int64), names
 
-    from robaudit.audit.class_maps import read_class_names
+    from robaudit.audit.class_maps import parse_class_names, read_class_names
 
     if numeric:
         values = np.asarray([int(v) for v in raw_labels], dtype=np.int64)
-        count = len(json.loads(text)) if text.lstrip().startswith("[") and _is_json_list(text) else len(lines)
+        count = len(parse_class_names(text, class_names))
         if int(values.max()) >= count:
             raise UserError(f"the labels go up to class {int(values.max())} but --class-names "
                             f"{class_names} lists {count} names")
@@ -245,13 +242,6 @@ def _resolve_classes(raw_labels, all_ids, numeric: bool, class_names, notes: dic
     lookup = {class_id: k for k, class_id in enumerate(all_ids)}
     names = read_class_names(os.fspath(class_names), list(all_ids))   # count and duplicates checked there
     return np.asarray([lookup[v] for v in raw_labels], dtype=np.int64), names
-
-
-def _is_json_list(text: str) -> bool:
-    try:
-        return isinstance(json.loads(text), list)
-    except json.JSONDecodeError:
-        return False
 
 
 # ------------------------------------------------------------------------------- checks

@@ -62,7 +62,7 @@ from typing import NamedTuple
 
 import torch
 
-from robaudit.audit.attacks.ascent import input_grad
+from robaudit.audit.attacks.ascent import input_grad, per_sample_norm
 from robaudit.audit.attacks.base import Attack, SubResult, register_attack
 from robaudit.errors import UserError
 
@@ -81,8 +81,7 @@ def logit_difference(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def perturbation_norm(delta: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-sample ||delta|| in the threat model's norm ([B])."""
-    flat = delta.flatten(1)
-    return flat.abs().amax(dim=1) if norm == "linf" else flat.norm(p=2, dim=1)
+    return per_sample_norm(norm, delta).view(-1)
 
 
 def _project(delta: torch.Tensor, radius: torch.Tensor, norm: str) -> torch.Tensor:
