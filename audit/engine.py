@@ -348,7 +348,7 @@ def _write_outputs(cfg, out_dir: Path, results: dict, per_sample: dict) -> None:
     write_npz_atomic(out_dir / "samples.npz", **per_sample)
     write_text_atomic(out_dir / "results.json", results_text)
     if cfg.write_report:
-        from robaudit.audit.report import render_report
+        from robaudit.audit.report.render import render_report
 
         render_report(results, out_dir / "report.html", redact_paths=cfg.redact_paths)
 

@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robaudit.audit import distributed
-from robaudit.audit.image_folders import stream_batches
+from robaudit.audit.data.image_folders import stream_batches
 from robaudit.audit.io import write_npz_atomic
 from robaudit.errors import UserError
 

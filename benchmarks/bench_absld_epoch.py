@@ -32,8 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from robaudit.audit.architectures import create_architecture  # noqa: E402
-from robaudit.audit.loading import LoadedModel  # noqa: E402
+from robaudit.audit.models.architectures import create_architecture  # noqa: E402
+from robaudit.audit.models.loading import LoadedModel  # noqa: E402
 from robaudit.audit.rng import per_sample_normal  # noqa: E402
 from robaudit.remediate.base import create_method, random_start_stream  # noqa: E402
 from robaudit.remediate.train import RemediateConfig, run_remediate  # noqa: E402

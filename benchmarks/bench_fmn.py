@@ -44,7 +44,7 @@ from robaudit.audit.engine import parse_eps  # noqa: E402
 
 def quick_model(train, epochs: int, seed: int):
     """A smallcnn trained naturally on the training split (Adam, batch 128)."""
-    from robaudit.audit.architectures import create_architecture
+    from robaudit.audit.models.architectures import create_architecture
 
     torch.manual_seed(seed)
     model = create_architecture("smallcnn", num_classes=10)
@@ -102,7 +102,7 @@ def main() -> None:
     trained = common.MODELS_DIR / "adversarial" / common.FORMS["pt2"]
     t0 = time.perf_counter()
     if args.model:
-        from robaudit.audit.loading import load_model
+        from robaudit.audit.models.loading import load_model
 
         model = load_model(args.model, arch=args.arch, num_classes=10, device="cpu",
                            input_shape=tuple(test.x.shape[1:])).module

@@ -70,8 +70,8 @@ def loading_vs_compute(folder: Path, images: int, batch_size: int, workers: int)
     import torch
     import torchvision
 
-    from robaudit.audit.datasets import load_dataset
-    from robaudit.audit.image_folders import stream_batches
+    from robaudit.audit.data.datasets import load_dataset
+    from robaudit.audit.data.image_folders import stream_batches
 
     data = load_dataset(folder, preprocess="robustbench-imagenet", n_per_class=max(1, images // CLASSES))
     model = torchvision.models.resnet50(weights=None, num_classes=CLASSES).eval()

@@ -59,8 +59,8 @@ def main() -> None:
         tmp = Path(tmp)
         model = common.MODELS_DIR / "adversarial" / common.FORMS["pt2"]
         if not model.is_file():
-            from robaudit.audit.architectures import create_architecture
-            from robaudit.audit.loading import save_export
+            from robaudit.audit.models.architectures import create_architecture
+            from robaudit.audit.models.loading import save_export
 
             torch.manual_seed(0)
             model = tmp / "smallcnn.pt2"

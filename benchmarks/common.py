@@ -46,7 +46,7 @@ def data_path(arg: Optional[str]) -> Path:
 
 def load_split(path: Path, split: str, limit: Optional[int] = None):
     """robaudit's own loader (the .npz loads as CIFAR-10 with its class names)."""
-    from robaudit.audit.datasets import load_dataset
+    from robaudit.audit.data.datasets import load_dataset
 
     data = load_dataset(str(path), split=split, limit=limit)
     if len(data.classes) != 10:
@@ -75,8 +75,8 @@ def model_file(name: str, form: str = "pt2", models_dir: Path = MODELS_DIR) -> P
 
 
 def load(name: str, form: str = "pt2", models_dir: Path = MODELS_DIR):
-    """robaudit.audit.loading.load_model on one exported form, CPU."""
-    from robaudit.audit.loading import load_model
+    """robaudit.audit.models.loading.load_model on one exported form, CPU."""
+    from robaudit.audit.models.loading import load_model
 
     return load_model(model_file(name, form, models_dir), device="cpu", num_classes=10)
 

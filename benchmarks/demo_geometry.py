@@ -16,12 +16,12 @@ Can any classifier be robust on each class at L-inf eps? For every class this pr
   classifier cannot hold is a geometry problem, not a training problem.
 
     .venv/bin/python benchmarks/demo_geometry.py                    # the current generator
-    .venv/bin/python benchmarks/demo_geometry.py --module old.py    # another version of audit/demo.py
+    .venv/bin/python benchmarks/demo_geometry.py --module old.py    # another version of audit/data/demo.py
     .venv/bin/python benchmarks/demo_geometry.py --eps 8            # eps in 1/255 units
 
 Runs in well under a minute on one CPU thread.
 
-Measured (issue 15, eps 8/255). The first generator (`git show <rev>:audit/demo.py`):
+Measured (issue 15, eps 8/255). The first generator (`git show <rev>:audit/data/demo.py`):
 dimmest channel 0.040 (1.3 eps, fine-stripes) to 0.119; nearest-pair margin 1.3 eps
 (ramp / fine-stripes) to 3.1 eps; the ideal classifier 99.8% robust (ramp 98.3%), i.e.
 separable but so thin that the demo CNN was 0% robust on ramp before and after ABSLD.
@@ -45,7 +45,7 @@ import torch
 
 def load_module(path):
     if path is None:
-        from robaudit.audit import demo
+        from robaudit.audit.data import demo
         return demo
     spec = importlib.util.spec_from_file_location("demo_under_test", path)
     mod = importlib.util.module_from_spec(spec)
@@ -119,7 +119,7 @@ def margin_pgd(model, x, y, eps, steps=20, seed=0):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--module", default=None, help="path to a version of audit/demo.py (default: installed)")
+    ap.add_argument("--module", default=None, help="path to a version of audit/data/demo.py (default: installed)")
     ap.add_argument("--eps", type=float, default=None, help="eps in 1/255 (default: the module's DEMO_EPS or 8)")
     ap.add_argument("--bank", type=int, default=96, help="noise-free templates per class")
     ap.add_argument("--json", default=None, help="also write the numbers here")
@@ -167,7 +167,7 @@ def main(argv=None):
         row["ideal_robust"] = float(robust_ok[yt == k].float().mean())
 
     print(f"demo geometry at eps = {eps * 255:.1f}/255 = {eps:.4f} (2 eps = {2 * eps:.4f}); "
-          f"{args.bank} templates per class; module {args.module or 'robaudit.audit.demo'}")
+          f"{args.bank} templates per class; module {args.module or 'robaudit.audit.data.demo'}")
     head = (f"{'class':<14} {'signal':>6} {'(min)':>6} {'/eps':>5} {'noise':>5}  {'nearest Linf':>12} "
             f"{'/2eps':>5} {'to':<13} {'L2':>6} {'margin':>6} {'/eps':>5}  {'ideal clean':>11} {'robust':>6}")
     print(head)

@@ -8,7 +8,7 @@ What it does, all through robaudit's Python API (no method is re-implemented her
 1. Teacher: run_remediate(method=--teacher-method, teacher=None) on the training images of
    the CIFAR-10 subset (../shared/data/cifar10_subset.npz; all 5085 by default), arch
    --teacher-arch, --teacher-epochs, PGD---teacher-steps inner attack; loaded back from its
-   best.pt with robaudit.audit.loading.load_model. Skipped when --teacher FILE (+
+   best.pt with robaudit.audit.models.loading.load_model. Skipped when --teacher FILE (+
    --teacher-arch) is given; --teacher-only trains it and stops.
 2. Students, for every seed of --seeds and every arm of --methods, at equal budget: same
    architecture (--student), training images (--n-per-class of the train split, of which
@@ -384,7 +384,7 @@ def train_all(args, order, teacher, teacher_file, data, step_size, out_root, com
 
 def audit_aa(args, run: dict, aa_test, command: str) -> dict:
     from robaudit.audit.engine import ScanConfig, run_scan
-    from robaudit.audit.loading import load_model
+    from robaudit.audit.models.loading import load_model
 
     path = Path(run["dir"]) / AA_SUMMARY
     key = {"best": run["best"], "aa_images": len(aa_test.y)}
@@ -405,7 +405,7 @@ def audit_aa(args, run: dict, aa_test, command: str) -> dict:
 
 
 def load_data(args, path):
-    from robaudit.audit.datasets import load_dataset
+    from robaudit.audit.data.datasets import load_dataset
 
     train = load_dataset(str(path), split="train", n_per_class=args.n_per_class)
     teacher_train = (train if args.quick else
@@ -418,7 +418,7 @@ def load_data(args, path):
 def main(argv=None) -> None:
     args = parse_args(argv)
     from robaudit.audit.engine import parse_eps
-    from robaudit.audit.loading import load_model
+    from robaudit.audit.models.loading import load_model
     from robaudit.remediate.train import scale_milestones
 
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

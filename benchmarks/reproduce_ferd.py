@@ -144,10 +144,10 @@ def main() -> None:
     args = parser.parse_args()
     common.set_threads(args.threads)
 
-    from robaudit.audit.datasets import load_dataset
+    from robaudit.audit.data.datasets import load_dataset
     from robaudit.audit.devices import resolve_device
     from robaudit.audit.engine import ScanConfig, run_scan
-    from robaudit.audit.loading import load_model
+    from robaudit.audit.models.loading import load_model
     from robaudit.remediate.ferd import run_ferd
     from robaudit.remediate.train import RemediateConfig, run_remediate
 

@@ -304,7 +304,7 @@ def study_tables(payload: dict, args, classes: Sequence[str]) -> Tuple[str, dict
 
 def comparison_reports(runs: List[dict], out_dir: Path) -> List[str]:
     """report.py comparison mode: each arm's student vs the RSLAD student of the same seed."""
-    from robaudit.audit.report import render_report
+    from robaudit.audit.report.render import render_report
 
     arms = by_arm(runs)
     reports = []

@@ -18,7 +18,7 @@ to the epoch count:
 run_remediate exports the selected weights as student.pt2 (torch.export),
 student.torchscript.pt and student.onnx into benchmarks/_models/<name>/ (with
 --quick: benchmarks/_models/quick/<name>/). The script then loads every form
-through robaudit.audit.loading.load_model and prints clean test accuracy and the
+through robaudit.audit.models.loading.load_model and prints clean test accuracy and the
 largest logit difference of each form against the .pt2 one.
 The equivalent CLI run of the adversarial model would be
     robaudit remediate --method sat --student smallcnn --dataset ../shared/data/cifar10_subset.npz \
@@ -101,7 +101,7 @@ def main() -> None:
     limit = 600 if args.quick else None
     train = common.load_split(path, "train")
     if limit:
-        from robaudit.audit.datasets import load_dataset
+        from robaudit.audit.data.datasets import load_dataset
 
         train = load_dataset(str(path), split="train", n_per_class=limit // 10)
     test = common.load_split(path, "test")

@@ -155,7 +155,7 @@ def resolve_runtime(cfg: RemediateConfig, ctx: Optional[distributed.DistContext]
 def build_student(cfg: RemediateConfig, num_classes: int, device: torch.device) -> Tuple[nn.Module, str]:
     """(student module, description). Weights from the seed, or from --student-init."""
     if cfg.student_init:
-        from robaudit.audit.loading import load_model
+        from robaudit.audit.models.loading import load_model
 
         loaded = load_model(cfg.student_init, arch=cfg.student, num_classes=num_classes, device=str(device))
         if not loaded.white_box:
@@ -169,7 +169,7 @@ def build_student(cfg: RemediateConfig, num_classes: int, device: torch.device) 
         return module, str(cfg.student_init)
     if not cfg.student:
         raise UserError("no student given: pass --student NAME or --student-init PATH")
-    from robaudit.audit.architectures import create_architecture
+    from robaudit.audit.models.architectures import create_architecture
 
     arch, _ = student_architecture(cfg)
     torch.manual_seed(cfg.seed)   # the initial weights are a function of the seed
@@ -182,7 +182,7 @@ def student_architecture(cfg: RemediateConfig) -> Tuple[Optional[str], Optional[
     prints the note once; training_block records both."""
     if not cfg.student or cfg.student_init:
         return cfg.student, None
-    from robaudit.audit.architectures import resolve_architecture
+    from robaudit.audit.models.architectures import resolve_architecture
 
     return resolve_architecture(cfg.student)
 
@@ -338,7 +338,7 @@ def audit_student(cfg: RemediateConfig, exports: Dict[str, dict], test_data, tra
     them from a private temporary folder, so no rank but 0 needs to read --out.
     """
     from robaudit.audit.engine import ScanConfig, run_scan
-    from robaudit.audit.loading import load_model
+    from robaudit.audit.models.loading import load_model
 
     exported = next((exports[f]["path"] for f in ("pt2", "torchscript") if exports.get(f, {}).get("ok")), None)
     if exported is None:

@@ -33,7 +33,7 @@ def export_student(module: nn.Module, example: torch.Tensor, out_dir: Path, form
         fmt = fmt.lower()
         try:
             if fmt == "pt2":
-                from robaudit.audit.loading import save_export
+                from robaudit.audit.models.loading import save_export
 
                 path = out_dir / "student.pt2"
                 save_export(module, path, example)

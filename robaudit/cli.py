@@ -130,7 +130,7 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
 
     MODEL is a model file, a timm Hugging Face folder, or robustbench:[THREAT/]NAME (docs/zoo.md).
     """
-    from robaudit.audit.datasets import load_dataset
+    from robaudit.audit.data.datasets import load_dataset
     from robaudit.audit.devices import resolve_device
     from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps
 
@@ -160,7 +160,7 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
 
 def _probe_data(data):
     """(x, y) for telling same-key architectures apart, as tensors (a lazy folder decodes at most 256)."""
-    from robaudit.audit.arch_inference import probe_batch
+    from robaudit.audit.models.arch_inference import probe_batch
 
     import torch
 
@@ -202,7 +202,7 @@ def _print_summary(results):
 @click.option("--redact-paths", is_flag=True, help="Hide filesystem paths in the report.")
 def report(results_files, out_file, redact_paths):
     """Render report.html from RESULTS.json, or a comparison from BEFORE.json AFTER.json."""
-    from robaudit.audit.report import load_results, render_report
+    from robaudit.audit.report.render import load_results, render_report
 
     if len(results_files) > 2:
         raise UserError("give one results.json, or two (BEFORE.json AFTER.json) for a comparison")
@@ -225,9 +225,9 @@ def report(results_files, out_file, redact_paths):
 @click.option("--options", "show_options", is_flag=True, help="Also list each remediation method's options.")
 def list_cmd(show_options):
     """Show registered attacks, architectures, datasets and remediation methods."""
-    from robaudit.audit.architectures import ARCHITECTURES
+    from robaudit.audit.models.architectures import ARCHITECTURES
     from robaudit.audit.attacks import ATTACKS
-    from robaudit.audit.datasets import DATASETS
+    from robaudit.audit.data.datasets import DATASETS
     from robaudit.remediate import METHODS
 
     for title, registry in (("attacks", ATTACKS), ("architectures", ARCHITECTURES),
@@ -308,9 +308,9 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
 
 
 def _run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, seed: int) -> None:
-    from robaudit.audit.datasets import load_dataset
-    from robaudit.audit.demo import train_demo_model
-    from robaudit.audit.loading import load_model, save_export
+    from robaudit.audit.data.datasets import load_dataset
+    from robaudit.audit.data.demo import train_demo_model
+    from robaudit.audit.models.loading import load_model, save_export
 
     train = load_dataset("demo", split="train")
     test = load_dataset("demo", split="test")
@@ -353,7 +353,7 @@ def _demo_student(method: str, cfg, rem_out: Path, loaded, model, train, test, e
     - loss_scale 1 (the plain batch-mean KL, not the code's /10) and lr 0.03: a self-distilled
       student starts with a near-zero loss, so the code's scale barely moves it in 4 epochs;
     - classwise_mean: each class's mean KL counts equally, so the demo's rare classes
-      (audit/demo.py DEMO_RARE_TRAIN) are not outvoted by the common ones;
+      (audit/data/demo.py DEMO_RARE_TRAIN) are not outvoted by the common ones;
     - val_per_class 10: the rarest class has 40 training images;
     - no crop/flip augmentation: the demo teacher never saw padded borders, so its soft
       labels on them are noise.
@@ -444,7 +444,7 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
               milestones, steps, eps, norm, val_per_class, val_steps, no_augment, seed, device, precision, resume,
               sync_bn, audit_attacks, audit_limit, audit_n_per_class, attack_opt, out_dir):
     """Distill a fairer robust student (ABSLD by default), then audit teacher and student."""
-    from robaudit.audit.datasets import load_dataset
+    from robaudit.audit.data.datasets import load_dataset
     from robaudit.audit.devices import resolve_device
     from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps
     from robaudit.remediate import DEFAULT_METHOD, METHODS
@@ -554,14 +554,14 @@ def _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test):
 def _paired(before: dict, after: dict, before_dir: Path, after_dir: Path):
     """(PairedOutcomes or None, why not) of the compared attack, from each audit's samples.npz."""
     from robaudit.audit.paired import load_paired
-    from robaudit.audit.report_comparison import comparison_key
+    from robaudit.audit.report.comparison import comparison_key
 
     return load_paired(before_dir, after_dir, before, after, comparison_key(after, before))
 
 
 def _print_comparison(before, after, out: Path, before_dir: Path | None = None):
     """Student table, before/after summary line, and the comparison report (or a plain one)."""
-    from robaudit.audit.report import render_report
+    from robaudit.audit.report.render import render_report
 
     if not distributed.current().is_main:  # torchrun: rank 0 writes and speaks for all
         return

@@ -26,11 +26,11 @@ def _parse_floats(text, flag):
     return values
 
 
-# Options that adapt the model's boundary (audit/adapters.py). A command whose function
+# Options that adapt the model's boundary (audit/models/adapters.py). A command whose function
 # does not take them as parameters gets them through the click context instead, where
 # `load_model_from_options` reads them, so every command using @model_options honours them.
 BOUNDARY_OPTIONS = ("input_layout", "input_range", "output", "output_name", "class_names", "class_map")
-# Stashed the same way: where robustbench:NAME checkpoints are cached (audit/zoo.py).
+# Stashed the same way: where robustbench:NAME checkpoints are cached (audit/models/zoo.py).
 STASHED_OPTIONS = BOUNDARY_OPTIONS + ("zoo_dir",)
 _CONTEXT_KEY = "robaudit.model_boundary"
 
@@ -144,7 +144,7 @@ def data_loading_options(f):
     The command does not take them as parameters: they are stashed in the click context
     and `data_loading_kwargs` turns them into load_dataset's keyword arguments.
     """
-    from robaudit.audit.preprocessing import PRESETS
+    from robaudit.audit.data.preprocessing import PRESETS
 
     options = [
         click.option("--resize", type=int, default=None,
@@ -176,7 +176,7 @@ def data_loading_kwargs(dataset, data_dir) -> dict:
     dataset instead (it may be ImageNet's LOC_synset_mapping.txt, which only the folder's
     synset ids can be matched against); the names then reach EvalData.classes directly.
     """
-    from robaudit.audit.datasets import image_folder_path
+    from robaudit.audit.data.datasets import image_folder_path
 
     ctx = click.get_current_context(silent=True)
     kwargs = dict(ctx.meta.get(_DATA_CONTEXT_KEY, {})) if ctx is not None else {}
@@ -199,9 +199,9 @@ def load_model_from_options(model_path, *, model_format, arch, num_classes, trus
     results name the classes as the user asked. probe_data: (x, y) of the audited data
     (arch_inference.probe_batch), used to tell same-key architecture forms apart.
     dataset_name (EvalData.name) and --zoo-dir (zoo_dir, else the command line's) place a
-    robustbench:NAME model (audit/zoo.py).
+    robustbench:NAME model (audit/models/zoo.py).
     """
-    from robaudit.audit.loading import load_model
+    from robaudit.audit.models.loading import load_model
 
     given = {"input_layout": input_layout, "input_range": input_range, "output": output,
              "output_name": output_name, "class_names": class_names, "class_map": class_map}

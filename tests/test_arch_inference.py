@@ -1,4 +1,4 @@
-"""Architecture inference for weights-only files (audit/arch_inference.py, issue 16).
+"""Architecture inference for weights-only files (audit/models/arch_inference.py, issue 16).
 
 Matching only reads keys and shapes, so the registry-wide test uses meta-device state_dicts
 (the shapes a random-weight state_dict of that architecture has, without allocating a
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from robaudit.audit import arch_inference
-from robaudit.audit.architectures import ARCHITECTURES, PREACT_RESNET18_FORMS, SmallCNN, create_architecture
+from robaudit.audit.models import arch_inference
+from robaudit.audit.models.architectures import ARCHITECTURES, PREACT_RESNET18_FORMS, SmallCNN, create_architecture
 from robaudit.audit.metrics import binomial_upper_tail, mcnemar_exact_p
-from robaudit.audit.loading import load_model
+from robaudit.audit.models.loading import load_model
 from robaudit.cli import main
 from robaudit.errors import UserError
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robaudit.audit.architectures import (ARCHITECTURES, WideResNet, build_wide_resnet,
+from robaudit.audit.models.architectures import (ARCHITECTURES, WideResNet, build_wide_resnet,
                                           check_architecture, create_architecture,
                                           infer_wide_resnet,
                                           resolve_architecture)

@@ -18,10 +18,10 @@ import pytest
 import torch
 from torch import nn
 
-from robaudit.audit.architectures import ARCHITECTURES, create_architecture
+from robaudit.audit.models.architectures import ARCHITECTURES, create_architecture
 from robaudit.audit.attacks import ATTACKS, PGD
-from robaudit.audit.datasets import DATASETS
-from robaudit.audit.loading import save_export
+from robaudit.audit.data.datasets import DATASETS
+from robaudit.audit.models.loading import save_export
 from robaudit.cli import main
 from robaudit.remediate import METHODS
 

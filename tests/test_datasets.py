@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from robaudit.audit.datasets import (
+from robaudit.audit.data.datasets import (
     CIFAR10_CLASSES,
     CIFAR100_CLASSES,
     EvalData,

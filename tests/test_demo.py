@@ -1,4 +1,4 @@
-"""The demo "patterns" dataset (audit/demo.py): deterministic, and separable at the demo's eps.
+"""The demo "patterns" dataset (audit/data/demo.py): deterministic, and separable at the demo's eps.
 
 Issue 15: the first demo's weakest classes carried ~1.3 eps of signal per pixel and were
 0% robust before and after remediation, a geometry limit rather than a training gap. These
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from robaudit.audit import demo
-from robaudit.audit.datasets import load_dataset
+from robaudit.audit.data import demo
+from robaudit.audit.data.datasets import load_dataset
 
 EPS = demo.DEMO_EPS
 # Every channel of every class moves by at least SIGNAL_FACTOR x 2 eps across its pattern:

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from robaudit.audit import distributed
-from robaudit.audit.datasets import EvalData
+from robaudit.audit.data.datasets import EvalData
 from robaudit.errors import UserError
 from robaudit.remediate import train as train_mod
 from robaudit.remediate.train import RemediateConfig, run_remediate

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from robaudit.audit.distributed import shard_positions
-from robaudit.audit.loading import save_export
+from robaudit.audit.models.loading import save_export
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 

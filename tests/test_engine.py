@@ -27,10 +27,10 @@ from robaudit.audit import checks as checks_mod
 from robaudit.audit import engine
 from robaudit.audit.results_schema import dense_flow
 from robaudit.audit.attacks import PGD, FGSM
-from robaudit.audit.datasets import EvalData
+from robaudit.audit.data.datasets import EvalData
 from robaudit.audit.engine import ScanConfig, parse_eps, run_scan
 from robaudit.audit.io import check_writable_dir, write_text_atomic
-from robaudit.audit.loading import LoadedModel
+from robaudit.audit.models.loading import LoadedModel
 from robaudit.errors import GateFailed, UserError
 
 from conftest import assert_flags_agree, assert_is_argmax

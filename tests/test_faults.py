@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 import torch
 
-from robaudit.audit.loading import save_export
+from robaudit.audit.models.loading import save_export
 
 from test_engine import CLASSES, Centroid, make_arrays
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robaudit.audit.datasets import EvalData
+from robaudit.audit.data.datasets import EvalData
 from robaudit.errors import UserError
 from robaudit.remediate.common import RemediateConfig
 from robaudit.remediate.ferd import run_ferd
@@ -347,7 +347,7 @@ def test_ib_kl_and_mask_follow_the_code():
 
 
 def test_ib_layer_of_the_registered_architectures_and_hidden_layers():
-    from robaudit.audit.architectures import (MobileNetV2, PreActResNet, SmallCNN, WideResNet,
+    from robaudit.audit.models.architectures import (MobileNetV2, PreActResNet, SmallCNN, WideResNet,
                                               create_architecture)
 
     cifar, tiny = torch.rand(2, 3, 32, 32), torch.rand(2, *SHAPE)
@@ -604,7 +604,7 @@ def test_onnx_teacher_distills_and_says_whether_the_bn_loss_ran(tmp_path):
     """The issue's user: an ONNX teacher and no data. robaudit converts it (onnx2torch) and
     FERD runs; the BN-statistics loss runs exactly when the converted graph still has
     BatchNorm modules to hook, and the results say which."""
-    from robaudit.audit.loading import load_model
+    from robaudit.audit.models.loading import load_model
 
     path = tmp_path / "teacher.onnx"
     with warnings.catch_warnings():

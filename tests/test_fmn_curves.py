@@ -21,8 +21,8 @@ from robaudit.audit import checks as checks_mod
 from robaudit.audit.attacks import create_attack
 from robaudit.audit.attacks.fmn import FMN, fmn_minimal
 from robaudit.audit.curves import CURVE_DECIMALS, eps_grid, robustness_curve
-from robaudit.audit.datasets import EvalData
-from robaudit.audit.loading import save_export
+from robaudit.audit.data.datasets import EvalData
+from robaudit.audit.models.loading import save_export
 from robaudit.errors import UserError
 
 from conftest import assert_is_argmax
@@ -196,7 +196,7 @@ def test_curve_of_hand_made_norms_matches_a_direct_count():
     assert block["median_eps"][3] is None
     assert block["not_found"] == [2, 1, 0, 0]
     json.dumps(block, allow_nan=False)
-    report_curves = pytest.importorskip("robaudit.audit.report_curves")
+    report_curves = pytest.importorskip("robaudit.audit.report.curves")
     assert report_curves.curves_problem(block, ["a", "b", "c", "d"]) is None
 
 
@@ -266,7 +266,7 @@ def test_scan_curves_follow_the_consistency_rules(tmp_path, norm):
     assert sum(block["not_found"]) == 0
     assert results["ensemble"]["avg"] == pytest.approx(results["attacks"]["cw"]["avg"])  # cw is exact
     assert not [f for f in results["checks"] if f["id"] == "curve_not_reaching_zero"]
-    report_curves = pytest.importorskip("robaudit.audit.report_curves")
+    report_curves = pytest.importorskip("robaudit.audit.report.curves")
     report_curves.validate_curves(json.loads((tmp_path / "results.json").read_text()))
 
 
@@ -358,7 +358,7 @@ def test_cli_scan_with_fmn_writes_curves(tmp_path, capsys):
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
     block = results["curves"]["fmn"]
-    report_curves = pytest.importorskip("robaudit.audit.report_curves")
+    report_curves = pytest.importorskip("robaudit.audit.report.curves")
     report_curves.validate_curves(results)
     samples = load_samples(out)
     np.testing.assert_array_equal(samples["robust_fmn"],

@@ -1,4 +1,4 @@
-"""The model-format registry (audit/formats.py): every registered format detects its own
+"""The model-format registry (audit/models/formats.py): every registered format detects its own
 files, a file no format recognises is refused in one line, and a format registered
 outside robaudit is what load_model then uses."""
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from robaudit.audit import formats
-from robaudit.audit.adapters import ModelInfo
-from robaudit.audit.architectures import create_architecture
-from robaudit.audit.loading import load_model, save_export
+from robaudit.audit.models import formats
+from robaudit.audit.models.adapters import ModelInfo
+from robaudit.audit.models.architectures import create_architecture
+from robaudit.audit.models.loading import load_model, save_export
 from robaudit.errors import UserError
 from robaudit.registry import Registry
 

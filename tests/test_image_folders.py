@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from robaudit.audit.datasets import load_dataset
-from robaudit.audit.image_folders import LazyImages, stream_batches
-from robaudit.audit.preprocessing import resolve_preprocessing
+from robaudit.audit.data.datasets import load_dataset
+from robaudit.audit.data.image_folders import LazyImages, stream_batches
+from robaudit.audit.data.preprocessing import resolve_preprocessing
 from robaudit.errors import UserError
 
 # (synset, [(height, width), ...]): variable sizes and aspect ratios, both orientations
@@ -245,7 +245,7 @@ def run_main(main, capsys, args):
 
 
 def test_cli_scan_of_a_variable_size_jpeg_folder(synsets, tmp_path, capsys):
-    from robaudit.audit.architectures import create_architecture
+    from robaudit.audit.models.architectures import create_architecture
     from robaudit.cli import main
 
     torch.manual_seed(0)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robaudit.audit.datasets import CIFAR10_CLASSES, load_dataset
-from robaudit.audit.loading import save_export
+from robaudit.audit.data.datasets import CIFAR10_CLASSES, load_dataset
+from robaudit.audit.models.loading import save_export
 from robaudit.audit.results_schema import dense_flow
 from robaudit.cli import main
 

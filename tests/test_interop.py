@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robaudit.audit import adapters
-from robaudit.audit.architectures import create_architecture
-from robaudit.audit.datasets import load_dataset
+from robaudit.audit.models import adapters
+from robaudit.audit.models.architectures import create_architecture
+from robaudit.audit.data.datasets import load_dataset
 from robaudit.audit.engine import ScanConfig, run_scan
-from robaudit.audit.loading import LoadedModel, load_model, save_export
+from robaudit.audit.models.loading import LoadedModel, load_model, save_export
 from robaudit.errors import UserError
 
 from conftest import assert_flags_agree, assert_logits_close, logit_tolerance

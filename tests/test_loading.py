@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from robaudit.audit.architectures import create_architecture
-from robaudit.audit.loading import (ExportedModule, LoadedModel, load_model, save_export,
+from robaudit.audit.models.architectures import create_architecture
+from robaudit.audit.models.loading import (ExportedModule, LoadedModel, load_model, save_export,
                                     sha256_file)
 from robaudit.errors import UserError
 

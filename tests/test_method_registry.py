@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from robaudit.audit.architectures import create_architecture
+from robaudit.audit.models.architectures import create_architecture
 from robaudit.remediate import METHODS, Trainer
 
 from test_cli import run_cli

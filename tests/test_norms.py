@@ -165,8 +165,8 @@ def test_l2_scan_records_the_norm_everywhere(files, tmp_path, capsys):
 
 
 def test_report_quotes_the_budget_in_its_norm_and_old_results_read_as_linf():
-    from robaudit.audit.report_comparison import like_for_like
-    from robaudit.audit.report_format import budget_text
+    from robaudit.audit.report.comparison import like_for_like
+    from robaudit.audit.report.formatting import budget_text
 
     assert budget_text({"eps": 8 / 255, "eps_255": 8.0}) == "8/255"            # results without a norm: L-inf
     assert budget_text({"eps": 0.5, "eps_255": 127.5, "norm": "l2"}) == "0.5 (L2)"

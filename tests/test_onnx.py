@@ -9,9 +9,9 @@ import torch
 from onnx import TensorProto
 from torch import nn
 
-from robaudit.audit import onnx_support
-from robaudit.audit.loading import load_model
-from robaudit.audit.onnx_support import (REDUCE_OPS, TYPE_ONLY_VERSION_BUMPS, OnnxRuntimeModule,
+from robaudit.audit.models import onnx_support
+from robaudit.audit.models.loading import load_model
+from robaudit.audit.models.onnx_support import (REDUCE_OPS, TYPE_ONLY_VERSION_BUMPS, OnnxRuntimeModule,
                                          install_converters, load_onnx)
 from robaudit.errors import UserError
 

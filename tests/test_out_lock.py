@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from robaudit.audit.architectures import create_architecture
-from robaudit.audit.loading import save_export
+from robaudit.audit.models.architectures import create_architecture
+from robaudit.audit.models.loading import save_export
 from robaudit.audit.outlock import LOCK_NAME, hold_out_dir
 from robaudit.errors import UserError
 

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robaudit.audit import arch_inference
-from robaudit.audit.loading import load_model
+from robaudit.audit.models import arch_inference
+from robaudit.audit.models.loading import load_model
 
 from conftest import assert_is_argmax, assert_logits_close, logit_tolerance, randomise_batchnorm
 from test_cli import run_cli
@@ -342,7 +342,7 @@ def test_a_preact_file_without_a_decisive_probe_is_refused_naming_both_forms(pub
 
 
 def _cifar_mobilenetv2_params():
-    from robaudit.audit.architectures import create_architecture
+    from robaudit.audit.models.architectures import create_architecture
 
     return sum(p.numel() for p in create_architecture("mobilenetv2", NUM_CLASSES).parameters())
 

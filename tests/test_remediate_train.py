@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robaudit.audit.datasets import EvalData
+from robaudit.audit.data.datasets import EvalData
 from robaudit.errors import UserError
 from robaudit.remediate.train import (
     RemediateConfig, augment_batch, epoch_permutation, run_remediate, scale_milestones,
@@ -279,7 +279,7 @@ def test_end_to_end_remediate_exports_and_reaudits_the_student(tmp_path):
     assert (tmp_path / "student" / "report.html").exists()
     # The three exports compute the same function.
     best = torch.load(tmp_path / "best.pt", weights_only=True)
-    from robaudit.audit.architectures import create_architecture
+    from robaudit.audit.models.architectures import create_architecture
 
     reference = create_architecture("smallcnn", C)
     reference.load_state_dict(best["state_dict"])
@@ -298,7 +298,7 @@ def test_end_to_end_remediate_exports_and_reaudits_the_student(tmp_path):
 
 
 def test_fine_tunes_from_student_init_weights_without_a_teacher(tmp_path):
-    from robaudit.audit.architectures import create_architecture
+    from robaudit.audit.models.architectures import create_architecture
 
     torch.manual_seed(4)
     init = create_architecture("smallcnn", C)

@@ -21,8 +21,10 @@ from pathlib import Path
 import pytest
 
 from report_fixtures import XSS_CLASS, cifar10_scale_results, make_results, set_accuracy, tiny_png
-from robaudit.audit import report
-from robaudit.audit.report import build_context, load_results, render_html, render_report
+from robaudit.audit.report import render as report
+from robaudit.audit.report.redaction import redact_command, redact_text
+from robaudit.audit.report.training import shown_epochs
+from robaudit.audit.report.render import build_context, load_results, render_html, render_report
 from robaudit.errors import UserError
 
 GOLD_DIR = Path(__file__).parent / "gold"
@@ -325,9 +327,9 @@ def test_training_curves_and_temperature_trajectories_are_shown():
 
 
 def test_long_trajectories_show_at_most_ten_epochs_in_the_table():
-    shown = report._shown_epochs(37)
+    shown = shown_epochs(37)
     assert len(shown) == 10 and shown[0] == 0 and shown[-1] == 36
-    assert report._shown_epochs(4) == [0, 1, 2, 3]
+    assert shown_epochs(4) == [0, 1, 2, 3]
 
 
 # --------------------------------------------------------------------------- redaction
@@ -365,10 +367,10 @@ def test_redaction_leaves_class_names_alone():
 
 
 def test_redacting_text_keeps_fractions_and_urls():
-    assert report._redact_text("eps 8/255 and n/a") == "eps 8/255 and n/a"
-    assert report._redact_text("see https://example.org/a/b") == "see https://example.org/a/b"
-    assert report._redact_text("C:\\Users\\bob\\m.onnx and ~/x/y.pt") == "m.onnx and y.pt"
-    assert report._redact_command('robaudit scan "/a b/m.pt" --eps 8/255') == 'robaudit scan "m.pt" --eps 8/255'
+    assert redact_text("eps 8/255 and n/a") == "eps 8/255 and n/a"
+    assert redact_text("see https://example.org/a/b") == "see https://example.org/a/b"
+    assert redact_text("C:\\Users\\bob\\m.onnx and ~/x/y.pt") == "m.onnx and y.pt"
+    assert redact_command('robaudit scan "/a b/m.pt" --eps 8/255') == 'robaudit scan "m.pt" --eps 8/255'
 
 
 # --------------------------------------------------------------------------- the rendered page

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from report_fixtures import XSS_CLASS, make_results
-from robaudit.audit.report import render_report
+from robaudit.audit.report.render import render_report
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

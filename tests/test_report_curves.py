@@ -20,11 +20,11 @@ from scipy.stats import spearmanr
 
 from report_fixtures import make_results, set_accuracy
 from robaudit.audit.metrics import wilson_interval
-from robaudit.audit.report import build_context, render_html
-from robaudit.audit.report_curves import (
+from robaudit.audit.report.render import build_context, render_html
+from robaudit.audit.report.curves import (
     EMBEDDED_CURVES_BUDGET, MANY_WORST, MAX_ALL_CURVES, RANKING_HEAD, spearman,
 )
-from robaudit.audit.report_sections import preprocessing_text
+from robaudit.audit.report.sections import preprocessing_text
 from robaudit.errors import UserError
 from test_report import RENDERED_AT, parse, without_plotly
 

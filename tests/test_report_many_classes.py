@@ -18,8 +18,8 @@ import pytest
 
 from report_fixtures import XSS_CLASS, make_results
 from robaudit.audit.metrics import target_flow
-from robaudit.audit.report import build_context, render_html
-from robaudit.audit.report_sections import MAX_BAR_CLASSES, TOP_FLOWS
+from robaudit.audit.report.render import build_context, render_html
+from robaudit.audit.report.sections import MAX_BAR_CLASSES, TOP_FLOWS
 from robaudit.audit.results_schema import dense_flow, sparse_flow, validate_results
 from robaudit.errors import UserError
 from test_report import RENDERED_AT, parse, without_plotly

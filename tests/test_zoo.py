@@ -1,4 +1,4 @@
-"""Zoo models (audit/zoo.py): robustbench:[THREAT/]NAME from the cache, and timm architectures.
+"""Zoo models (audit/models/zoo.py): robustbench:[THREAT/]NAME from the cache, and timm architectures.
 
 Offline and small: RobustBench checkpoints are written here in the zoo's own format
 ({'state_dict': {'module.' + key: tensor}}, mu/sigma buffers for one case) for the small
@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-from robaudit.audit import zoo
-from robaudit.audit.architectures import create_architecture
-from robaudit.audit.loading import load_model
+from robaudit.audit.models import zoo
+from robaudit.audit.models.architectures import create_architecture
+from robaudit.audit.models.loading import load_model
 from robaudit.errors import UserError
 
 from conftest import assert_is_argmax, assert_logits_close

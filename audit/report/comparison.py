@@ -12,12 +12,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from robaudit.audit.report_curves import curves_comparison
-from robaudit.audit.report_figures import comparison_curve_figure, comparison_figure
+from robaudit.audit.report.curves import curves_comparison
+from robaudit.audit.report.figures import comparison_curve_figure, comparison_figure
 from robaudit.audit.paired import per_class_tests
-from robaudit.audit.report_format import ci, display, budget_text, finite, pct, pp, ratio
-from robaudit.audit.report_sections import MAX_BAR_CLASSES
-from robaudit.audit.report_records import CLEAN_KEY, ENSEMBLE_KEY, attack_label, headline_key, records, robustness_order
+from robaudit.audit.report.formatting import ci, display, budget_text, finite, pct, pp, ratio
+from robaudit.audit.report.sections import MAX_BAR_CLASSES
+from robaudit.audit.report.records import CLEAN_KEY, ENSEMBLE_KEY, attack_label, headline_key, records, robustness_order
 from robaudit.errors import UserError
 
 # Deltas smaller than this (a twentieth of a percentage point) read as "unchanged".

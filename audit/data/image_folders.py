@@ -14,7 +14,7 @@ file's order becomes the class order and the first comma-separated name the clas
 one name per line (or a JSON list) in class-index order.
 
 Only the file list and labels are held: `LazyImages` decodes the files it is indexed with
-(PIL, then audit/preprocessing.py) and `stream_batches` decodes chunks ahead in DataLoader
+(PIL, then audit/data/preprocessing.py) and `stream_batches` decodes chunks ahead in DataLoader
 workers. Bad images: every selected file's header is read up front (cheap: ~0.04 ms a file,
 it catches non-images and unknown formats, naming the file); truncated or corrupt pixel
 data only shows when decoding, so without `skip_bad_images` the scan stops at the first
@@ -39,7 +39,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from robaudit.audit.preprocessing import Preprocessing
+from robaudit.audit.data.preprocessing import Preprocessing
 from robaudit.errors import UserError
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
@@ -176,7 +176,7 @@ def _read_labels_file(path: Path, root: Path, notes: dict):
 
 
 def _names_in_file(path) -> Tuple[str, List[str]]:
-    from robaudit.audit.class_maps import read_text
+    from robaudit.audit.data.class_maps import read_text
 
     text = read_text(path, "--class-names")
     return text, [line.strip() for line in text.splitlines() if line.strip()]
@@ -230,7 +230,7 @@ def _resolve_classes(raw_labels, all_ids, numeric: bool, class_names, notes: dic
                             f"give the synset mapping the data's classes come from")
         return np.asarray([position[v] for v in raw_labels], dtype=np.int64), names
 
-    from robaudit.audit.class_maps import parse_class_names, read_class_names
+    from robaudit.audit.data.class_maps import parse_class_names, read_class_names
 
     if numeric:
         values = np.asarray([int(v) for v in raw_labels], dtype=np.int64)

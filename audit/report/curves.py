@@ -27,11 +27,11 @@ import json
 import math
 import re
 
-from robaudit.audit.report_figures import OKABE_ITO, LINE_DASHES, base_layout, accuracy_axis
-from robaudit.audit.report_format import (
+from robaudit.audit.report.figures import OKABE_ITO, LINE_DASHES, base_layout, accuracy_axis
+from robaudit.audit.report.formatting import (
     NORM_LABELS, eps_as_fraction_of_255, finite, pct, plotly_text, rounded,
 )
-from robaudit.audit.report_records import CLEAN_KEY, attack_label, headline_key, records, robustness_order
+from robaudit.audit.report.records import CLEAN_KEY, attack_label, headline_key, records, robustness_order
 from robaudit.errors import UserError
 
 # Up to this many classes every class's curve is drawn (the worst HIGHLIGHT highlighted);

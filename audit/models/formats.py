@@ -6,7 +6,7 @@ A format is a `ModelFormat` subclass decorated with `@register_format`:
   are `head`, is in this format, judged by content, never by name;
 * `read(path, options) -> (module, ModelInfo)`: the model as it arrived (its own input
   layout, value range and outputs) and what the reader learned about it
-  (audit/adapters.py `ModelInfo`). Problems a user can cause end in a one-line UserError,
+  (audit/models/adapters.py `ModelInfo`). Problems a user can cause end in a one-line UserError,
   and nothing in the file runs unless `options.trust_pickle`.
 
 `pick_format` uses a forced format as given, or tries the formats in `order` (lowest
@@ -46,8 +46,8 @@ from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from robaudit.audit import arch_inference
-from robaudit.audit.adapters import FixedBatchModule, ModelInfo, first_line
+from robaudit.audit.models import arch_inference
+from robaudit.audit.models.adapters import FixedBatchModule, ModelInfo, first_line
 from robaudit.errors import UserError
 from robaudit.registry import Registry
 
@@ -76,7 +76,7 @@ class ReadOptions:
     trust_pickle: bool = False          # allow unpickling arbitrary objects (runs their code)
     device: str = "cpu"
     # Without arch, tells same-key architecture forms apart on a probe batch (load_model's
-    # probe_data; audit/arch_inference.py decide_by_probe); None: such files are refused.
+    # probe_data; audit/models/arch_inference.py decide_by_probe); None: such files are refused.
     score_candidate: Optional[arch_inference.CandidateScorer] = None
 
 
@@ -267,7 +267,7 @@ class OnnxFormat(ModelFormat):
     def detect(self, path: str, head: bytes) -> bool:
         if container_kind(path, head) is not None:
             return False
-        from robaudit.audit.onnx_support import read_model_proto
+        from robaudit.audit.models.onnx_support import read_model_proto
 
         try:
             read_model_proto(path)
@@ -276,7 +276,7 @@ class OnnxFormat(ModelFormat):
         return True
 
     def read(self, path: str, options: ReadOptions) -> Tuple[nn.Module, ModelInfo]:
-        from robaudit.audit.onnx_support import read_onnx
+        from robaudit.audit.models.onnx_support import read_onnx
 
         return read_onnx(path, device=options.device)
 
@@ -425,11 +425,11 @@ def _strip_wrapper_prefixes(state: Mapping[str, torch.Tensor], notes: List[str])
 def model_from_weights(state: Mapping[str, torch.Tensor], kind: str, path: str, options: ReadOptions,
                        notes: List[str]) -> Tuple[nn.Module, ModelInfo]:
     """Weights (format `kind`) loaded into options.arch, which they must fit exactly, or
-    without it into the architecture their keys and shapes say (audit/arch_inference.py);
-    a `timm:NAME` arch is built by timm (audit/zoo.py `timm_from_weights`)."""
+    without it into the architecture their keys and shapes say (audit/models/arch_inference.py);
+    a `timm:NAME` arch is built by timm (audit/models/zoo.py `timm_from_weights`)."""
     state = _strip_wrapper_prefixes(state, notes)
     if options.arch is not None and options.arch.lower().startswith("timm:"):
-        from robaudit.audit.zoo import timm_from_weights  # zoo imports this module
+        from robaudit.audit.models.zoo import timm_from_weights  # zoo imports this module
 
         return timm_from_weights(state, kind, path, options, notes)
     # RobustBench-style mu/sigma buffers move to the boundary: normalised once, recorded there.

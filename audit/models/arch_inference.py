@@ -3,7 +3,7 @@
 A state_dict, checkpoint or safetensors file holds tensors, not the network: without
 --arch, `infer_architecture` builds every registered architecture on the meta device
 (shapes only, no memory, no initialisation cost) and keeps those whose state_dict keys
-and shapes equal the file's exactly (after audit/formats.py has stripped wrapper
+and shapes equal the file's exactly (after audit/models/formats.py has stripped wrapper
 prefixes). The WideResNet family is open-ended (`wrn-D-W`, any D = 6n+4 and W), so its
 depth and width are read off the shapes (`architectures.infer_wide_resnet`) instead of
 trying the listed sizes; every head's class count comes from the head's weight shape.
@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from robaudit.audit.architectures import (ARCHITECTURES, PREACT_RESNET18_FORMS, create_architecture,
+from robaudit.audit.models.architectures import (ARCHITECTURES, PREACT_RESNET18_FORMS, create_architecture,
                                           infer_wide_resnet, resolve_architecture)
 from robaudit.audit.metrics import binomial_upper_tail, mcnemar_exact_p
 from robaudit.errors import UserError

@@ -8,7 +8,7 @@ first). The answers live here so that the sections agree on them.
 
 from __future__ import annotations
 
-from robaudit.audit.report_format import finite
+from robaudit.audit.report.formatting import finite
 from robaudit.audit.results_schema import ENSEMBLE_KEY
 
 CLEAN_KEY = "clean"

@@ -38,28 +38,21 @@ from markupsafe import Markup
 
 from robaudit import __version__ as ROBAUDIT_VERSION
 from robaudit.audit.io import write_bytes_atomic
-from robaudit.audit.report_comparison import comparison_section
-from robaudit.audit.report_curves import curves_sections, embedded_results, validate_curves
-from robaudit.audit.report_figures import PLOTLY_CONFIG
-from robaudit.audit.report_format import display, eps_as_fraction_of_255, finite, pct, pp, ratio, rounded, script_json
-from robaudit.audit.report_records import headline_key
-from robaudit.audit.report_redaction import redact_command, redact_results, redact_text
-from robaudit.audit.report_sections import (
+from robaudit.audit.report.comparison import comparison_section
+from robaudit.audit.report.curves import curves_sections, embedded_results, validate_curves
+from robaudit.audit.report.figures import PLOTLY_CONFIG
+from robaudit.audit.report.formatting import display, eps_as_fraction_of_255, finite, pct, pp, ratio, rounded, script_json
+from robaudit.audit.report.records import headline_key
+from robaudit.audit.report.redaction import redact_results
+from robaudit.audit.report.sections import (
     checks_section, examples_section, per_class_section, provenance_section, target_flow_section, verdict_section,
 )
-from robaudit.audit.report_training import shown_epochs, training_section
+from robaudit.audit.report.training import training_section
 from robaudit.audit.results_schema import validate_results
 from robaudit.errors import UserError
 
 __all__ = ["build_context", "render_report", "render_html", "load_results", "validate_results",
            "redact_results", "headline_key", "eps_as_fraction_of_255"]
-
-# tests/test_report.py reaches these helpers under the names they had before the report
-# was split into modules; new code imports them from their own modules.
-_redact_text = redact_text
-_redact_command = redact_command
-_shown_epochs = shown_epochs
-
 
 # --------------------------------------------------------------------------- loading
 

@@ -47,9 +47,9 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from robaudit.audit import formats
-from robaudit.audit.adapters import BoundaryRequest, ModelInfo, first_line
-from robaudit.audit.arch_inference import compare_keys, mismatch_error
+from robaudit.audit.models import formats
+from robaudit.audit.models.adapters import BoundaryRequest, ModelInfo, first_line
+from robaudit.audit.models.arch_inference import compare_keys, mismatch_error
 from robaudit.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """The model boundary: robaudit's attack space on one side, the model as it arrived on the other.
 
 `build_boundary(module, info, request)` is the one place the boundary is decided and
-built, for every format (audit/formats.py): a format's reader returns the model as it
+built, for every format (audit/models/formats.py): a format's reader returns the model as it
 arrived and a `ModelInfo`; the user's flags arrive as a `BoundaryRequest`
 (`resolve_request`).
 
@@ -44,9 +44,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from robaudit.audit.adaptations import describe
-from robaudit.audit.boundary_modules import PROB_FLOOR, BoundaryModel, FixedBatchModule, SelectOutput
-from robaudit.audit.class_maps import column_order, read_class_names, resolve_class_map
+from robaudit.audit.models.adaptations import describe
+from robaudit.audit.models.boundary_modules import PROB_FLOOR, BoundaryModel, FixedBatchModule, SelectOutput
+from robaudit.audit.data.class_maps import column_order, read_class_names, resolve_class_map
 from robaudit.errors import UserError
 
 # Re-exported: the boundary's modules and class-map helpers live in their own modules.
@@ -351,7 +351,7 @@ class ModelInfo:
 class DeferredModel(abc.ABC):
     """A model that its reader can only finish once the boundary has decided the input
     layout and the output (ONNX: onnxruntime's outputs on a probe in the model's layout,
-    then the onnx2torch conversion checked against the chosen one; audit/onnx_support.py).
+    then the onnx2torch conversion checked against the chosen one; audit/models/onnx_support.py).
 
     `build_boundary` calls `outputs`, chooses the output among them as for any model, and
     attacks what `finish` returns.
@@ -437,7 +437,7 @@ def _constants_text(values: Sequence[float]) -> str:
 def check_own_normalization(module: nn.Module, info: ModelInfo, request: BoundaryRequest
                             ) -> Tuple[BoundaryRequest, List[str]]:
     """(request, notes) for a model that normalises its own input (RobustBench's DM models:
-    `module.input_normalization`, audit/architectures_dm.py).
+    `module.input_normalization`, audit/models/architectures_dm.py).
 
     Normalising at the boundary as well would normalise twice, and the model would still run
     with plausible-looking, wrong logits. So --mean/--std (or the file's mu/sigma) that differ

@@ -2,7 +2,7 @@
 
 `read_class_names` renames the dataset's classes (label order); `resolve_class_map` maps
 each model output to a dataset class and `column_order` turns that into the column
-order the boundary applies (audit/adapters.py, step 7).
+order the boundary applies (audit/models/adapters.py, step 7).
 """
 
 from __future__ import annotations

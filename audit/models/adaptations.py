@@ -1,6 +1,6 @@
 """What the model boundary did, as results.json records it (model.adaptations, docs/results-schema.md).
 
-`describe` turns the decisions audit/adapters.py `build_boundary` made into the entries
+`describe` turns the decisions audit/models/adapters.py `build_boundary` made into the entries
 input_layout, input_range, output, batch_size, class_map, class_names and pipeline.
 """
 
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from robaudit.audit.boundary_modules import PROB_FLOOR
+from robaudit.audit.models.boundary_modules import PROB_FLOOR
 
 if TYPE_CHECKING:  # adapters imports this module
-    from robaudit.audit.adapters import BoundaryRequest, ModelInfo
+    from robaudit.audit.models.adapters import BoundaryRequest, ModelInfo
 
 
 def _pipeline(request: BoundaryRequest, info: ModelInfo, layout: str, out_name: Optional[str],

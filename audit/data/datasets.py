@@ -6,10 +6,10 @@
   as `data_dir`. `load_dataset("cifar10", data_dir="file.npz")` reads CIFAR-10 from
   that .npz instead of torchvision's files;
 - a path to an .npz file or to an image folder (one sub-folder per class, or a flat folder
-  with a labels file; audit/image_folders.py). Image folders load lazily: EvalData.x is a
+  with a labels file; audit/data/image_folders.py). Image folders load lazily: EvalData.x is a
   `LazyImages` that decodes the files it is indexed with.
 
-Preprocessing (`resize`, `center_crop`, `preprocess` preset; audit/preprocessing.py) applies
+Preprocessing (`resize`, `center_crop`, `preprocess` preset; audit/data/preprocessing.py) applies
 to every dataset in [0, 1] space and is recorded in EvalData.preprocessing.
 
 Every loader first yields the full split's labels plus a way to fetch images by
@@ -36,7 +36,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from robaudit.audit.image_folders import IMAGE_EXTENSIONS  # noqa: F401  (re-exported)
+from robaudit.audit.data.image_folders import IMAGE_EXTENSIONS  # noqa: F401  (re-exported)
 from robaudit.errors import UserError
 from robaudit.registry import Registry
 
@@ -72,7 +72,7 @@ class EvalData:
     preprocessing: Optional[dict] = None   # resize / center crop applied (Preprocessing.record); None: none
 
     # x: a float32 tensor for in-memory datasets; image folders give a LazyImages
-    # (audit/image_folders.py) that decodes on indexing.
+    # (audit/data/image_folders.py) that decodes on indexing.
 
     @property
     def num_classes(self) -> int:
@@ -136,14 +136,14 @@ def load_dataset(name, *, split: str = "test", data_dir=None, limit: Optional[in
                  class_names=None, skip_bad_images: bool = False, workers: Optional[int] = None) -> EvalData:
     """Load a split (test for audits, train for remediation), optionally as a deterministic subset.
 
-    resize / center_crop / preprocess (a preset name, audit/preprocessing.py PRESETS) are
+    resize / center_crop / preprocess (a preset name, audit/data/preprocessing.py PRESETS) are
     applied to every dataset, in [0, 1] space. Image folders come back lazy (EvalData.x a
     `LazyImages`); labels (a labels file for a flat folder), class_names (--class-names for
     folders, image_folders.py) and skip_bad_images only apply to image folders; workers:
     decode workers of stream_batches (x.workers) and threads of the up-front image checks
     (None: min(4, cpu count); 0: decode in the main process, checks in min(4, cpus) threads).
     """
-    from robaudit.audit.preprocessing import preprocess_tensor, resolve_preprocessing
+    from robaudit.audit.data.preprocessing import preprocess_tensor, resolve_preprocessing
 
     limit = _check_count(limit, "limit")
     n_per_class = _check_count(n_per_class, "n_per_class")
@@ -170,7 +170,7 @@ def load_dataset(name, *, split: str = "test", data_dir=None, limit: Optional[in
 
     classes = list(full.classes)
     if class_names is not None:
-        from robaudit.audit.class_maps import read_class_names
+        from robaudit.audit.data.class_maps import read_class_names
 
         classes = read_class_names(os.fspath(class_names), classes)
     selected = subset_indices(full.labels, limit=limit, n_per_class=n_per_class)
@@ -443,7 +443,7 @@ def image_folder_path(name, data_dir=None) -> Optional[Path]:
 def _load_image_folder(folder: Path, split: str, limit, n_per_class, preprocessing, labels, class_names,
                        skip_bad_images: bool, workers: Optional[int]) -> EvalData:
     """A lazily decoded image folder: listing, subset, up-front header (or decode) checks."""
-    from robaudit.audit.image_folders import (SHOWN_SKIPPED, LazyImages, common_shape, decode_check,
+    from robaudit.audit.data.image_folders import (SHOWN_SKIPPED, LazyImages, common_shape, decode_check,
                                               header_sizes, list_image_folder)
 
     listing = list_image_folder(folder, split, labels_file=labels, class_names=class_names)
@@ -497,7 +497,7 @@ def _imagefolder(*, split: str, data_dir=None, download: bool = True) -> _FullSp
 
 @DATASETS.register("demo", help="the offline demo 'patterns' dataset (generated; 10 classes, 32x32)")
 def _demo(*, split: str, data_dir=None, download: bool = True) -> _FullSplit:
-    from robaudit.audit.demo import make_demo_arrays
+    from robaudit.audit.data.demo import make_demo_arrays
 
     _check_split("demo", split, ("train", "test"))
     images, labels, classes = make_demo_arrays(split)

@@ -1,9 +1,9 @@
 """Load a classifier from a file, whatever its format, and check it before attacking it.
 
 `load_model` picks the file's format (forced, or detected from the file's content, not
-its name: audit/formats.py lists the formats and the order they are tried in), reads
+its name: audit/models/formats.py lists the formats and the order they are tried in), reads
 it without executing untrusted code, puts it in eval mode on the device, and hands it to
-the boundary builder (audit/adapters.py `build_boundary`), which adapts its input range,
+the boundary builder (audit/models/adapters.py `build_boundary`), which adapts its input range,
 normalisation, layout, fixed batch, output choice and kind and class order so that it
 takes NCHW images in [0, 1] and returns logits in dataset class order, and runs forward
 passes on an all-zero batch and on a random probe batch to check the model can be
@@ -22,15 +22,17 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from robaudit.audit import adapters, formats, zoo
+from robaudit.audit.models import adapters
+from robaudit.audit.models import formats
+from robaudit.audit.models import zoo
 from robaudit.audit.devices import resolve_device
 from robaudit.audit.modes import eval_mode
-# Re-exported: these lived here before the format registry (audit/formats.py) and the
-# boundary builder (audit/adapters.py) took them over.
-from robaudit.audit.adapters import PROBE_TEXT, BoundaryModel, FixedBatchModule, SelectOutput, first_line
-from robaudit.audit.arch_inference import FILE_NORMALIZATION_SOURCE
-from robaudit.audit.architectures import resolve_architecture
-from robaudit.audit.formats import (CHECKPOINT_WEIGHT_KEYS, WEIGHT_FORMATS, WRAPPER_PREFIXES, ExportedModule,
+# Re-exported: these lived here before the format registry (audit/models/formats.py) and the
+# boundary builder (audit/models/adapters.py) took them over.
+from robaudit.audit.models.adapters import PROBE_TEXT, BoundaryModel, FixedBatchModule, SelectOutput, first_line
+from robaudit.audit.models.arch_inference import FILE_NORMALIZATION_SOURCE
+from robaudit.audit.models.architectures import resolve_architecture
+from robaudit.audit.models.formats import (CHECKPOINT_WEIGHT_KEYS, WEIGHT_FORMATS, WRAPPER_PREFIXES, ExportedModule,
                                     ReadOptions)
 from robaudit.errors import UserError
 
@@ -38,7 +40,7 @@ __all__ = ["BoundaryModel", "CHECKPOINT_WEIGHT_KEYS", "ExportedModule", "FORMATS
            "LoadedModel", "PROBE_TEXT", "SelectOutput", "WEIGHT_FORMATS", "WRAPPER_PREFIXES", "load_model",
            "save_export", "sha256_file"]
 
-# The built-in formats, in detection order (audit/formats.py; formats registered later
+# The built-in formats, in detection order (audit/models/formats.py; formats registered later
 # are in formats.format_names()).
 FORMATS = tuple(formats.format_names())
 
@@ -56,7 +58,7 @@ class LoadedModel:
     refusal: Optional[str]         # why white-box attacks are refused (one line), when white_box is False
     num_classes: Optional[int] = None   # C, from the zero-batch forward check
     class_names: Optional[List[str]] = None  # from --class-names: replace the dataset's names
-    # How arch was chosen when no --arch was given (audit/arch_inference.py): {"how",
+    # How arch was chosen when no --arch was given (audit/models/arch_inference.py): {"how",
     # "candidates", "probe"?}; -> results.json model.arch_inferred. None: given or not needed.
     arch_inferred: Optional[dict] = None
 
@@ -100,7 +102,7 @@ def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle
     """Load the model at `path` and adapt it to NCHW [0, 1] in, logits in dataset class order out.
 
     input_shape is the dataset's (C, H, W). input_layout auto|nchw|nhwc, input_range 0-1|0-255,
-    output auto|logits|probs|log-probs and output_name adapt the boundary (audit/adapters.py).
+    output auto|logits|probs|log-probs and output_name adapt the boundary (audit/models/adapters.py).
     class_map (a JSON file path, a list or a dict: model index -> dataset class index or name)
     reorders the outputs; class_names (a file path or a list) renames the dataset's classes
     (returned as LoadedModel.class_names). dataset_classes are the dataset's class names
@@ -108,12 +110,12 @@ def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle
     LoadedModel.adaptations (docs/results-schema.md, model.adaptations).
 
     A weights-only file without `arch` is loaded into the registered architecture its keys
-    and shapes fit (audit/arch_inference.py; LoadedModel.arch_inferred says how). probe_data
+    and shapes fit (audit/models/arch_inference.py; LoadedModel.arch_inferred says how). probe_data
     = (x, y), a small batch of the audited data (NCHW in [0, 1], labels), lets it tell apart
     forms with the same keys but different forwards by clean accuracy; without it they are
     refused.
 
-    `path` may also name a zoo model (audit/zoo.py): `robustbench:[THREAT/]NAME` (for the
+    `path` may also name a zoo model (audit/models/zoo.py): `robustbench:[THREAT/]NAME` (for the
     dataset named `dataset`; cached under `zoo_dir`), or a timm Hugging Face folder; `arch`
     may be `timm:NAME`. What the zoo did is recorded in adaptations["zoo"].
     """

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robaudit.audit.architectures_dm import DMPreActResNet, DMWideResNet
+from robaudit.audit.models.architectures_dm import DMPreActResNet, DMWideResNet
 from robaudit.errors import UserError
 from robaudit.registry import Registry
 

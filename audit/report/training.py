@@ -11,9 +11,9 @@ validation.
 
 from __future__ import annotations
 
-from robaudit.audit.report_comparison import delta
-from robaudit.audit.report_figures import trajectory_figure, training_curves_figure
-from robaudit.audit.report_format import display, finite, png_data_uri
+from robaudit.audit.report.comparison import delta
+from robaudit.audit.report.figures import trajectory_figure, training_curves_figure
+from robaudit.audit.report.formatting import display, finite, png_data_uri
 from robaudit.audit.results_schema import Trajectory, class_state_trajectories
 
 MAX_TRAJECTORY_TABLE_EPOCHS = 10

@@ -139,7 +139,7 @@ def train_demo_model(x: torch.Tensor, y: torch.Tensor, index: torch.Tensor, num_
                      epochs: int = 5, eps: float = DEMO_EPS, steps: int = 3, seed: int = 0,
                      batch_size: int = 128) -> torch.nn.Module:
     """PGD adversarial training (Madry et al.) of the small CNN, shortened for a demo."""
-    from robaudit.audit.architectures import create_architecture
+    from robaudit.audit.models.architectures import create_architecture
 
     torch.manual_seed(seed)
     model = create_architecture("smallcnn", num_classes=num_classes)

@@ -28,8 +28,8 @@ from onnx2torch.utils.common import (OnnxMapping, OnnxToTorchModule, OperationCo
                                      get_const_value, onnx_mapping_from_node)
 from torch import nn
 
-from robaudit.audit import adapters
-from robaudit.audit.adapters import FixedBatchModule
+from robaudit.audit.models import adapters
+from robaudit.audit.models.adapters import FixedBatchModule
 from robaudit.errors import UserError
 
 # Logit agreement needed to trust the torch conversion, relative to the logit scale

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 
-from robaudit.audit.report_figures import accuracy_curve_figure, flow_heatmap, per_class_figure
-from robaudit.audit.report_format import ci, display, budget_text, norm_label, finite, pct, png_data_uri, rounded
-from robaudit.audit.report_records import (
+from robaudit.audit.report.figures import accuracy_curve_figure, flow_heatmap, per_class_figure
+from robaudit.audit.report.formatting import ci, display, budget_text, norm_label, finite, pct, png_data_uri, rounded
+from robaudit.audit.report.records import (
     CLEAN_KEY, attack_in_words, attack_label, headline_key, records, robustness_order,
 )
-from robaudit.audit.report_redaction import basename
+from robaudit.audit.report.redaction import basename
 from robaudit.audit.results_schema import dense_flow, flow_rows
 
 # Above these class counts a heatmap or full matrix table stops being readable (and

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import html
 
-from robaudit.audit.report_format import ci, finite, plotly_text, rounded
-from robaudit.audit.report_records import CLEAN_KEY, ENSEMBLE_KEY
+from robaudit.audit.report.formatting import ci, finite, plotly_text, rounded
+from robaudit.audit.report.records import CLEAN_KEY, ENSEMBLE_KEY
 
 # Okabe & Ito (2008): distinguishable with the common colour-vision deficiencies.
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442", "#000000"]

@@ -1,4 +1,4 @@
-"""The nn.Modules the model boundary is made of (audit/adapters.py decides which, and how).
+"""The nn.Modules the model boundary is made of (audit/models/adapters.py decides which, and how).
 
 `BoundaryModel` runs the steps of adapters' pipeline around the model; `FixedBatchModule`
 feeds a fixed-batch model in chunks; `SelectOutput` picks one output of several.
@@ -72,7 +72,7 @@ class SelectOutput(nn.Module):
 
 
 class BoundaryModel(nn.Module):
-    """NCHW [0, 1] images in, logits in dataset class order out (the steps: audit/adapters.py)."""
+    """NCHW [0, 1] images in, logits in dataset class order out (the steps: audit/models/adapters.py)."""
 
     def __init__(self, model: nn.Module, *, scale: float = 1.0, mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None, layout: str = "nchw", output_kind: str = "logits",
