@@ -20,7 +20,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-import robaudit
 from robaudit.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -48,9 +47,11 @@ def results_document(*, command: Optional[str], started_at: str, finished_at: st
                      checks: list, timing: dict, environment: dict, notes: List[str],
                      training: Optional[dict] = None) -> Dict[str, Any]:
     """A results.json document with every key in its place (docs/results-schema.md)."""
+    from robaudit.audit.integrity import tool_identity   # integrity imports this module
+
     return {
         "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "robaudit", "version": robaudit.__version__},
+        "tool": tool_identity(),
         "command": command, "started_at": started_at, "finished_at": finished_at,
         "model": model, "dataset": dataset, "config": config, "attacks": attacks, "ensemble": ensemble,
         "target_flow": target_flow, "examples": examples, "checks": checks, "timing": timing,
