@@ -90,6 +90,8 @@ def without_plotly(page: str) -> str:
 
 def scrub_volatile(page: str) -> str:
     page = without_plotly(page)
+    # the render stamp names the renderer's git commit (audit/report/integrity.py; tested there)
+    page = re.sub(r'<script type="application/json" id="robaudit-render">.*?</script>\n', "", page, count=1)
     return re.sub(r'(<span data-volatile="[a-z-]+">)[^<]*(</span>)', r"\1[scrubbed]\2", page)
 
 
@@ -426,7 +428,8 @@ def test_page_structure(compare_page):
     plotly_head = report._plotly_js()[0][:300]
     assert page.count(plotly_head) == 1
     assert [s["attrs"].get("id") for s in parsed.scripts] == [
-        "results-data", "baseline-data", "figures-data", "plotly-config", "plotly-js", "report-js"]
+        "results-data", "baseline-data", "figures-data", "plotly-config", "plotly-js", "report-js",
+        "robaudit-render"]
 
     # The embedded JSON is the results, exactly.
     assert json.loads(parsed.script("results-data")["text"]) == after
@@ -469,7 +472,7 @@ def test_hostile_strings_render_only_as_text():
     parsed = parse(page)
     assert not [a for a in parsed.all("img") if not a.get("src", "").startswith("data:image/png;base64,")]
     assert not [(tag, a) for tag, a in parsed.elements if any(key.startswith("on") for key in a)]
-    assert len(parsed.scripts) == 6  # nothing injected a script element
+    assert len(parsed.scripts) == 7  # nothing injected a script element (6 + the render stamp)
     # The script-embedded JSON keeps the exact strings, and plotly labels are entity-escaped
     # (plotly.js reads a small HTML subset in labels and decodes entities back to text).
     assert json.loads(parsed.script("results-data")["text"])["dataset"]["classes"][1] == XSS_CLASS

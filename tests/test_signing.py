@@ -17,7 +17,7 @@ from robaudit.cli import main
 from robaudit.errors import GateFailed, UserError
 from robaudit.signing import (NAMESPACE, fingerprint, load_signing_key, sign_file, sign_outputs, signature_key,
                               verify_signature)
-from tests.report_fixtures import make_results
+from report_fixtures import make_results
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
 

@@ -37,11 +37,13 @@ import jinja2
 from markupsafe import Markup
 
 from robaudit import __version__ as ROBAUDIT_VERSION
+from robaudit.audit.integrity import results_digest
 from robaudit.audit.io import write_bytes_atomic
+from robaudit.audit.report import integrity as page_integrity
 from robaudit.audit.report.comparison import comparison_section
 from robaudit.audit.report.curves import curves_sections, embedded_results, validate_curves
 from robaudit.audit.report.figures import PLOTLY_CONFIG
-from robaudit.audit.report.formatting import display, eps_as_fraction_of_255, finite, pct, pp, ratio, rounded, script_json
+from robaudit.audit.report.formatting import display, json_safe, eps_as_fraction_of_255, finite, pct, pp, ratio, rounded, script_json
 from robaudit.audit.report.records import headline_key
 from robaudit.audit.report.redaction import redact_results
 from robaudit.audit.report.sections import (
@@ -85,19 +87,25 @@ def load_results(path) -> dict:
 
 
 def build_context(results: dict, *, baseline: dict | None = None, redact_paths: bool = False,
-                  paired=None) -> dict:
+                  paired=None, digests=None) -> dict:
     """Plain dicts and lists the template renders: results -> what each section shows.
 
     With `baseline` (the BEFORE results) the context also holds the comparison
     section, which the page then opens with; `paired` = (audit/paired.PairedOutcomes or
     None, why not) adds its paired tests. `redact_paths` cuts filesystem paths to
-    basenames everywhere, including the embedded results JSON.
+    basenames everywhere, including the embedded results JSON. `digests` = (results,
+    baseline) digests the page names (`integrity`), computed from the given results when None.
     """
     validate_results(results, source="results")
     validate_curves(results, source="results")
     if baseline is not None:
         validate_results(baseline, source="baseline results")
         validate_curves(baseline, source="baseline results")
+    if digests is None:   # of the results as given (before redaction and trimming), as the page embeds
+        # them: json_safe turns non-finite floats (never in a results.json robaudit wrote) into null
+        digests = (results_digest(json_safe(results)),
+                   results_digest(json_safe(baseline)) if baseline is not None else None)
+    integrity = {"results_digest": digests[0], "baseline_digest": digests[1], "tool": results.get("tool")}
     if redact_paths:
         results = redact_results(results)
         baseline = redact_results(baseline) if baseline is not None else None
@@ -132,7 +140,7 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
         "verdict": verdict, "checks": checks, "per_class": per_class, "curves": curves, "target_flow": target_flow,
         "examples": examples, "comparison": comparison, "training": training, "provenance": provenance,
         "figures": figures, "plotly_config": PLOTLY_CONFIG,
-        "redacted": redact_paths,
+        "redacted": redact_paths, "integrity": integrity,
         "embedded": {"results": embedded, "baseline": embedded_baseline,
                      "curve_bounds_left_out": bounds_left_out or baseline_bounds_left_out},
     }
@@ -178,18 +186,33 @@ def _plotly_js() -> tuple[Markup, str]:
     return Markup(source), match.group(1) if match else "unknown"
 
 
+def current_plotly_js_version() -> str:
+    return _plotly_js()[1]
+
+
 def render_html(results: dict, *, baseline: dict | None = None, redact_paths: bool = False,
-                rendered_at: str | None = None, paired=None) -> str:
-    """The report page as a string (what render_report writes)."""
-    context = build_context(results, baseline=baseline, redact_paths=redact_paths, paired=paired)
+                rendered_at: str | None = None, paired=None, digests=None) -> str:
+    """The report page as a string (what render_report writes), with its render stamp
+    (audit/report/integrity.py: what `robaudit verify report.html` re-renders it from).
+    `digests` = (results, baseline) digests to name instead of those of the given results:
+    only for re-rendering a page from its redacted embedded copy."""
+    context = build_context(results, baseline=baseline, redact_paths=redact_paths, paired=paired, digests=digests)
     if rendered_at is None:
         rendered_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     plotly_js, plotly_js_version = _plotly_js()
-    return _environment().get_template("report.html.j2").render(
+    page = _environment().get_template("report.html.j2").render(
         **context, rendered_at=rendered_at, renderer_version=ROBAUDIT_VERSION,
         plotly_js=plotly_js, plotly_js_version=plotly_js_version,
         report_css=_asset("report.css", "</style"), report_js=_asset("report.js", "</script"),
     )
+    embedded = {side: page_integrity.embedded_record(given, context["embedded"][side], redact_paths=redact_paths,
+                                                     bounds_left_out=embedded_results(given)[1])
+                for side, given in (("results", results), ("baseline", baseline))}
+    stamp = page_integrity.render_stamp(
+        digests=(context["integrity"]["results_digest"], context["integrity"]["baseline_digest"]),
+        redact_paths=redact_paths, rendered_at=rendered_at, paired=paired, embedded=embedded,
+        plotly_js_version=plotly_js_version)
+    return page_integrity.stamp_page(page, stamp)
 
 
 def render_report(results: dict, out_path, *, baseline: dict | None = None, redact_paths: bool = False,
