@@ -281,3 +281,10 @@ def verify_signature(path, sig_path=None, allowed_signers=None) -> SignatureChec
         return SignatureCheck(False, key, principal, f"{path.name}: signature by {principal} ({key}) does "
                                                      "not match the file (edited after signing?)")
     return SignatureCheck(True, key, principal, f"{path.name}: good signature by {principal} ({key})")
+
+
+def signature_findings(path, sig_path=None, allowed_signers=None) -> List[str]:
+    """verify_signature as findings for `robaudit verify`: [] when the signature is good (and, with
+    `allowed_signers`, by a listed key), else its one-line message."""
+    check = verify_signature(path, sig_path=sig_path, allowed_signers=allowed_signers)
+    return [] if check.ok else [check.message]

@@ -15,9 +15,10 @@ import pytest
 
 from robaudit.cli import main
 from robaudit.errors import GateFailed, UserError
-from robaudit.signing import (NAMESPACE, fingerprint, load_signing_key, sign_file, sign_outputs, signature_key,
-                              verify_signature)
+from robaudit.signing import (NAMESPACE, fingerprint, load_signing_key, sign_file, sign_outputs, signature_findings,
+                              signature_key, verify_signature)
 from report_fixtures import make_results
+from test_cli import _scan_args, files  # noqa: F401  (files: the tiny model and data, a fixture)
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
 
@@ -88,6 +89,12 @@ def test_one_edited_byte_fails_both_checks(tmp_path, keys):
     assert openssh_verify(file, sig, allowed, "auditor").returncode != 0
 
 
+@pytest.mark.parametrize("command", ["scan", "remediate", "report"])
+def test_the_three_writing_commands_take_sign(capsys, command):
+    code, out, _ = run_cli(capsys, command, "--help")
+    assert code == 0 and "--sign KEYFILE" in out
+
+
 def test_key_not_in_allowed_signers_fails(tmp_path, keys):
     file = tmp_path / "results.json"
     file.write_text("{}\n")
@@ -95,6 +102,8 @@ def test_key_not_in_allowed_signers_fails(tmp_path, keys):
     allowed = allowed_signers(tmp_path / "allowed", "auditor", keys["a"])
     check = verify_signature(file, allowed_signers=allowed)
     assert not check.ok and check.principal is None and "not in" in check.message
+    assert signature_findings(file, allowed_signers=allowed) == [check.message]
+    assert signature_findings(file) == []     # a good signature, by a key nobody vouched for
     assert check.fingerprint == load_signing_key(keys["b"]).fingerprint
     assert openssh_verify(file, sig, allowed, "auditor").returncode != 0
 
@@ -176,3 +185,26 @@ def test_sign_outputs_signs_only_what_the_run_wrote(tmp_path, keys):
             (tmp_path / "results.json").write_text('{"half": true}')
             raise RuntimeError("crash")
     assert not verify_signature(tmp_path / "results.json").ok   # the old signature no longer matches
+
+
+def test_scan_sign_end_to_end(tmp_path, capsys, keys, files):
+    """A real scan with --sign: OpenSSH verifies results.json and report.html, the page re-renders
+    to itself, and results.json carries the commit and the checks ledger."""
+    from robaudit.audit.integrity import tool_identity
+    from robaudit.audit.report.integrity import check_page
+
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, *_scan_args(files, out, "--attacks", "clean,fgsm,pgd",
+                                               "--attack-opt", "pgd.steps=2", "--sign", keys["a"]))
+    assert code == 0, err
+    allowed = allowed_signers(tmp_path / "allowed", "auditor", keys["a"])
+    for name in ("results.json", "report.html"):
+        assert openssh_verify(out / name, out / f"{name}.sig", allowed, "auditor").returncode == 0, name
+        assert verify_signature(out / name, allowed_signers=allowed).principal == "auditor"
+    assert not (out / "samples.npz.sig").exists()
+    assert check_page(out / "report.html") == []
+    assert check_page(out / "report.html", results_path=out / "results.json") == []
+    results = json.loads((out / "results.json").read_text())
+    assert results["tool"] == tool_identity()
+    ledger = {entry["id"]: entry for entry in results["checks_ledger"]}
+    assert ledger["blackbox_stronger_than_whitebox"]["state"] == "not_run"
