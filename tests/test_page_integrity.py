@@ -199,3 +199,14 @@ def test_comparison_page_with_paired_tests(tmp_path):
     assert check_page(page_path)
     page_path.write_text(edit_visible_percentage(page), encoding="utf-8")
     assert check_page(page_path)
+
+
+def test_redacted_comparison_without_paired_tests_hides_the_samples_path(tmp_path):
+    before, after = make_results(seed=1), make_results(seed=2, strength=1.5)
+    why = "/home/alice/audits/before/samples.npz cannot be read for this comparison"
+    page_path = render_report(after, tmp_path / "comparison.html", baseline=before, paired=(None, why),
+                              redact_paths=True, rendered_at=RENDERED_AT)
+    page = page_path.read_text(encoding="utf-8")
+    assert "/home/alice" not in page and "samples.npz cannot be read" in page
+    check = inspect_page(page_path)
+    assert check.problems == [] and len(check.notes) == 2     # neither digest recomputable from the page

@@ -188,7 +188,11 @@ class _Tampered(Exception):
 
 def _difference(page: bytes, again: bytes) -> str:
     """Where two pages first differ, as line number and the two texts around it."""
-    at = next((i for i, (a, b) in enumerate(zip(page, again)) if a != b), min(len(page), len(again)))
+    at, block = 0, 1 << 16
+    while at < min(len(page), len(again)) and page[at:at + block] == again[at:at + block]:
+        at += block      # whole equal blocks first: pages are megabytes, a byte loop is slow
+    at = next((i for i in range(at, min(at + block, len(page), len(again))) if page[i] != again[i]),
+              min(at + block, len(page), len(again)))
     line = page.count(b"\n", 0, at) + 1
 
     def around(text: bytes) -> str:

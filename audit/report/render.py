@@ -45,7 +45,7 @@ from robaudit.audit.report.curves import curves_sections, embedded_results, vali
 from robaudit.audit.report.figures import PLOTLY_CONFIG
 from robaudit.audit.report.formatting import display, json_safe, eps_as_fraction_of_255, finite, pct, pp, ratio, rounded, script_json
 from robaudit.audit.report.records import headline_key
-from robaudit.audit.report.redaction import redact_results
+from robaudit.audit.report.redaction import redact_results, redact_text
 from robaudit.audit.report.sections import (
     checks_section, examples_section, per_class_section, provenance_section, target_flow_section, verdict_section,
 )
@@ -196,6 +196,8 @@ def render_html(results: dict, *, baseline: dict | None = None, redact_paths: bo
     (audit/report/integrity.py: what `robaudit verify report.html` re-renders it from).
     `digests` = (results, baseline) digests to name instead of those of the given results:
     only for re-rendering a page from its redacted embedded copy."""
+    if redact_paths and paired is not None:   # why there is no paired test may name samples.npz's path
+        paired = (paired[0], redact_text(paired[1]))
     context = build_context(results, baseline=baseline, redact_paths=redact_paths, paired=paired, digests=digests)
     if rendered_at is None:
         rendered_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
