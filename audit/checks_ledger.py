@@ -42,18 +42,20 @@ class KnownCheck:
     needs: Callable[[dict], Optional[str]]       # None when it can run on these results, else why not
     passed: Callable[[dict], str]                # what a pass means on these results
     worst_class: Optional[Callable[[dict], Optional[int]]] = None   # class scope: the worst failing class
+    failed: Optional[Callable[[dict], Optional[str]]] = None         # a failure read off the results, no flag
 
 
 def register_check(id: str, title: str, *, needs: Callable[[dict], Optional[str]], passed, severity: str = "warning",
                    scope: str = "audit", owns: Optional[Callable[[str], bool]] = None,
-                   worst_class=None) -> KnownCheck:
+                   worst_class=None, failed=None) -> KnownCheck:
     """Add a check to CHECKS. `needs(results)`: None when it can run, else why not; `passed`: what
     a pass means, a string or results -> string; `owns`: which flag ids are its own (default: the
-    one with its id); `worst_class` (class scope): results -> the worst failing class's index."""
+    one with its id); `worst_class` (class scope): results -> the worst failing class's index;
+    `failed`: results -> why it failed, for a check whose failure is in the results, not a flag."""
     if severity not in SEVERITIES or scope not in SCOPES:
         raise ValueError(f"check {id!r}: severity {severity!r} / scope {scope!r}")
     check = KnownCheck(id, title, severity, scope, owns or (lambda flag: flag == id), needs,
-                       passed if callable(passed) else (lambda results: passed), worst_class)
+                       passed if callable(passed) else (lambda results: passed), worst_class, failed)
     CHECKS.register(id)(check)
     _ORDER.append(check.id)
     return check
@@ -207,8 +209,24 @@ def _replay_needs(results):
     return None
 
 
+def _unconfirmed(results) -> Optional[str]:
+    """attacks.<name>.replay.unconfirmed (per class) summed, when any failure was not confirmed."""
+    counts = {}
+    for name, block in _attacks(results).items():
+        replay = block.get("replay")
+        if isinstance(replay, dict):
+            total = sum(int(v or 0) for v in replay.get("unconfirmed") or [])
+            if total:
+                counts[name] = (total, replay.get("runtime"))
+    if not counts:
+        return None
+    return ("failures counted by the attack but not confirmed when replayed on the artifact: "
+            + ", ".join(f"{name} {total} ({runtime})" if runtime else f"{name} {total}"
+                        for name, (total, runtime) in counts.items()))
+
+
 register_check("replay_confirmed", "Failures confirmed on the shipped artifact",
-               owns=lambda flag: flag.startswith("replay_"), needs=_replay_needs,
+               owns=lambda flag: flag.startswith("replay_"), needs=_replay_needs, failed=_unconfirmed,
                passed="every counted failure was confirmed by replaying it on the artifact's own runtime")
 
 
@@ -280,7 +298,10 @@ def build_ledger(results: dict) -> List[dict]:
             ledger.append(_entry(check, "failed", reason, worst))
             continue
         why_not = check.needs(results)
-        if why_not is not None:
+        failure = check.failed(results) if check.failed is not None and why_not is None else None
+        if failure is not None:
+            ledger.append(_entry(check, "failed", failure))
+        elif why_not is not None:
             ledger.append(_entry(check, "not_run", why_not))
         else:
             ledger.append(_entry(check, "passed", check.passed(results)))

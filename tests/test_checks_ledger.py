@@ -146,6 +146,19 @@ def test_curve_and_loss_checks_cannot_run_without_their_data():
     assert ledger_of(results)["loss_not_converged"]["state"] == "failed"
 
 
+def test_replay_check_reads_the_recorded_replay():
+    results = audit()
+    assert ledger_of(results)["replay_confirmed"]["state"] == "not_run"
+    results["attacks"]["clean"]["replay"] = None
+    for name in ("fgsm", "pgd"):
+        results["attacks"][name]["replay"] = {"runtime": "onnxruntime 1.17", "confirmed": [5, 5, 5],
+                                              "unconfirmed": [0, 0, 0], "realizable": [5, 5, 5]}
+    assert ledger_of(results)["replay_confirmed"]["state"] == "passed"
+    results["attacks"]["pgd"]["replay"]["unconfirmed"] = [0, 2, 0]
+    entry = ledger_of(results)["replay_confirmed"]
+    assert entry["state"] == "failed" and "pgd 2 (onnxruntime 1.17)" in entry["reason"]
+
+
 def test_near_chance_and_small_classes_states():
     assert ledger_of(audit(clean=[55, 55, 55]))["near_chance"]["state"] == "passed"
     assert ledger_of(audit(clean=[5, 5, 5]))["near_chance"]["state"] == "failed"
