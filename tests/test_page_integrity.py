@@ -197,6 +197,10 @@ def test_comparison_page_with_paired_tests(tmp_path):
     forged["paired"]["outcomes"]["after"] = base64.b64encode(bytes(bits)).decode("ascii")
     page_path.write_text(page.replace(script_json(stamp), script_json(forged)), encoding="utf-8")
     assert check_page(page_path)
+    hostile = json.loads(json.dumps(stamp))   # the page is untrusted input: no object arrays from it
+    hostile["paired"]["outcomes"]["y_dtype"] = "|O"
+    page_path.write_text(page.replace(script_json(stamp), script_json(hostile)), encoding="utf-8")
+    assert any("paired outcomes are malformed" in p for p in check_page(page_path))
     page_path.write_text(edit_visible_percentage(page), encoding="utf-8")
     assert check_page(page_path)
 

@@ -82,6 +82,8 @@ def _unpack_paired(packed: Optional[dict]):
     from robaudit.audit.paired import PairedOutcomes
 
     n = int(outcomes["n"])
+    if outcomes["y_dtype"] not in ("<u2", "<i8"):
+        raise ValueError(f"y_dtype {outcomes['y_dtype']!r}")
 
     def bits(text) -> np.ndarray:
         return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
@@ -309,6 +311,9 @@ def _compare(html_path: Path, raw: bytes, stamp: dict, sources: dict, check: Pag
                             paired=paired, digests=(stamp.get("results_digest"), stamp.get("baseline_digest")))
     except UserError as err:   # the embedded JSON no longer passes the report's own checks
         raise _Tampered(f"{html_path.name}: its embedded results cannot be rendered: {err}") from None
+    except Exception as err:   # noqa: BLE001  a page robaudit rendered re-renders; this one's data does not
+        raise _Tampered(f"{html_path.name}: its embedded results cannot be rendered "
+                        f"({type(err).__name__}: {err})".splitlines()[0]) from None
     again_bytes = again.encode("utf-8")
     if again_bytes == raw:
         return
