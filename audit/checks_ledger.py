@@ -20,7 +20,7 @@ still gets an entry (failed), so nothing is lost. docs/checks.md describes each 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 from robaudit.audit import class_checks
 from robaudit.audit import checks as audit_checks
@@ -195,7 +195,8 @@ def _converging(results) -> list:
     return found
 
 
-register_check("loss_not_converged", "Iterative attacks converged", owns=lambda flag: flag.endswith("_loss_not_converged"),
+register_check("loss_not_converged", "Iterative attacks converged",
+               owns=lambda flag: flag.endswith("_loss_not_converged"),
                needs=lambda results: None if _converging(results) else (
                    "no iterative attack with a loss curve (pgd, cw, tpgd) left 5 or more points unfooled"),
                passed=lambda r: "the loss stopped rising before the last steps of " + ", ".join(_converging(r)))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from report_fixtures import class_entry, make_results, set_accuracy, summarise
+from report_fixtures import class_entry, make_results, set_accuracy
 from robaudit.audit import class_checks
 from robaudit.audit.checks import result_checks
 from robaudit.audit.checks_ledger import build_ledger, list_checks
@@ -229,4 +229,3 @@ def test_empty_classes_are_skipped_not_flagged():
     for name in ("fgsm", "pgd"):
         results["attacks"][name]["per_class"][1] = class_entry("cross", 0, 0)
     assert not class_checks.multistep_weaker_findings(results)
-    assert summarise  # the fixture helpers in use
