@@ -229,3 +229,60 @@ def test_empty_classes_are_skipped_not_flagged():
     for name in ("fgsm", "pgd"):
         results["attacks"][name]["per_class"][1] = class_entry("cross", 0, 0)
     assert not class_checks.multistep_weaker_findings(results)
+
+
+# --------------------------------------------------------------------------- every state from real results
+
+
+def _with_curves(scales=None, never=None):
+    from test_report_curves import add_curves
+
+    results = audit(robust={"fgsm": [30, 30, 30], "pgd": [25, 25, 25]}, clean=[58, 58, 58])
+    add_curves(results, scales=scales, never=never)
+    return results
+
+
+def _no_effect_on_pgd():
+    results = audit(clean=[58, 58, 58])
+    for class_name in CLASSES:
+        set_accuracy(results, "pgd", class_name, 58)    # pgd fooled nothing
+    return results
+
+
+def _without_clean():
+    results = audit(requested=("fgsm", "pgd"))
+    del results["attacks"]["clean"]
+    return results
+
+
+def _eps_zero():
+    results = audit()
+    results["config"]["eps"] = 0.0
+    return results
+
+
+STATE_CASES = [
+    ("aa_much_stronger", lambda: audit(("pgd", "aa"), robust={"pgd": [30] * 3, "aa": [28] * 3}), "passed"),
+    ("aa_much_stronger", lambda: audit(("pgd", "aa"), robust={"pgd": [40] * 3, "aa": [20] * 3}), "failed"),
+    ("aa_much_stronger", lambda: audit(), "not_run"),
+    ("no_effect", lambda: audit(clean=[58, 58, 58]), "passed"),
+    ("no_effect", _no_effect_on_pgd, "failed"),
+    ("no_effect", _eps_zero, "not_run"),
+    ("curve_not_reaching_zero", lambda: _with_curves(), "passed"),
+    ("curve_not_reaching_zero", lambda: _with_curves([0.01] * 3, [30] * 3), "failed"),
+    ("curve_below_fixed_eps", lambda: _with_curves([20] * 3), "passed"),
+    ("curve_below_fixed_eps", lambda: _with_curves([0.01] * 3), "failed"),
+    ("curve_far_above_fixed_eps", lambda: _with_curves([0.01] * 3), "passed"),
+    ("curve_far_above_fixed_eps", lambda: _with_curves([20] * 3), "failed"),
+    ("zero_gradients", lambda: audit(), "passed"),
+    ("zero_gradients", lambda: audit(white_box=False), "not_run"),
+    ("class_clean_below_chance", lambda: _without_clean(), "not_run"),
+    ("near_chance", lambda: _without_clean(), "not_run"),
+]
+
+
+@pytest.mark.parametrize("check_id, build, state", STATE_CASES,
+                         ids=[f"{case[0]}-{case[2]}" for case in STATE_CASES])
+def test_each_state_from_the_checks_themselves(check_id, build, state):
+    entry = ledger_of(build())[check_id]
+    assert entry["state"] == state, entry
