@@ -159,7 +159,7 @@ def _read_labels_file(path: Path, root: Path, notes: dict):
                 raise UserError(f"--labels {path} line {number}: expected label<TAB>file "
                                 f"(label: a class index or name), or ImageNet's LOC_val_solution.csv")
             entries.append((name.strip(), label.strip()))
-    numeric = all(label.lstrip("-").isdigit() for _, label in entries)
+    numeric = all(re.fullmatch(r"-?\d+", label) for _, label in entries)   # int() reads them ("²", "--1" no)
     if numeric and any(int(label) < 0 for _, label in entries):
         raise UserError(f"--labels {path} has a negative class index")
     all_ids = None if numeric else sorted({label for _, label in entries})

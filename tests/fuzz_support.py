@@ -1,0 +1,62 @@
+"""Shared pieces of the property-based tests (tests/test_fuzz_*.py, issue 27).
+
+The property every parser of user input must have: it returns a valid value, or it raises
+`UserError` (one line, exit 2 at the command line). Anything else (a traceback, "internal
+error", a half-written file) is a bug. `outcome` runs a parser and sorts the result into
+"ok" / "refused"; any other exception propagates and fails the test, with hypothesis's
+shrunk example. Budgets (`BUDGET`) keep every property test together under a minute on
+two shared cores; FUZZ_EXAMPLES=N raises them for a longer local hunt.
+"""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, settings
+
+from robaudit.errors import UserError
+
+# examples per property test; FUZZ_EXAMPLES overrides (e.g. 2000 for a hunt before a release)
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0")) or None
+
+
+def budget(examples: int):
+    """hypothesis settings: `examples` draws (or FUZZ_EXAMPLES), no deadline (shared CPUs), no
+    database (the corpus of found cases lives in @example decorators and tests/corpus/)."""
+    return settings(max_examples=EXAMPLES or examples, deadline=None, database=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                           HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+
+def outcome(parse, *args, **kwargs):
+    """("ok", value) or ("refused", message); any other exception is the bug being hunted."""
+    try:
+        return "ok", parse(*args, **kwargs)
+    except UserError as err:
+        message = str(err)
+        assert message and "\n" not in message, f"UserError must be one line, got {message!r}"
+        assert "internal error" not in message
+        return "refused", message
+
+
+def run_cli(argv) -> tuple:
+    """(exit code, stdout, stderr) of robaudit.cli.main(argv) in-process, stderr captured here."""
+    import contextlib
+    import io
+
+    from robaudit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in argv])
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_refusal(code: int, stderr: str) -> None:
+    assert code == 2, f"exit {code}: {stderr}"
+    assert stderr.startswith("robaudit: error: ") and stderr.count("\n") == 1, stderr
+    assert "internal error" not in stderr and "Traceback" not in stderr, stderr
