@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 
 from robaudit.errors import UserError
 
@@ -22,8 +22,9 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0")) or None
 
 def budget(examples: int):
     """hypothesis settings: `examples` draws (or FUZZ_EXAMPLES), no deadline (shared CPUs), no
-    database (the corpus of found cases lives in @example decorators and tests/corpus/)."""
-    return settings(max_examples=EXAMPLES or examples, deadline=None, database=None, derandomize=True,
+    database (the corpus of found cases lives in @example decorators); derandomized, so CI runs
+    the same draws every time, except in a FUZZ_EXAMPLES hunt."""
+    return settings(max_examples=EXAMPLES or examples, deadline=None, database=None, derandomize=EXAMPLES is None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                            HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
@@ -31,12 +32,15 @@ def budget(examples: int):
 def outcome(parse, *args, **kwargs):
     """("ok", value) or ("refused", message); any other exception is the bug being hunted."""
     try:
-        return "ok", parse(*args, **kwargs)
+        value = parse(*args, **kwargs)
     except UserError as err:
+        event("refused")          # --hypothesis-show-statistics shows how often each branch ran
         message = str(err)
         assert message and "\n" not in message, f"UserError must be one line, got {message!r}"
         assert "internal error" not in message
         return "refused", message
+    event("ok")
+    return "ok", value
 
 
 def run_cli(argv) -> tuple:

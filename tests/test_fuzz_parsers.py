@@ -149,6 +149,8 @@ NAME = st.one_of(st.text(max_size=8), st.sampled_from(["cat", "dog", "<b>x</b>",
 
 @budget(200)
 @given(body=st.one_of(st.lists(NAME, max_size=5).map("\n".join),
+                      st.lists(st.sampled_from(["cat", "dog", "c0", "c1", "eel", "<i>", "é"]), min_size=1,
+                               max_size=4, unique=True).map("\n".join),
                       st.lists(st.one_of(NAME, st.integers(-3, 9), st.floats(), st.none(), st.booleans(),
                                          st.lists(st.integers(), max_size=2)), max_size=5).map(json.dumps),
                       st.binary(max_size=40)),
@@ -169,6 +171,8 @@ def test_class_names_files(tmp_path_factory, body, count):
 
 @budget(200)
 @given(spec=st.one_of(
+    st.permutations([0, 1, 2]), st.permutations(["c0", "c1", 2]),
+    st.permutations([0, 1, 2]).map(lambda p: {str(k): v for k, v in enumerate(p)}),
     st.lists(st.one_of(st.integers(-2, 5), st.sampled_from(["c0", "c1", "c2", "zz"]), st.floats(), st.none(),
                        st.booleans()), max_size=4),
     st.dictionaries(st.one_of(st.integers(-2, 5).map(str), st.text(max_size=3)),

@@ -356,7 +356,7 @@ def _npz_split(path: Path, split: str, dataset_name: Optional[str] = None,
         raise UserError(f"no such .npz file: {path}")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:   # EOFError: an empty file
         raise UserError(f"cannot read {path} as an .npz file ({type(err).__name__}: {err})") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise UserError(f"{path} holds a single array, not an .npz archive with x_test/y_test")

@@ -277,6 +277,10 @@ def _open_checked(path: str):
     # Idempotent (filterwarnings drops an equal entry before inserting it) and set on each open
     # because test runners and embedding programs reset the warning filters.
     warnings.filterwarnings("error", category=Image.DecompressionBombWarning, module=r"PIL\.Image")
+    # A TIFF whose tags are cut short or corrupt ("Truncated File Read", "Corrupt EXIF data") is
+    # warned about while its header is read; its pixels are checked when decoded (a short strip
+    # raises), so the warning only adds lines to the one-line contract of the command.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
     try:
         image = Image.open(path)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
