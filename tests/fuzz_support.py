@@ -10,7 +10,9 @@ two shared cores; FUZZ_EXAMPLES=N raises them for a longer local hunt.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 from hypothesis import HealthCheck, event, settings
 
@@ -43,9 +45,22 @@ def outcome(parse, *args, **kwargs):
     return "ok", value
 
 
+# warnings that never reach a user's terminal as extra lines (Python hides them by default)
+QUIET_WARNINGS = (ResourceWarning, DeprecationWarning, PendingDeprecationWarning)
+
+
+@contextlib.contextmanager
+def no_stray_warnings():
+    """Fail if the block emits a warning a user would see: it would be a second stderr line."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    stray = [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, QUIET_WARNINGS)]
+    assert not stray, stray
+
+
 def run_cli(argv) -> tuple:
     """(exit code, stdout, stderr) of robaudit.cli.main(argv) in-process, stderr captured here."""
-    import contextlib
     import io
 
     from robaudit.cli import main
