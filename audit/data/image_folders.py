@@ -28,11 +28,11 @@ Images that cannot be decoded safely all get the same treatment (one line naming
 and exit 2; dropped and counted with skip_bad_images): unknown format, empty or zero-sized
 (width or height 0), truncated or corrupt, and over the pixel limit. The pixel limit is
 PIL's own `Image.MAX_IMAGE_PIXELS`, read when each file is opened: 89,478,485 pixels by
-default (0.25 GiB as 24-bit RGB, e.g. 9459x9459). It is kept because it is far above any
-audit data set's photos (ImageNet's largest validation image is ~16 Mpx; a 224x224 audit
-resizes everything anyway), while a 1 MB PNG claiming 20000x20000 would decode to 1.2 GB of
-RGB in every decode worker; a program that embeds robaudit and raised the limit gets its own
-value. PIL raises DecompressionBombError only above twice the limit and merely warns between
+default (0.25 GiB as 24-bit RGB, e.g. 9459x9459). It is kept because it is far above the
+images audits use (CIFAR's 32x32, ImageNet photos of a few hundred pixels a side, all resized
+to the model's input anyway), while a 50 kB PNG claiming 20000x20000 would decode to 1.2 GB
+of RGB in every decode worker; a program that embeds robaudit and changed the limit gets its
+own value. PIL raises DecompressionBombError only above twice the limit and merely warns between
 1x and 2x; here anything above 1x is refused, checked from the header before any pixel is
 decoded (`_open_checked`), and PIL's warning is turned into an error for PIL.Image so the
 band never prints a warning either.
