@@ -148,7 +148,7 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
     distributed.init_from_env(device)  # no-op unless started by torchrun
     torch_device = resolve_device(device)
     data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, n_per_class=n_per_class,
-                        **data_loading_kwargs(dataset, data_dir))
+                        expected_classes=num_classes, **data_loading_kwargs(dataset, data_dir))
     loaded = load_model_from_options(model, model_format=model_format, arch=arch, num_classes=num_classes,
                                      trust_pickle=trust_pickle, mean=mean, std=std, device=torch_device,
                                      dataset_classes=data.classes, input_shape=tuple(data.x.shape[1:]),
