@@ -28,6 +28,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,10 +226,13 @@ def sign_outputs(key: Optional[SigningKey], *roots) -> Iterator[None]:
 def _sign_changed(key: SigningKey, roots, before: dict, is_main: bool) -> None:
     if not is_main:   # torchrun: rank 0 wrote the files and signs them
         return
+    signed = []
     for path in _candidates(roots):
         identity = _identity(path)
         if identity is not None and identity != before.get(path):
-            sign_file(path, key)
+            signed.append(sign_file(path, key))
+    if signed:   # progress goes to stderr, like every other robaudit message that is not a result
+        print(f"robaudit: signed with {key.fingerprint}: {', '.join(str(p) for p in signed)}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------- verifying

@@ -197,6 +197,7 @@ def test_scan_sign_end_to_end(tmp_path, capsys, keys, files):
     code, _, err = run_cli(capsys, *_scan_args(files, out, "--attacks", "clean,fgsm,pgd",
                                                "--attack-opt", "pgd.steps=2", "--sign", keys["a"]))
     assert code == 0, err
+    assert f"signed with {load_signing_key(keys['a']).fingerprint}" in err and "results.json.sig" in err
     allowed = allowed_signers(tmp_path / "allowed", "auditor", keys["a"])
     for name in ("results.json", "report.html"):
         assert openssh_verify(out / name, out / f"{name}.sig", allowed, "auditor").returncode == 0, name
