@@ -331,14 +331,16 @@ def training_block(cfg: RemediateConfig, method, teacher, history: List[dict], s
 
 def audit_student(cfg: RemediateConfig, exports: Dict[str, dict], test_data, training: dict,
                    out_dir: Path) -> dict:
-    """engine.run_scan on the exported student (so results.json describes the shipped file).
+    """engine.run_scan and its report (scan_outputs.scan_and_report) on the exported student (so
+    results.json describes the shipped file).
 
     Under torchrun every rank calls run_scan (the engine shards the audit and rank 0 writes
     out_dir/student/); rank 0 sends the exported file's bytes to the others, which load
     them from a private temporary folder, so no rank but 0 needs to read --out.
     """
-    from robaudit.audit.engine import ScanConfig, run_scan
+    from robaudit.audit.engine import ScanConfig
     from robaudit.audit.models.loading import load_model
+    from robaudit.audit.scan_outputs import scan_and_report
 
     exported = next((exports[f]["path"] for f in ("pt2", "torchscript") if exports.get(f, {}).get("ok")), None)
     if exported is None:
@@ -360,7 +362,7 @@ def audit_student(cfg: RemediateConfig, exports: Dict[str, dict], test_data, tra
         scan_cfg = ScanConfig(out_dir=out_dir / "student", eps=cfg.eps, norm=cfg.norm, seed=cfg.seed,
                               batch_size=cfg.audit_batch_size, device=cfg.device,
                               attack_overrides=dict(cfg.audit_overrides), command=cfg.command, **scan_kwargs)
-        return run_scan(scan_cfg, model=loaded, data=test_data, extra={"training": training})
+        return scan_and_report(scan_cfg, model=loaded, data=test_data, extra={"training": training})
     finally:
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
