@@ -117,17 +117,19 @@ def print_summary(results: dict, console: Console) -> None:
         console.err(f"check [{flag['severity']}] {flag['id']}: {flag['message']}")
 
 
-def remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test, console: Console) -> dict:
+def remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test, console: Console,
+                          student_module=None) -> dict:
     """Teacher audit (before) -> training (the method's trainer) -> student audit (after) -> comparison.
 
     Returns the trainer's summary (with "student_results") plus "teacher_results" (None
-    without a teacher).
+    without a teacher). student_module: a ready nn.Module to train instead of cfg.student.
     """
     from robaudit.audit.outlock import hold_out_dir
     from robaudit.remediate.common import student_architecture
 
     def train_student(dry_run=False):
-        return method_cls.run(cfg, teacher=teacher, train_data=train, test_data=test, dry_run=dry_run)
+        return method_cls.run(cfg, teacher=teacher, train_data=train, test_data=test, dry_run=dry_run,
+                              **({"student_module": student_module} if student_module is not None else {}))
 
     train_student(dry_run=True)  # every check on options, data and models before a file is written
     out = Path(cfg.out_dir)
