@@ -32,7 +32,7 @@ from robaudit.audit.attacks import create_attack, list_attacks
 from robaudit.audit.curves import scan_curves
 from robaudit.audit.io import check_writable_dir, png_base64, write_npz_atomic, write_text_atomic
 from robaudit.audit.devices import resolve_device
-from robaudit.audit.headline import headline_key, summary_block
+from robaudit.audit.gates import gate_outcomes
 from robaudit.audit.metrics import class_summary, target_flow
 from robaudit.audit.outlock import hold_out_dir
 from robaudit.audit.scan_chunks import (ScanState, attack_shard, clean_predictions,
@@ -404,15 +404,10 @@ def _select_examples(kept, attack_blocks, ensemble, data, per_sample) -> List[di
 
 
 def check_gates(results: dict, cfg: ScanConfig) -> None:
+    """Raise GateFailed with the first failing gate (audit/gates.py)."""
     if cfg.fail_under_worst is None and cfg.fail_over_nsd is None:
         return
-    label = cfg.gate_attack or headline_key(results)   # the headline rule (audit/headline.py)
-    block = summary_block(results, label)
-    if block is None or block["worst"] is None:
-        # A CI gate fails closed: numbers that were not produced cannot pass it.
-        raise GateFailed(f"gate failed: no {label} results to check (was the attack refused?)")
-    if cfg.fail_under_worst is not None and block["worst"] < cfg.fail_under_worst:
-        raise GateFailed(f"gate failed: {label} worst-class accuracy {block['worst']:.4f} "
-                         f"({block['worst_class']}) is under --fail-under-worst {cfg.fail_under_worst}")
-    if cfg.fail_over_nsd is not None and block["nsd"] is not None and block["nsd"] > cfg.fail_over_nsd:
-        raise GateFailed(f"gate failed: {label} NSD {block['nsd']:.4f} is over --fail-over-nsd {cfg.fail_over_nsd}")
+    for outcome in gate_outcomes(results, fail_under_worst=cfg.fail_under_worst, fail_over_nsd=cfg.fail_over_nsd,
+                                 gate_attack=cfg.gate_attack):
+        if not outcome.passed:
+            raise GateFailed(outcome.message)

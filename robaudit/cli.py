@@ -162,6 +162,25 @@ def report(results_files, out_file, redact_paths):
     click.echo(f"wrote {out}")
 
 
+@cli.command()
+@click.argument("results_file", type=click.Path())
+@click.option("--format", "fmt", required=True, type=click.Choice(["model-index", "cyclonedx", "junit"]),
+              help="model-index: Hugging Face model card metadata (YAML); cyclonedx: a CycloneDX 1.6 ML-BOM "
+                   "(JSON); junit: the gates as JUnit XML (one testcase per policy).")
+@click.option("--out", "out_file", default=None, type=click.Path(), help="Write here instead of stdout.")
+@click.option("--fail-under-worst", type=float, default=None, help="junit: the worst-class gate (as in scan).")
+@click.option("--fail-over-nsd", type=float, default=None, help="junit: the NSD gate (as in scan).")
+def export(results_file, fmt, out_file, fail_under_worst, fail_over_nsd):
+    """Export RESULTS.json as a model-index block, a CycloneDX ML-BOM, or JUnit XML of the gates."""
+    from robaudit.exports import write_export
+
+    text = write_export(results_file, fmt, out_file, fail_under_worst=fail_under_worst, fail_over_nsd=fail_over_nsd)
+    if out_file is None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(f"wrote {out_file}")
+
+
 @cli.command(name="list")
 @click.option("--options", "show_options", is_flag=True, help="Also list each remediation method's options.")
 def list_cmd(show_options):
