@@ -189,3 +189,18 @@ def test_one_headline_rule_for_gates_table_and_report():
     check_gates(results, ScanConfig(out_dir=None, fail_under_worst=block["worst"]))
     with pytest.raises(GateFailed, match=key):
         check_gates(results, ScanConfig(out_dir=None, fail_under_worst=block["worst"] + 1e-9))
+
+
+def test_a_module_with_batchnorm_is_audited_in_eval_mode_and_left_unchanged():
+    x, y = (torch.from_numpy(a) for a in make_arrays())
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}   # incl. the 0-dim num_batches_tracked
+    from robaudit.audit.models.in_memory import module_sha256
+
+    digest = module_sha256(model)
+    robaudit.quick_audit(model, x, y, steps=2)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert module_sha256(model) == digest
+    with torch.no_grad():
+        model[3].bias[0] += 1e-3
+    assert module_sha256(model) != digest   # another weight, another digest (resume never mixes them)
