@@ -14,7 +14,9 @@ __version__ = "0.1.0"
 
 __all__ = ["scan", "remediate", "quick_audit", "Audit", "Comparison", "Remediation", "__version__"]
 
-_API = {"scan": "robaudit.api", "remediate": "robaudit.api", "quick_audit": "robaudit.api",
+# `remediate` is the robaudit.remediate package, which is callable (remediate/__init__.py):
+# robaudit.remediate(teacher, data, ...) runs robaudit.api.remediate.
+_API = {"scan": "robaudit.api", "remediate": None, "quick_audit": "robaudit.api",
         "Audit": "robaudit.results", "Comparison": "robaudit.results", "Remediation": "robaudit.results"}
 
 
@@ -24,7 +26,8 @@ def __getattr__(name):
     if name in _API:
         import importlib
 
-        value = getattr(importlib.import_module(_API[name]), name)
+        value = (importlib.import_module("robaudit.remediate") if _API[name] is None
+                 else getattr(importlib.import_module(_API[name]), name))
         globals()[name] = value
         return value
     raise AttributeError(f"module 'robaudit' has no attribute {name!r}")

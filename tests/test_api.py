@@ -204,3 +204,25 @@ def test_a_module_with_batchnorm_is_audited_in_eval_mode_and_left_unchanged():
     with torch.no_grad():
         model[3].bias[0] += 1e-3
     assert module_sha256(model) != digest   # another weight, another digest (resume never mixes them)
+
+
+def test_remediate_returns_the_student_and_both_audits(tmp_path):
+    x, y = make_arrays(per_class=12)
+    x_test, y_test = make_arrays(seed=1)
+    np.savez(tmp_path / "tiny.npz", x_train=x, y_train=y, x_test=x_test, y_test=y_test, class_names=np.array(CLASSES))
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(4, len(CLASSES)))
+    run = robaudit.remediate(Centroid(), str(tmp_path / "tiny.npz"), student=student, method="rslad", epochs=1,
+                             batch_size=20, steps=2, val_per_class=2, val_steps=1, audit_attacks="clean,fgsm",
+                             device="cpu", out=tmp_path / "rem")
+    assert run.teacher_audit is not None and run.student_audit.classes == CLASSES
+    saved = json.loads((tmp_path / "rem" / "student" / "results.json").read_text())
+    assert run.student_audit.results == saved and saved["training"]["method"] == "rslad"
+    assert run.teacher_audit.results["model"]["path"] == "<in-memory Centroid>"
+    with torch.no_grad():   # the returned student is the audited one: its clean accuracy per class matches
+        pred = run.student(torch.from_numpy(x_test)).argmax(1).numpy()
+    clean = run.student_audit.block("clean").per_class
+    assert [int(((pred == y_test) & (y_test == k)).sum()) for k in range(len(CLASSES))] == [r.correct for r in clean]
+    assert run.comparison.key == "ensemble"
+    assert (tmp_path / "rem" / "report.html").exists()
