@@ -226,3 +226,20 @@ def test_remediate_returns_the_student_and_both_audits(tmp_path):
     assert [int(((pred == y_test) & (y_test == k)).sum()) for k in range(len(CLASSES))] == [r.correct for r in clean]
     assert run.comparison.key == "ensemble"
     assert (tmp_path / "rem" / "report.html").exists()
+
+
+def test_layout_rules_small_modules_and_a_thin_cli():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    too_long = {str(p.relative_to(root)): n for p in (root / "audit").rglob("*.py")
+                if (n := len(p.read_text().splitlines())) > 600}
+    assert not too_long
+    tree = ast.parse((root / "robaudit" / "cli.py").read_text())
+    defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
+    assert not defined & {"format_table", "_remediate_and_compare", "_run_demo", "_demo_student",
+                          "_print_comparison", "_paired", "load_model_from_options"}
+    called = {node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", None)
+              for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    assert not called & {"run_scan", "run_remediate", "train_demo_model", "load_model"}
