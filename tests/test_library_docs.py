@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
 import torch
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "library.md"
