@@ -1,0 +1,191 @@
+"""`robaudit verify` (robaudit/verify.py) and the numpy + onnxruntime recipe of docs/verify.md.
+
+Two audits are mailed: a Keras-style ONNX export (NHWC input in 0..255) and a .pt2
+program, each scanned, then results.json, report.html and evidence.npz copied to another
+folder and verified there. One edited byte in any of the three, or another model, must
+make verify fail and name what differs.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from robaudit.audit.models.loading import save_export
+
+from test_cli import run_cli
+from test_engine import CLASSES, Centroid, make_arrays
+
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "verify.md"
+SCAN = ["--attacks", "clean,fgsm,pgd", "--attack-opt", "pgd.steps=3", "--batch-size", "16", "--device", "cpu"]
+
+
+class KerasStyle(nn.Module):
+    """The centroid model behind a Keras-like boundary: NHWC input in 0..255."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = Centroid()
+
+    def forward(self, x):
+        return self.inner(x.permute(0, 3, 1, 2) / 255.0)
+
+
+@pytest.fixture(scope="module")
+def mailed(tmp_path_factory):
+    """{kind: (folder with the three mailed files, model path)}, plus the data file."""
+    root = tmp_path_factory.mktemp("verify")
+    x, y = make_arrays()
+    np.savez(root / "tiny.npz", x_test=np.round(x * 255).astype(np.uint8).transpose(0, 2, 3, 1), y_test=y,
+             class_names=np.array(CLASSES))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(KerasStyle().eval(), (torch.rand(2, 8, 8, 3) * 255,), str(root / "keras.onnx"),
+                          dynamo=False, input_names=["input_1"], output_names=["dense"],
+                          dynamic_axes={"input_1": {0: "n"}, "dense": {0: "n"}})
+    save_export(Centroid().eval(), str(root / "centroid.pt2"), torch.rand(2, 3, 8, 8))
+    out = {}
+    for kind, model, extra in (("onnx", root / "keras.onnx", ["--input-range", "0-255"]),
+                               ("pt2", root / "centroid.pt2", [])):
+        scan_dir, mail = root / f"scan-{kind}", root / f"mail-{kind}"
+        code, _, err = run_cli_noinput(model, root / "tiny.npz", scan_dir, extra)
+        assert code == 0, err
+        mail.mkdir()
+        for name in ("results.json", "report.html", "evidence.npz"):
+            shutil.copy(scan_dir / name, mail / name)
+        out[kind] = (mail, model)
+    out["data"] = root / "tiny.npz"
+    return out
+
+
+def run_cli_noinput(model, data, out, extra):
+    from robaudit.cli import main
+
+    code = 0
+    try:
+        main(["scan", str(model), "--dataset", str(data), "--out", str(out), *SCAN, *extra])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, "", ""
+
+
+def verify(capsys, mailed, kind, target="results.json", evidence=None, model=None, extra=()):
+    mail, model_path = mailed[kind]
+    return run_cli(capsys, "verify", mail / target, "--evidence", evidence or mail / "evidence.npz",
+                   "--model", model or model_path, "--dataset", mailed["data"], "--device", "cpu", *extra)
+
+
+@pytest.mark.parametrize("kind", ["onnx", "pt2"])
+@pytest.mark.parametrize("target", ["results.json", "report.html"])
+def test_mailed_audit_verifies(capsys, mailed, kind, target):
+    code, out, err = verify(capsys, mailed, kind, target)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["results", "model", "config", "attacks", "fgsm", "pgd"]
+    assert all(": verified" in line for line in lines), out
+    if kind == "onnx":
+        assert "onnxruntime" in lines[-1]
+
+
+def _edit_number(path: Path, dest: Path) -> None:
+    text = path.read_text()
+    edited = re.sub(r'"correct": ?(\d+)', lambda m: f'"correct": {int(m.group(1)) + 1}', text, count=1)
+    assert edited != text
+    dest.write_text(edited)
+
+
+def test_edited_results_json_differs(capsys, mailed, tmp_path):
+    mail, _ = mailed["onnx"]
+    _edit_number(mail / "results.json", tmp_path / "results.json")
+    shutil.copy(mail / "evidence.npz", tmp_path / "evidence.npz")
+    code, out, err = run_cli(capsys, "verify", tmp_path / "results.json", "--evidence", tmp_path / "evidence.npz",
+                             "--model", mailed["onnx"][1], "--dataset", mailed["data"], "--device", "cpu")
+    assert code == 3
+    assert out.startswith("results: results.json differs from the results the evidence was made with")
+    assert "DIFFERS: class c" in out and "verification failed" in err
+
+
+def test_edited_page_differs(capsys, mailed, tmp_path):
+    mail, _ = mailed["pt2"]
+    _edit_number(mail / "report.html", tmp_path / "report.html")
+    code, out, err = run_cli(capsys, "verify", tmp_path / "report.html", "--evidence", mail / "evidence.npz",
+                             "--model", mailed["pt2"][1], "--dataset", mailed["data"], "--device", "cpu")
+    assert code == 3 and "results: the page's embedded results differs" in out
+
+
+def test_edited_evidence_byte_is_refused(capsys, mailed, tmp_path):
+    mail, _ = mailed["onnx"]
+    raw = bytearray((mail / "evidence.npz").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (tmp_path / "evidence.npz").write_bytes(bytes(raw))
+    code, out, err = verify(capsys, mailed, "onnx", evidence=tmp_path / "evidence.npz")
+    assert code == 2 and out == ""
+    assert "evidence" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evidence_array_edited_consistently_is_refused(capsys, mailed, tmp_path):
+    """A valid zip whose arrays were changed (the manifest kept): caught by payload_sha256."""
+    mail, _ = mailed["onnx"]
+    with np.load(mail / "evidence.npz") as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["pgd__delta8"] = arrays["pgd__delta8"].copy()
+    arrays["pgd__delta8"].flat[0] += 1
+    np.savez_compressed(tmp_path / "evidence.npz", **arrays)
+    code, out, err = verify(capsys, mailed, "onnx", evidence=tmp_path / "evidence.npz")
+    assert code == 2 and "payload_sha256" in err
+
+
+def test_truncated_evidence_is_refused(capsys, mailed, tmp_path):
+    mail, _ = mailed["pt2"]
+    raw = (mail / "evidence.npz").read_bytes()
+    (tmp_path / "evidence.npz").write_bytes(raw[: len(raw) // 2])
+    code, _, err = verify(capsys, mailed, "pt2", evidence=tmp_path / "evidence.npz")
+    assert code == 2 and "truncated or edited" in err
+
+
+def test_another_model_is_refused(capsys, mailed, tmp_path):
+    other = Centroid()
+    with torch.no_grad():
+        other.mu.add_(0.01)
+    save_export(other.eval(), str(tmp_path / "other.pt2"), torch.rand(2, 3, 8, 8))
+    code, out, err = verify(capsys, mailed, "pt2", model=tmp_path / "other.pt2")
+    assert code == 2 and out == "" and err.startswith("robaudit: error: model: sha256")
+
+
+def test_other_data_is_refused(capsys, mailed):
+    code, out, err = verify(capsys, mailed, "pt2", extra=["--limit", "20"])
+    assert code == 2 and "data: sha256" in err
+
+
+def _recipe() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+def _run_recipe(tmp_path, results, evidence, model, data):
+    script = tmp_path / "recipe.py"
+    script.write_text(_recipe())
+    return subprocess.run([sys.executable, str(script), str(results), str(evidence), str(model), str(data)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_docs_recipe_verifies_the_onnx_audit_without_robaudit(tmp_path, mailed):
+    mail, model = mailed["onnx"]
+    assert "robaudit" not in re.sub(r"#.*", "", _recipe())   # the recipe imports nothing of ours
+    done = _run_recipe(tmp_path, mail / "results.json", mail / "evidence.npz", model, mailed["data"])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [line for line in done.stdout.splitlines() if ": verified (" in line]
+    assert {line.split(":")[0] for line in done.stdout.splitlines()} == {"fgsm", "pgd"}
+    _edit_number(mail / "results.json", tmp_path / "edited.json")
+    failed = _run_recipe(tmp_path, tmp_path / "edited.json", mail / "evidence.npz", model, mailed["data"])
+    assert failed.returncode != 0 and "results.json differs" in failed.stderr
