@@ -58,12 +58,13 @@ KINDS = {replay_mod.KIND_DELTA8: "delta8", replay_mod.KIND_FLOAT32: "float32"}
 
 def data_digest(x, y, batch_size: int = 1024) -> str:
     """sha256 of the audited images and labels (layout: DATA_LAYOUT), streamed in batches."""
+    from robaudit.audit.data.image_folders import stream_batches
+
     h = hashlib.sha256()
     n = len(y)
-    for start in range(0, n, batch_size):
-        part = x[start:min(start + batch_size, n)]
-        part = part.detach().cpu().numpy() if isinstance(part, torch.Tensor) else np.asarray(part)
-        h.update(np.ascontiguousarray(part, dtype="<f4").tobytes())
+    batches = [np.arange(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    for part in stream_batches(x, batches):  # lazy image folders decode in workers
+        h.update(np.ascontiguousarray(part.detach().cpu().numpy(), dtype="<f4").tobytes())
     labels = y.numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
     return h.hexdigest()

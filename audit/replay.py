@@ -207,6 +207,19 @@ def has_record(chunk: dict) -> bool:
     return PREFIX + "pos" in chunk
 
 
+def record_ok(chunk: dict, positions: np.ndarray) -> bool:
+    """Whether a stored chunk's replay arrays fit together (a damaged chunk is recomputed)."""
+    keys = [PREFIX + k for k in ("pos", "kind", "realizable", "pred", "delta8", "float32")]
+    if not all(k in chunk for k in keys):
+        return False
+    pos, kind = chunk[PREFIX + "pos"], chunk[PREFIX + "kind"]
+    f = len(pos)
+    return bool(kind.shape == (f,) and chunk[PREFIX + "realizable"].shape == (f,)
+                and chunk[PREFIX + "pred"].shape == (f,) and np.isin(pos, positions).all()
+                and len(chunk[PREFIX + "delta8"]) == int((kind == KIND_DELTA8).sum())
+                and len(chunk[PREFIX + "float32"]) == int((kind == KIND_FLOAT32).sum()))
+
+
 def concat(records) -> Dict[str, np.ndarray]:
     """Records one after another (chunk order or rank order)."""
     records = list(records)

@@ -107,6 +107,7 @@ class ScanState:
             ok = ok and all(v.shape == (size,) for k, v in chunk.items() if k.startswith(EXTRA_PREFIX))
             ok = ok and bool(((chunk["adv_pred"] >= 0) & (chunk["adv_pred"] < num_classes)).all()
                              and np.isin(chunk["ex_pos"], positions).all())
+            ok = ok and (not replay_mod.has_record(chunk) or replay_mod.record_ok(chunk, positions))
         except Exception:  # a damaged chunk is recomputed, never trusted
             ok = False
         if not ok:

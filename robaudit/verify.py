@@ -48,6 +48,7 @@ class VerifyContext:
     runtime: str = ""
     data: object = None
     batch_size: int = 256
+    device: object = "cpu"
     extra: Dict[str, object] = field(default_factory=dict)  # room for later checks (signatures)
 
 
@@ -71,6 +72,9 @@ def read_results(path) -> tuple:
         if found is None:
             raise UserError(f"{path} holds no embedded results (<script id=\"results-data\">); is it a robaudit report?")
         text = found.group(1)
+        if '"omitted_in_report"' in text:
+            raise UserError(f"{path} embeds its results with the curve bounds left out (too large for the "
+                            "page), so they cannot be matched to the evidence: verify its results.json")
     try:
         results = json.loads(text)
     except json.JSONDecodeError as err:
@@ -123,8 +127,10 @@ def check_results_digest(ctx: VerifyContext) -> Line:
     what = "the page's embedded results" if ctx.from_page else ctx.results_path.name
     if ctx.results_sha256 == expected:
         return Line(True, f"results: verified ({what} sha256 {expected[:16]}... is the one the evidence records)")
+    hint = ("edited after the scan? (a page rendered with --redact-paths embeds redacted results: "
+            "verify its results.json)") if ctx.from_page else "edited after the scan?"
     return Line(False, f"results: {what} differs from the results the evidence was made with "
-                       f"(sha256 {ctx.results_sha256[:16]}... != {expected[:16]}...): edited after the scan?")
+                       f"(sha256 {ctx.results_sha256[:16]}... != {expected[:16]}...): {hint}")
 
 
 def check_model_record(ctx: VerifyContext) -> Line:
@@ -185,8 +191,7 @@ def check_attack(ctx: VerifyContext, name: str) -> Line:
     if outside.any():
         problems.append(f"{int(outside.sum())} images outside the eps-ball or [0, 1] "
                         f"(positions {part['position'][outside.numpy()][:5].tolist()})")
-    device = next((p.device for p in ctx.module.parameters()), torch.device("cpu")) if ctx.module else "cpu"
-    pred = replay_mod.predict(ctx.module, images.to(device), ctx.batch_size).cpu().numpy()
+    pred = replay_mod.predict(ctx.module, images.to(ctx.device), ctx.batch_size).cpu().numpy()
     missed = pred == part["label"]
     if missed.any():
         problems.append(f"{int(missed.sum())} stored images no longer fool the model "
@@ -243,7 +248,8 @@ def verify(results_path, evidence_path, *, load_data: Callable[[dict], object],
         raise UserError(f"data: images are {list(data.x.shape[1:])}, the evidence's "
                         f"{evidence.manifest['image_shape']}")
     ctx = VerifyContext(results=results, results_path=Path(results_path), results_sha256=digest,
-                        from_page=from_page, evidence=evidence, data=data, batch_size=batch_size)
+                        from_page=from_page, evidence=evidence, data=data, batch_size=batch_size,
+                        device=device)
     model = load_model(data, recorded)
     check_inputs(ctx, model.sha256, evidence_mod.data_digest(data.x, data.y, max(batch_size, 1)))
     ctx.module, ctx.runtime = replay_mod.artifact_module(model, device)

@@ -135,3 +135,19 @@ def test_predict_recomposes_batches_and_keeps_order():
     pred = replay_mod.predict(Record(), x, batch_size=10)
     assert torch.equal(pred, x.flatten(1).argmax(1))
     assert calls == [6, 4]                                       # not the attack's batch of 10
+
+
+def test_fmn_norm_counts_only_once_confirmed(tmp_path, boosted_onnx):
+    """Class-0 points FMN fooled within eps are unconfirmed on the artifact: their minimal
+    norm becomes +inf (never fooled); every other norm is the float one, confirmed."""
+    plain = scan(tmp_path / "plain", attacks=["clean", "fmn"], replay=False, write_evidence=False)
+    replayed = scan(tmp_path / "replayed", attacks=["clean", "fmn"], model=_onnx_model(boosted_onnx))
+    a, b = load_samples(tmp_path / "plain"), load_samples(tmp_path / "replayed")
+    eps = plain["config"]["eps"]
+    y = a["y"]
+    within = (a["clean_pred"] == y) & (a["min_norm_fmn"] <= eps)
+    assert within[y == 0].any() and within[y != 0].any()
+    assert np.isinf(b["min_norm_fmn"][within & (y == 0)]).all()
+    assert np.array_equal(b["min_norm_fmn"][~(within & (y == 0))], a["min_norm_fmn"][~(within & (y == 0))])
+    gained = int((within & (y == 0)).sum())
+    assert replayed["curves"]["fmn"]["not_found"][0] == plain["curves"]["fmn"]["not_found"][0] + gained
