@@ -199,11 +199,12 @@ def _print_summary(results):
 
 @cli.command()
 @click.argument("results_or_report", type=click.Path())
-@click.option("--evidence", "evidence_file", required=True, type=click.Path(),
+@click.option("--evidence", "evidence_file", default=None, type=click.Path(),
               help="The evidence.npz written next to results.json by `robaudit scan`.")
-@click.option("--model", "model_path", required=True, type=click.Path(), help="Your copy of the audited model.")
+@click.option("--model", "model_path", default=None, type=click.Path(),
+              help="Your copy of the audited model (with --evidence).")
 @model_options
-@dataset_options
+@dataset_options(required=False)
 @data_loading_options
 @click.option("--split", default=None, help="Dataset split [the one results.json recorded].")
 @click.option("--batch-size", type=int, default=256, show_default=True)

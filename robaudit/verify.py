@@ -43,7 +43,7 @@ class VerifyContext:
     results_path: Path
     results_sha256: str          # of the file's bytes (results.json) or of the embedded results (page)
     from_page: bool
-    evidence: evidence_mod.Evidence
+    evidence: Optional[evidence_mod.Evidence]
     module: Optional[torch.nn.Module] = None   # the artifact's runtime (replay.artifact_module)
     runtime: str = ""
     data: object = None
@@ -157,6 +157,10 @@ def check_attack_set(ctx: VerifyContext) -> Line:
                        f"{sorted(stored)}")
 
 
+# Checks that need only the results file (ctx.evidence may be None): the page tamper check
+# and the signature check register here (issue 24 items 4-5).
+FILE_CHECKS: List[Callable[[VerifyContext], Line]] = []
+# Checks against the evidence file (ctx.evidence, ctx.module and ctx.data set).
 AUDIT_CHECKS: List[Callable[[VerifyContext], Line]] = [
     check_results_digest, check_model_record, check_config, check_attack_set]
 
@@ -218,8 +222,11 @@ def check_attack(ctx: VerifyContext, name: str) -> Line:
 
 
 def run_checks(ctx: VerifyContext, extra: Sequence[Callable[[VerifyContext], Line]] = ()) -> List[Line]:
-    lines = [check(ctx) for check in (*AUDIT_CHECKS, *extra)]
-    lines += [check_attack(ctx, name) for name in ctx.evidence.manifest["attacks"]]
+    """FILE_CHECKS and `extra`, then (with evidence) AUDIT_CHECKS and one line per attack."""
+    lines = [check(ctx) for check in (*FILE_CHECKS, *extra)]
+    if ctx.evidence is not None:
+        lines += [check(ctx) for check in AUDIT_CHECKS]
+        lines += [check_attack(ctx, name) for name in ctx.evidence.manifest["attacks"]]
     return lines
 
 
@@ -238,9 +245,13 @@ def verify(results_path, evidence_path, *, load_data: Callable[[dict], object],
     LoadedModel take the command line's options, falling back to the recorded ones.
     Everything that can be bad input is read and checked before the first forward pass.
     """
-    from robaudit.audit.models.boundary_modules import BoundaryModel  # noqa: F401 (import cost up front)
-
     results, digest, from_page = read_results(results_path)
+    if evidence_path is None:  # only the checks on the file itself
+        if not (FILE_CHECKS or extra_checks):
+            raise UserError("nothing to verify: pass --evidence evidence.npz with --model and --dataset")
+        ctx = VerifyContext(results=results, results_path=Path(results_path), results_sha256=digest,
+                            from_page=from_page, evidence=None)
+        return _report(run_checks(ctx, extra_checks), echo)
     evidence = evidence_mod.read(evidence_path)
     recorded = recorded_options(results)
     data = load_data(recorded)
@@ -253,7 +264,11 @@ def verify(results_path, evidence_path, *, load_data: Callable[[dict], object],
     model = load_model(data, recorded)
     check_inputs(ctx, model.sha256, evidence_mod.data_digest(data.x, data.y, max(batch_size, 1)))
     ctx.module, ctx.runtime = replay_mod.artifact_module(model, device)
-    lines = run_checks(ctx, extra_checks)
+    return _report(run_checks(ctx, extra_checks), echo)
+
+
+def _report(lines: List[Line], echo) -> List[Line]:
+    """Echo every line; raise VerifyFailed when any differs."""
     for line in lines:
         echo(line.text)
     failed = [line for line in lines if not line.ok]
@@ -282,6 +297,10 @@ def run_verify_command(results_path, evidence_path, model_path, *, split, batch_
 
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
+    if evidence_path is not None and (model_path is None or options.get("dataset") is None):
+        raise UserError("--evidence needs --model and --dataset (your copies of the audited model and data)")
+    if evidence_path is None and (model_path is not None or options.get("dataset") is not None):
+        raise UserError("--model and --dataset are read with --evidence only; pass the evidence.npz too")
     check_subset_args(options.get("limit"), options.get("n_per_class"))
     torch_device = resolve_device(device)
 

@@ -189,3 +189,32 @@ def test_docs_recipe_verifies_the_onnx_audit_without_robaudit(tmp_path, mailed):
     _edit_number(mail / "results.json", tmp_path / "edited.json")
     failed = _run_recipe(tmp_path, tmp_path / "edited.json", mail / "evidence.npz", model, mailed["data"])
     assert failed.returncode != 0 and "results.json differs" in failed.stderr
+
+
+def test_incomplete_options_are_refused(capsys, mailed):
+    mail, model = mailed["pt2"]
+    code, out, err = run_cli(capsys, "verify", mail / "results.json", "--evidence", mail / "evidence.npz",
+                             "--dataset", mailed["data"])
+    assert code == 2 and "--evidence needs --model and --dataset" in err and out == ""
+    code, out, err = run_cli(capsys, "verify", mail / "results.json")
+    assert code == 2 and "nothing to verify" in err
+
+
+def test_file_checks_run_without_evidence(capsys, mailed, monkeypatch):
+    """Where the page / signature checks plug in: FILE_CHECKS need only the results file."""
+    from robaudit import verify as verify_mod
+
+    seen = []
+
+    def check_page(ctx):
+        seen.append((ctx.from_page, ctx.evidence))
+        return verify_mod.Line(ctx.from_page, "page: verified" if ctx.from_page else "page: not a page")
+
+    monkeypatch.setattr(verify_mod, "FILE_CHECKS", [check_page])
+    mail, _ = mailed["pt2"]
+    code, out, _ = run_cli(capsys, "verify", mail / "report.html")
+    assert code == 0 and out.strip() == "page: verified" and seen == [(True, None)]
+    code, out, _ = run_cli(capsys, "verify", mail / "results.json")
+    assert code == 3 and out.strip() == "page: not a page"
+    code, out, _ = verify(capsys, mailed, "pt2", "report.html")
+    assert code == 0 and out.splitlines()[0] == "page: verified" and "pgd: verified" in out
