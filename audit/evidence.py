@@ -173,9 +173,11 @@ def read(path) -> Evidence:
                         f"{type(err).__name__}") from None
     try:
         manifest = json.loads(arrays["manifest"].tobytes().decode("utf-8"))
-        assert manifest["format"] == FORMAT
-    except Exception:
-        raise UserError(f"{path} has no robaudit evidence manifest; is it an evidence.npz from `robaudit scan`?") from None
+    except (KeyError, UnicodeDecodeError, json.JSONDecodeError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise UserError(f"{path} has no robaudit evidence manifest; is it an evidence.npz from "
+                        "`robaudit scan`?")
     if manifest.get("version") != VERSION:
         raise UserError(f"{path} is evidence version {manifest.get('version')!r}; this robaudit reads {VERSION}")
     if payload_digest(arrays) != manifest.get("payload_sha256"):

@@ -117,7 +117,7 @@ def artifact_module(model, device) -> Tuple[nn.Module, str]:
     from robaudit.audit.models.onnx_support import OnnxRuntimeModule
 
     output = (model.adaptations.get("output") or {}).get("name")
-    runtime = OnnxRuntimeModule(str(model.path), device=str(device), output_name=output)
+    runtime = OnnxRuntimeModule(str(model.path), device=str(device), output_name=output, share_cpu=True)
     boundary = model.module if isinstance(model.module, BoundaryModel) else None
     providers = runtime.session.get_providers()
     return ArtifactForward(boundary, runtime).eval(), f"onnxruntime {ort.__version__} ({providers[0]})"

@@ -70,7 +70,8 @@ def read_results(path) -> tuple:
     if from_page:
         found = _EMBEDDED.search(text)
         if found is None:
-            raise UserError(f"{path} holds no embedded results (<script id=\"results-data\">); is it a robaudit report?")
+            raise UserError(f"{path} holds no embedded results (<script id=\"results-data\">); "
+                            "is it a robaudit report?")
         text = found.group(1)
         if '"omitted_in_report"' in text:
             raise UserError(f"{path} embeds its results with the curve bounds left out (too large for the "
@@ -105,6 +106,11 @@ def recorded_options(results: dict) -> dict:
     options["class_map"] = class_map["model_to_dataset"] if class_map else None
     class_names = adapt.get("class_names")
     options["class_names"] = class_names["names"] if class_names else None
+    model = results["model"]
+    arch = model.get("arch")
+    given_arch = (model.get("format") in ("state_dict", "checkpoint", "safetensors")
+                  and not model.get("arch_inferred") and arch and not str(arch).startswith("robustbench:"))
+    options["arch"] = arch if given_arch else None   # a weights file audited with --arch
     return options
 
 
@@ -318,7 +324,7 @@ def run_verify_command(results_path, evidence_path, model_path, *, split, batch_
                     ("input_layout", "input_range", "output", "output_name", "class_map", "class_names",
                      "mean", "std")}
         return load_model_from_options(
-            model_path, model_format=options.get("model_format", "auto"), arch=options.get("arch"),
+            model_path, model_format=options.get("model_format", "auto"), arch=pick("arch", recorded),
             num_classes=options.get("num_classes"), trust_pickle=options.get("trust_pickle", False),
             device=torch_device, dataset_classes=data.classes, input_shape=tuple(data.x.shape[1:]),
             dataset_name=data.name, zoo_dir=options.get("zoo_dir"), **boundary)
