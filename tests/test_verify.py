@@ -218,3 +218,34 @@ def test_file_checks_run_without_evidence(capsys, mailed, monkeypatch):
     assert code == 3 and out.strip() == "page: not a page"
     code, out, _ = verify(capsys, mailed, "pt2", "report.html")
     assert code == 0 and out.splitlines()[0] == "page: verified" and "pgd: verified" in out
+
+
+@pytest.mark.parametrize("kw", [{"score": "adv-only"}, {"norm": "l2", "eps": 0.1}])
+def test_verify_api_other_scorings_and_norms(tmp_path, kw):
+    """verify() on in-memory model and data (as the API would call it), adv-only scoring
+    (robust count = n - failures) and the L2 ball."""
+    from robaudit import verify as verify_mod
+    from test_engine import make_data, make_model, scan
+
+    results = scan(tmp_path, attacks=["clean", "fgsm", "pgd"], **kw)
+    assert sum(sum(results["attacks"][a]["replay"]["confirmed"]) for a in ("fgsm", "pgd")) > 0
+    echoed = []
+    lines = verify_mod.verify(tmp_path / "results.json", tmp_path / "evidence.npz",
+                              load_data=lambda recorded: make_data(), load_model=lambda data, recorded: make_model(),
+                              device="cpu", echo=echoed.append)
+    assert all(line.ok for line in lines) and len(echoed) == 6
+    data = make_data()
+
+    class Oracle(torch.nn.Module):
+        """Never fooled: the label of the nearest clean image (adversarial images lie within
+        eps, L2 <= 0.43 here, of their own clean image; clean images are ~1 apart)."""
+
+        def forward(self, x):
+            nearest = torch.cdist(x.flatten(1), data.x.flatten(1)).argmin(1)
+            return torch.nn.functional.one_hot(data.y[nearest], 5).float()
+
+    with pytest.raises(verify_mod.VerifyFailed):
+        verify_mod.verify(tmp_path / "results.json", tmp_path / "evidence.npz",
+                          load_data=lambda recorded: make_data(),
+                          load_model=lambda data, recorded: make_model(Oracle()), device="cpu", echo=echoed.append)
+    assert any("no longer fool" in line for line in echoed)
