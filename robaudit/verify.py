@@ -163,12 +163,35 @@ def check_attack_set(ctx: VerifyContext) -> Line:
                        f"{sorted(stored)}")
 
 
+def check_clean(ctx: VerifyContext) -> Line:
+    """The clean per-class counts: every audited image forwarded once on the artifact."""
+    from robaudit.audit.data.image_folders import stream_batches
+
+    block = ctx.results["attacks"].get("clean")
+    if block is None:
+        return Line(True, "clean: not in the results (nothing to check)")
+    n, y = len(ctx.data.y), ctx.data.y.numpy()
+    batches = [np.arange(s, min(s + ctx.batch_size, n)) for s in range(0, n, ctx.batch_size)]
+    with torch.no_grad():
+        pred = np.concatenate([ctx.module(x.to(ctx.device)).float().argmax(1).cpu().numpy()
+                               for x in stream_batches(ctx.data.x, batches)]) if n else np.zeros(0, np.int64)
+    classes = ctx.evidence.manifest["classes"]
+    correct = np.bincount(y[pred == y], minlength=len(classes))
+    claimed = np.asarray([c["correct"] for c in block["per_class"]])
+    wrong = np.flatnonzero(correct != claimed)[:3].tolist()
+    if wrong:
+        return Line(False, "clean: DIFFERS: " + "; ".join(
+            f"class {classes[k]}: results.json says {int(claimed[k])} correct, the model gives {int(correct[k])}"
+            for k in wrong))
+    return Line(True, f"clean: verified ({int(correct.sum())} of {n} correct on {ctx.runtime}; per-class counts match)")
+
+
 # Checks that need only the results file (ctx.evidence may be None): the page tamper check
 # and the signature check register here (issue 24 items 4-5).
 FILE_CHECKS: List[Callable[[VerifyContext], Line]] = []
 # Checks against the evidence file (ctx.evidence, ctx.module and ctx.data set).
 AUDIT_CHECKS: List[Callable[[VerifyContext], Line]] = [
-    check_results_digest, check_model_record, check_config, check_attack_set]
+    check_results_digest, check_model_record, check_config, check_attack_set, check_clean]
 
 
 def _expected_correct(results: dict, name: str, failures: np.ndarray) -> Optional[np.ndarray]:

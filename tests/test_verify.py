@@ -90,7 +90,7 @@ def test_mailed_audit_verifies(capsys, mailed, kind, target):
     code, out, err = verify(capsys, mailed, kind, target)
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["results", "model", "config", "attacks", "fgsm", "pgd"]
+    assert [line.split(":")[0] for line in lines] == ["results", "model", "config", "attacks", "clean", "fgsm", "pgd"]
     assert all(": verified" in line for line in lines), out
     if kind == "onnx":
         assert "onnxruntime" in lines[-1]
@@ -233,7 +233,7 @@ def test_verify_api_other_scorings_and_norms(tmp_path, kw):
     lines = verify_mod.verify(tmp_path / "results.json", tmp_path / "evidence.npz",
                               load_data=lambda recorded: make_data(), load_model=lambda data, recorded: make_model(),
                               device="cpu", echo=echoed.append)
-    assert all(line.ok for line in lines) and len(echoed) == 6
+    assert all(line.ok for line in lines) and len(echoed) == 7
     data = make_data()
 
     class Oracle(torch.nn.Module):
@@ -249,3 +249,4 @@ def test_verify_api_other_scorings_and_norms(tmp_path, kw):
                           load_data=lambda recorded: make_data(),
                           load_model=lambda data, recorded: make_model(Oracle()), device="cpu", echo=echoed.append)
     assert any("no longer fool" in line for line in echoed)
+    assert any(line.startswith("clean: DIFFERS: class c") for line in echoed)  # the oracle is never wrong
