@@ -204,7 +204,10 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
     ctx = distributed.current()
     y_np = data.y.numpy()
     my_positions = distributed.shard_positions(y_np, ctx.rank, ctx.world_size)
-    clean_pred = _gathered_clean_predictions(module, data, cfg, device, num_classes, my_positions)
+    # Clean predictions come from the artifact's own runtime (audit/replay.py), like every failure.
+    replayer = replay_mod.scan_replayer(cfg, model, device)
+    clean_pred = _gathered_clean_predictions(replayer.module if replayer else module, data, cfg, device,
+                                             num_classes, my_positions)
     # The probe takes gradients of a whole batch at once: --batch-size bounds its memory
     # as it bounds the attacks' (64 ResNet-50 images at 224 px would need several GB).
     probe = slice(0, min(64, cfg.batch_size, len(data.y)))
@@ -224,7 +227,6 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
                "eps": cfg.eps, "seed": cfg.seed, "batch": cfg.batch_size, "device": str(device),
                "iterates": cfg.iterates, "score": cfg.score,
                "adapt": run_hash(model.adaptations)}
-    replayer = replay_mod.scan_replayer(cfg, model, device)
     run_key["replay"] = replayer.runtime if replayer else None
     with hold_out_dir(out_dir):  # one run per --out; taken only now that the input checks passed
         state = ScanState(out_dir / STATE_DIR, run_key) if out_dir is not None else None

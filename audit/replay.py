@@ -10,6 +10,9 @@ once the artifact's own runtime confirms it:
 - .pt2 / TorchScript / weights: the loaded program itself, fed at another batch
   composition than the attack's (reversed order, batches of batch_size // 2 + 1).
 
+The engine also takes the clean predictions from this runtime (which points are
+clean-correct, and so attacked), so every count in results.json is the artifact's.
+
 What is replayed is what the evidence file stores (audit/evidence.py): first the image
 rounded to the 8-bit grid (`quantize`: the image an attacker would actually deliver);
 where that does not fool the artifact, the attack's float32 image. A failure is

@@ -267,11 +267,13 @@ class VerifyFailed(UserError):
 
 def verify(results_path, evidence_path, *, load_data: Callable[[dict], object],
            load_model: Callable[[object, dict], object], device, batch_size: int = 256,
-           extra_checks: Sequence[Callable[[VerifyContext], Line]] = (), echo=print) -> List[Line]:
+           extra_checks: Sequence[Callable[[VerifyContext], Line]] = (), echo=print,
+           extra: Optional[dict] = None) -> List[Line]:
     """Run every check and echo one line each; raise VerifyFailed when any differs.
 
     load_data(recorded options) -> EvalData and load_model(data, recorded options) ->
-    LoadedModel take the command line's options, falling back to the recorded ones.
+    LoadedModel take the command line's options, falling back to the recorded ones. `extra`
+    (e.g. {"allowed_signers": path}) reaches the checks as ctx.extra.
     Everything that can be bad input is read and checked before the first forward pass.
     """
     results, digest, from_page = read_results(results_path)
@@ -279,7 +281,7 @@ def verify(results_path, evidence_path, *, load_data: Callable[[dict], object],
         if not (FILE_CHECKS or extra_checks):
             raise UserError("nothing to verify: pass --evidence evidence.npz with --model and --dataset")
         ctx = VerifyContext(results=results, results_path=Path(results_path), results_sha256=digest,
-                            from_page=from_page, evidence=None)
+                            from_page=from_page, evidence=None, extra=dict(extra or {}))
         return _report(run_checks(ctx, extra_checks), echo)
     evidence = evidence_mod.read(evidence_path)
     recorded = recorded_options(results)
@@ -289,7 +291,7 @@ def verify(results_path, evidence_path, *, load_data: Callable[[dict], object],
                         f"{evidence.manifest['image_shape']}")
     ctx = VerifyContext(results=results, results_path=Path(results_path), results_sha256=digest,
                         from_page=from_page, evidence=evidence, data=data, batch_size=batch_size,
-                        device=device)
+                        device=device, extra=dict(extra or {}))
     model = load_model(data, recorded)
     check_inputs(ctx, model.sha256, evidence_mod.data_digest(data.x, data.y, max(batch_size, 1)))
     ctx.module, ctx.runtime = replay_mod.artifact_module(model, device)
@@ -318,7 +320,8 @@ def _given(name: str) -> bool:
 
 
 def run_verify_command(results_path, evidence_path, model_path, *, split, batch_size, device, options: dict,
-                       echo) -> None:
+                       echo, extra_checks: Sequence[Callable[[VerifyContext], Line]] = (),
+                       extra: Optional[dict] = None) -> None:
     """The `robaudit verify` command: the scan's model/data options, defaults from the results."""
     from robaudit.audit.data.datasets import load_dataset
     from robaudit.audit.devices import resolve_device
@@ -353,4 +356,4 @@ def run_verify_command(results_path, evidence_path, model_path, *, split, batch_
             dataset_name=data.name, zoo_dir=options.get("zoo_dir"), **boundary)
 
     verify(results_path, evidence_path, load_data=load_data, load_model=load_model, device=torch_device,
-           batch_size=batch_size, echo=echo)
+           batch_size=batch_size, echo=echo, extra_checks=extra_checks, extra=extra)

@@ -1,8 +1,9 @@
 """Replay of counted failures on the artifact (audit/replay.py, issue 24 item 1).
 
 The injected disagreement: the attacked module is the nearest-centroid model of
-test_engine, the artifact an ONNX file of the same model with +1e6 on class 0's logit, so
-onnxruntime calls every image class 0. Each failure the attack finds on a class-0 point
+test_engine, the artifact an ONNX file of the same model with +1e6 on class 0's logit
+away from the audited clean images, so onnxruntime agrees on the clean images and calls
+every perturbed image class 0. Each failure the attack finds on a class-0 point
 is then unconfirmed (the artifact still says 0), every other failure is confirmed (the
 artifact says 0, not the label): exact expectations, whatever the attack found.
 """
@@ -23,12 +24,18 @@ from test_engine import C, CLASSES, Centroid, load_samples, make_data, make_mode
 
 
 class BoostClass0(nn.Module):
+    """The centroid model on the audited clean images; +1e6 on class 0 anywhere else (every
+    perturbed image), so clean predictions agree with the attacked module and failures do not."""
+
     def __init__(self):
         super().__init__()
         self.inner = Centroid()
+        self.register_buffer("clean", make_data().x.flatten(1))
 
     def forward(self, x):
-        return self.inner(x) + torch.tensor([1e6] + [0.0] * (C - 1))
+        distance = ((x.flatten(1)[:, None, :] - self.clean[None]) ** 2).sum(-1).amin(1)
+        off_clean = (distance > 1e-10).float()[:, None]
+        return self.inner(x) + off_clean * torch.tensor([1e6] + [0.0] * (C - 1))
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +158,22 @@ def test_fmn_norm_counts_only_once_confirmed(tmp_path, boosted_onnx):
     assert np.array_equal(b["min_norm_fmn"][~(within & (y == 0))], a["min_norm_fmn"][~(within & (y == 0))])
     gained = int((within & (y == 0)).sum())
     assert replayed["curves"]["fmn"]["not_found"][0] == plain["curves"]["fmn"]["not_found"][0] + gained
+
+
+class AlwaysClass0(nn.Module):
+    def forward(self, x):
+        return Centroid()(x) * 0 + torch.tensor([1.0] + [0.0] * (C - 1))
+
+
+def test_clean_predictions_come_from_the_artifact(tmp_path):
+    """The attacked module (Centroid) is mostly right; the ONNX artifact says class 0 for
+    everything: the clean block is the artifact's, and only class-0 points are attacked."""
+    path = tmp_path / "zero.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(AlwaysClass0().eval(), (torch.rand(2, 3, 8, 8),), str(path), dynamo=False,
+                          input_names=["x"], output_names=["logits"], dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}})
+    results = scan(tmp_path / "o", attacks=["clean", "pgd"], model=_onnx_model(str(path)))
+    n = [c["n"] for c in results["attacks"]["clean"]["per_class"]]
+    assert [c["correct"] for c in results["attacks"]["clean"]["per_class"]] == [n[0]] + [0] * (C - 1)
+    assert results["attacks"]["pgd"]["n_attacked"] == n[0]
