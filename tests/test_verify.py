@@ -8,6 +8,7 @@ make verify fail and name what differs.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from torch import nn
 
 from robaudit.audit.models.loading import save_export
 
+from conftest import CIFAR_SUBSET  # ROBAUDIT_CIFAR_SUBSET, else ../shared/data/cifar10_subset.npz
 from test_cli import run_cli
 from test_engine import CLASSES, Centroid, make_arrays
 
@@ -250,3 +252,44 @@ def test_verify_api_other_scorings_and_norms(tmp_path, kw):
                           load_model=lambda data, recorded: make_model(Oracle()), device="cpu", echo=echoed.append)
     assert any("no longer fool" in line for line in echoed)
     assert any(line.startswith("clean: DIFFERS: class c") for line in echoed)  # the oracle is never wrong
+
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not CIFAR_SUBSET.is_file(), reason="the CIFAR-10 subset is absent")
+def test_real_cifar_keras_style_onnx_audit_verifies(tmp_path, capsys):
+    """Real CIFAR-10 images (uint8, so every failure should survive 8-bit rounding), a
+    Keras-style ONNX network (NHWC, 0..255), robaudit verify and the docs recipe on the
+    shared file itself (its first 48 test images are the audited subset)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 10))
+
+    class Keras(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x.permute(0, 3, 1, 2) / 255.0)
+
+    model = tmp_path / "keras.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Keras().eval(), (torch.rand(2, 32, 32, 3) * 255,), str(model), dynamo=False,
+                          input_names=["input_1"], output_names=["dense"],
+                          dynamic_axes={"input_1": {0: "n"}, "dense": {0: "n"}})
+    code, _, err = run_cli(capsys, "scan", model, "--dataset", CIFAR_SUBSET, "--limit", "48", "--input-range", "0-255",
+                           "--score", "adv-only", "--out", tmp_path / "out", *SCAN)
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    rep = results["attacks"]["pgd"]["replay"]
+    assert sum(rep["confirmed"]) > 0 and rep["realizable"] == rep["confirmed"]
+    code, out, err = run_cli(capsys, "verify", tmp_path / "out" / "results.json", "--evidence",
+                             tmp_path / "out" / "evidence.npz", "--model", model, "--dataset", CIFAR_SUBSET)
+    assert code == 0, err
+    assert out.count(": verified") == 7
+    done = _run_recipe(tmp_path, tmp_path / "out" / "results.json", tmp_path / "out" / "evidence.npz", model,
+                       CIFAR_SUBSET)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count(": verified (") == 2
