@@ -186,12 +186,36 @@ def check_clean(ctx: VerifyContext) -> Line:
     return Line(True, f"clean: verified ({int(correct.sum())} of {n} correct on {ctx.runtime}; per-class counts match)")
 
 
+def check_ensemble(ctx: VerifyContext) -> Line:
+    """The ensemble's per-class robust counts: a point falls when any attack's evidence holds it."""
+    ensemble = ctx.results.get("ensemble")
+    if not ensemble:
+        return Line(True, "ensemble: not in the results (nothing to check)")
+    classes = ctx.evidence.manifest["classes"]
+    names = [a for a in ensemble.get("attacks", []) if a in ctx.evidence.manifest["attacks"]]
+    fallen = np.unique(np.concatenate([ctx.evidence.attack(a)["position"] for a in names] or [np.zeros(0, np.int64)]))
+    failures = np.bincount(ctx.data.y.numpy()[fallen], minlength=len(classes))
+    if ctx.results["config"]["scoring"]["score"] == "adv-only":
+        expected = np.asarray([c["n"] for c in ensemble["per_class"]]) - failures
+    elif "clean" in ctx.results["attacks"]:
+        expected = np.asarray([c["correct"] for c in ctx.results["attacks"]["clean"]["per_class"]]) - failures
+    else:
+        return Line(True, "ensemble: no clean block to count from (not checked)")
+    claimed = np.asarray([c["correct"] for c in ensemble["per_class"]])
+    wrong = np.flatnonzero(claimed != expected)[:3].tolist()
+    if wrong:
+        return Line(False, "ensemble: DIFFERS: " + "; ".join(
+            f"class {classes[k]}: results.json says {int(claimed[k])} robust, the evidence supports {int(expected[k])}"
+            for k in wrong))
+    return Line(True, f"ensemble: verified ({len(fallen)} points fall to some attack; per-class counts match)")
+
+
 # Checks that need only the results file (ctx.evidence may be None): the page tamper check
 # and the signature check register here (issue 24 items 4-5).
 FILE_CHECKS: List[Callable[[VerifyContext], Line]] = []
 # Checks against the evidence file (ctx.evidence, ctx.module and ctx.data set).
 AUDIT_CHECKS: List[Callable[[VerifyContext], Line]] = [
-    check_results_digest, check_model_record, check_config, check_attack_set, check_clean]
+    check_results_digest, check_model_record, check_config, check_attack_set, check_clean, check_ensemble]
 
 
 def _expected_correct(results: dict, name: str, failures: np.ndarray) -> Optional[np.ndarray]:

@@ -92,7 +92,8 @@ def test_mailed_audit_verifies(capsys, mailed, kind, target):
     code, out, err = verify(capsys, mailed, kind, target)
     assert code == 0, err
     lines = out.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["results", "model", "config", "attacks", "clean", "fgsm", "pgd"]
+    assert [line.split(":")[0] for line in lines] == ["results", "model", "config", "attacks", "clean", "ensemble",
+                                                      "fgsm", "pgd"]
     assert all(": verified" in line for line in lines), out
     if kind == "onnx":
         assert "onnxruntime" in lines[-1]
@@ -114,6 +115,7 @@ def test_edited_results_json_differs(capsys, mailed, tmp_path):
     assert code == 3
     assert out.startswith("results: results.json differs from the results the evidence was made with")
     assert "DIFFERS: class c" in out and "verification failed" in err
+    assert "clean: DIFFERS" in out and "ensemble: DIFFERS" in out   # the clean count was edited
 
 
 def test_edited_page_differs(capsys, mailed, tmp_path):
@@ -235,7 +237,7 @@ def test_verify_api_other_scorings_and_norms(tmp_path, kw):
     lines = verify_mod.verify(tmp_path / "results.json", tmp_path / "evidence.npz",
                               load_data=lambda recorded: make_data(), load_model=lambda data, recorded: make_model(),
                               device="cpu", echo=echoed.append)
-    assert all(line.ok for line in lines) and len(echoed) == 7
+    assert all(line.ok for line in lines) and len(echoed) == 8
     data = make_data()
 
     class Oracle(torch.nn.Module):
@@ -288,7 +290,7 @@ def test_real_cifar_keras_style_onnx_audit_verifies(tmp_path, capsys):
     code, out, err = run_cli(capsys, "verify", tmp_path / "out" / "results.json", "--evidence",
                              tmp_path / "out" / "evidence.npz", "--model", model, "--dataset", CIFAR_SUBSET)
     assert code == 0, err
-    assert out.count(": verified") == 7
+    assert out.count(": verified") == 8
     done = _run_recipe(tmp_path, tmp_path / "out" / "results.json", tmp_path / "out" / "evidence.npz", model,
                        CIFAR_SUBSET)
     assert done.returncode == 0, done.stderr
