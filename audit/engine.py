@@ -28,6 +28,8 @@ import robaudit
 from robaudit.audit import checks as checks_mod
 from robaudit.audit.checks_ledger import build_ledger
 from robaudit.audit import distributed
+from robaudit.audit import evidence as evidence_mod
+from robaudit.audit import replay as replay_mod
 from robaudit.audit import results_schema
 from robaudit.audit.attacks import create_attack, list_attacks
 from robaudit.audit.curves import scan_curves
@@ -79,6 +81,8 @@ class ScanConfig:
     fail_under_worst: Optional[float] = None
     fail_over_nsd: Optional[float] = None
     gate_attack: Optional[str] = None   # which block the gates read; default: ensemble
+    replay: bool = True            # count only failures the artifact confirms (audit/replay.py)
+    write_evidence: bool = True    # OUT/evidence.npz (audit/evidence.py); needs replay
 
 
 def parse_eps(text, norm: str = "linf") -> float:
@@ -203,7 +207,10 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
     ctx = distributed.current()
     y_np = data.y.numpy()
     my_positions = distributed.shard_positions(y_np, ctx.rank, ctx.world_size)
-    clean_pred = _gathered_clean_predictions(module, data, cfg, device, num_classes, my_positions)
+    # Clean predictions come from the artifact's own runtime (audit/replay.py), like every failure.
+    replayer = replay_mod.scan_replayer(cfg, model, device)
+    clean_pred = _gathered_clean_predictions(replayer.module if replayer else module, data, cfg, device,
+                                             num_classes, my_positions)
     # The probe takes gradients of a whole batch at once: --batch-size bounds its memory
     # as it bounds the attacks' (64 ResNet-50 images at 224 px would need several GB).
     probe = slice(0, min(64, cfg.batch_size, len(data.y)))
@@ -223,16 +230,19 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
                "eps": cfg.eps, "seed": cfg.seed, "batch": cfg.batch_size, "device": str(device),
                "iterates": cfg.iterates, "score": cfg.score,
                "adapt": run_hash(model.adaptations)}
+    run_key["replay"] = replayer.runtime if replayer else None
     with hold_out_dir(out_dir):  # one run per --out; taken only now that the input checks passed
         state = ScanState(out_dir / STATE_DIR, run_key) if out_dir is not None else None
         per_sample = {"index": data.index.numpy().astype(np.int64), "y": y_np.astype(np.int64),
                       "clean_pred": clean_pred.numpy().astype(np.int64)}
         attacked = _run_attacks(cfg, attacks, model, module, data, clean_pred, my_positions, device, state,
-                                per_sample, flags)
+                                per_sample, flags, replayer)
         results = _assemble_results(cfg, model, data, device, attacked, per_sample, flags,
                                     started_at, t_start, extra)
         if out_dir is not None and ctx.is_main:
             _write_outputs(out_dir, results, per_sample)
+            if cfg.write_evidence and replayer is not None:
+                evidence_mod.write_scan_evidence(out_dir, results, attacked.replays, data, cfg.batch_size)
     check_gates(results, cfg)
     return results
 
@@ -247,10 +257,11 @@ class _AttackedBlocks:
     config: Dict[str, dict]
     robust: Dict[str, np.ndarray]
     extras: Dict[str, Dict[str, np.ndarray]] = field(default_factory=dict)  # attack -> per-sample arrays
+    replays: Dict[str, dict] = field(default_factory=dict)  # attack -> failures replayed (audit/replay.py)
 
 
 def _run_attacks(cfg, attacks, model, module, data, clean_pred, positions, device, state,
-                 per_sample, flags) -> _AttackedBlocks:
+                 per_sample, flags, replayer=None) -> _AttackedBlocks:
     """Every attack over this rank's shard, gathered; fills per_sample and flags in place."""
     num_classes, n, y_np = len(data.classes), len(data.y), data.y.numpy()
     out = _AttackedBlocks({}, {}, {}, {}, {}, {})
@@ -263,7 +274,8 @@ def _run_attacks(cfg, attacks, model, module, data, clean_pred, positions, devic
         shard, error = None, None
         try:
             shard = attack_shard(name, attack, params, module, data, clean_pred, positions,
-                                 cfg.batch_size, device, state, num_classes)
+                                 cfg.batch_size, device, state, num_classes,
+                                 replayer if name != "clean" else None)
         except Exception as err:  # every rank must learn of it, or the others wait forever
             error = err
         distributed.agree_or_raise(error)
@@ -284,6 +296,11 @@ def _run_attacks(cfg, attacks, model, module, data, clean_pred, positions, devic
         block["description"] = repr(attack)
         if merged["stats"]:  # summed over every sample (e.g. PGD's per-step losses)
             block["diagnostics"] = attack.diagnostics(merged["stats"])
+        if merged["replay"] is not None:
+            out.replays[name] = merged["replay"]
+            block["replay"] = replay_mod.class_counts(merged["replay"], y_np, num_classes, replayer.runtime)
+        elif replayer is not None:
+            block["replay"] = None
         out.blocks[name] = block
         if name != "clean":
             # results.json keeps only the non-zero cells (docs/results-schema.md, target_flow)
@@ -340,6 +357,7 @@ def _assemble_results(cfg, model, data, device, attacked: _AttackedBlocks, per_s
                          data.classes, audited_eps=cfg.eps, norm=cfg.norm)
     if curves:  # only when a minimal-norm attack ran (fmn); its flags come from result_checks
         results["curves"] = curves
+    flags = flags + replay_mod.unconfirmed_flags({a: b.get("replay") for a, b in attacked.blocks.items()})
     results["checks"] = flags + checks_mod.result_checks(results)
     results["checks_ledger"] = build_ledger(results)   # every known check: passed, failed or not run
     return results

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from robaudit.audit import distributed
+from robaudit.audit import replay as replay_mod
 from robaudit.audit.data.image_folders import stream_batches
 from robaudit.audit.io import write_npz_atomic
 from robaudit.errors import UserError
@@ -106,6 +107,7 @@ class ScanState:
             ok = ok and all(v.shape == (size,) for k, v in chunk.items() if k.startswith(EXTRA_PREFIX))
             ok = ok and bool(((chunk["adv_pred"] >= 0) & (chunk["adv_pred"] < num_classes)).all()
                              and np.isin(chunk["ex_pos"], positions).all())
+            ok = ok and (not replay_mod.has_record(chunk) or replay_mod.record_ok(chunk, positions))
         except Exception:  # a damaged chunk is recomputed, never trusted
             ok = False
         if not ok:
@@ -159,10 +161,13 @@ def _add_chunk(shard: dict, chunk: dict, where: slice, y_np: np.ndarray) -> None
     keep = first_k_per_class(y_np[ex_pos], EXAMPLES_PER_CLASS)
     shard["ex_pos"], shard["ex_img"] = ex_pos[keep], ex_img[keep]
     shard["seconds"] += float(chunk["seconds"])
+    if replay_mod.has_record(chunk):  # failures replayed on the artifact (audit/replay.py)
+        record = {k: v for k, v in chunk.items() if k.startswith(replay_mod.PREFIX)}
+        shard["replay"] = record if "replay" not in shard else replay_mod.concat([shard["replay"], record])
 
 
 def attack_shard(name, attack, params, module, data, clean_pred, positions, batch_size, device,
-                 state, num_classes) -> dict:
+                 state, num_classes, replayer=None) -> dict:
     """Attack this rank's positions chunk by chunk, reusing finished chunks from `state`."""
     y_np = data.y.numpy()
     shard = {"positions": positions, "robust": np.zeros(len(positions), dtype=bool),
@@ -181,7 +186,8 @@ def attack_shard(name, attack, params, module, data, clean_pred, positions, batc
         for start, path, chunk in zip(starts, paths, done):
             chunk_positions = positions[start:start + batch_size]
             if chunk is None:
-                chunk = attack_chunk(attack, module, data, clean_pred, chunk_positions, device, next(todo))
+                chunk = attack_chunk(attack, module, data, clean_pred, chunk_positions, device, next(todo),
+                                     replayer)
                 if state:
                     write_npz_atomic(path, **chunk)
             _add_chunk(shard, chunk, slice(start, start + len(chunk_positions)), y_np)
@@ -216,11 +222,15 @@ def merge_shards(shards, clean_pred, y_np, image_shape) -> dict:
     keep = first_k_per_class(y_np[ex_pos], EXAMPLES_PER_CLASS)
     return {"robust": robust, "adv_pred": adv_pred, "extras": extras, "stats": stats,
             "ex_pos": ex_pos[keep], "ex_img": ex_img[keep],
-            "seconds": max(s["seconds"] for s in shards)}
+            "seconds": max(s["seconds"] for s in shards),
+            "replay": (replay_mod.sorted_by_position(replay_mod.concat(
+                [s.get("replay") or replay_mod.empty_record(image_shape) for s in shards]))
+                       if any("replay" in s for s in shards) else None)}
 
 
-def attack_chunk(attack, module, data, clean_pred, positions, device, images=None) -> dict:
-    """Attack data.x[positions] (`images`, when the caller already fetched them)."""
+def attack_chunk(attack, module, data, clean_pred, positions, device, images=None, replayer=None) -> dict:
+    """Attack data.x[positions] (`images`, when the caller already fetched them); with a
+    `replayer` (audit/replay.py), only the failures the artifact confirms count."""
     take = torch.from_numpy(positions)
     x = (data.x[take] if images is None else images).to(device).contiguous()
     y = data.y[take].to(device)
@@ -235,6 +245,11 @@ def attack_chunk(attack, module, data, clean_pred, positions, device, images=Non
     adv_pred = out.adv_pred.cpu().numpy().astype(np.int64)
     y_np = data.y[take].numpy()
     fooled = fooled_mask(robust, adv_pred, y_np, clean_pred[take].numpy(), attack.score)
+    record = None
+    if replayer is not None:
+        record = replayer.chunk_record(x, out.x_adv, y, fooled, positions, out.extras)
+        replay_mod.apply_to_chunk(record, robust, adv_pred, y_np, fooled)
+        fooled = fooled_mask(robust, adv_pred, y_np, clean_pred[take].numpy(), attack.score)
     fooled_at = np.flatnonzero(fooled)
     local = fooled_at[first_k_per_class(y_np[fooled_at], EXAMPLES_PER_CLASS)]
     chunk = {"robust": robust, "adv_pred": adv_pred, "seconds": np.float64(spent),
@@ -245,4 +260,5 @@ def attack_chunk(attack, module, data, clean_pred, positions, device, images=Non
         chunk[EXTRA_PREFIX + key] = values.detach().cpu().double().numpy().reshape(len(positions))
     for key, values in out.stats.items():
         chunk[STAT_PREFIX + key] = values.detach().cpu().double().numpy()
+    chunk.update(record or {})
     return chunk

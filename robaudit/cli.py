@@ -92,6 +92,7 @@ def cli(verbose):
               help="robust: clean-correct and not fooled; adv-only: accuracy on x_adv (Fair-ARD eval).")
 @click.option("--out", "out_dir", default="robaudit-out", show_default=True, type=click.Path())
 @click.option("--no-report", is_flag=True, help="Write results.json and samples.npz only.")
+@click.option("--no-evidence", is_flag=True, help="Do not write evidence.npz (the failures, for `robaudit verify`).")
 @click.option("--redact-paths", is_flag=True, help="Hide filesystem paths in the report.")
 @click.option("--fail-under-worst", type=float, default=None, help="Exit 3 if the ensemble worst-class accuracy is below this.")
 @click.option("--fail-over-nsd", type=float, default=None, help="Exit 3 if the ensemble NSD is above this.")
@@ -99,7 +100,7 @@ def cli(verbose):
 @sign_option
 def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir, limit,
          n_per_class, split, attacks, eps, norm, seed, batch_size, device, attack_opt, tpgd_temperature,
-         iterates, score, out_dir, no_report, redact_paths, fail_under_worst, fail_over_nsd):
+         iterates, score, out_dir, no_report, redact_paths, fail_under_worst, fail_over_nsd, no_evidence):
     """Audit MODEL class by class and write results.json, samples.npz and report.html.
 
     MODEL is a model file, a timm Hugging Face folder, or robustbench:[THREAT/]NAME (docs/zoo.md).
@@ -113,6 +114,7 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
                      batch_size=batch_size, device=device, iterates=iterates, score=score,
                      attack_overrides=_parse_attack_opts(attack_opt, tpgd_temperature),
                      write_report=not no_report, redact_paths=redact_paths, command=_command_line(),
+                     write_evidence=not no_evidence,
                      fail_under_worst=fail_under_worst, fail_over_nsd=fail_over_nsd)
     build_attacks(cfg)  # unknown attack / option: fail before loading anything
     check_subset_args(limit, n_per_class)
@@ -137,6 +139,34 @@ def _run_and_print(cfg, loaded, data, extra=None):
     from robaudit.workflows import scan_and_print
 
     return scan_and_print(cfg, loaded, data, CONSOLE, extra=extra)
+
+
+@cli.command()
+@click.argument("results_or_report", type=click.Path())
+@click.option("--evidence", "evidence_file", default=None, type=click.Path(),
+              help="The evidence.npz written next to results.json by `robaudit scan`.")
+@click.option("--model", "model_path", default=None, type=click.Path(),
+              help="Your copy of the audited model (with --evidence).")
+@model_options
+@dataset_options(required=False)
+@data_loading_options
+@click.option("--split", default=None, help="Dataset split [the one results.json recorded].")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--allowed-signers", default=None, type=click.Path(),
+              help="ssh-keygen allowed_signers file: every file checked must carry a .sig by a key listed there.")
+@threads_option
+def verify(results_or_report, evidence_file, model_path, split, batch_size, device, allowed_signers, **options):
+    """Re-check every failure an audit claims: load, forward, compare (no attack code).
+
+    Exit 0: verified; 3: something differs; 2: bad input. Options default to what results.json
+    recorded (subset, boundary adaptations). See docs/verify.md.
+    """
+    from robaudit.verify import run_verify_command
+
+    run_verify_command(results_or_report, evidence_file, model_path, split=split, batch_size=batch_size,
+                       device=device, options=options, echo=click.echo,
+                       extra={"allowed_signers": allowed_signers})
 
 
 @cli.command()

@@ -110,9 +110,14 @@ def threads_option(f):
                              "machine; results do not depend on it.")(f)
 
 
-def dataset_options(f):
+def dataset_options(f=None, *, required: bool = True):
+    """--dataset/--data-dir/--limit/--n-per-class; `@dataset_options(required=False)` makes
+    --dataset optional (verify: only needed with --evidence)."""
+    if f is None:
+        return lambda g: dataset_options(g, required=required)
     options = [
-        click.option("--dataset", required=True, help="cifar10, cifar100, svhn, demo, an .npz file, or an image folder."),
+        click.option("--dataset", required=required, default=None,
+                     help="cifar10, cifar100, svhn, demo, an .npz file, or an image folder."),
         click.option("--data-dir", default=None, type=click.Path(), help="Where the dataset lives / is downloaded."),
         click.option("--limit", type=int, default=None, help="Use the first N samples (dataset order)."),
         click.option("--n-per-class", type=int, default=None, help="Use the first K samples of each class."),

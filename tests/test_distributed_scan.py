@@ -113,6 +113,13 @@ def test_two_ranks_equal_one_process(tmp_path, tiny_case, form):
     assert ra["target_flow"] == rb["target_flow"]
     assert ra["curves"] == rb["curves"]
     assert [e["index"] for e in ra["examples"]] == [e["index"] for e in rb["examples"]]
+    for name in ra["attacks"]:  # the failures replayed on the artifact, gathered in subset order
+        assert ra["attacks"][name].get("replay") == rb["attacks"][name].get("replay")
+    ea, eb = np.load(tmp_path / "one" / "evidence.npz"), np.load(tmp_path / "two" / "evidence.npz")
+    assert sorted(ea.files) == sorted(eb.files) and "pgd__delta8" in ea.files
+    for key in ea.files:
+        if key != "manifest":
+            assert np.array_equal(ea[key], eb[key]), key
     # the attacks fooled some points and not others, so the equality is not vacuous
     robust = a["robust_pgd"]
     assert 0 < robust.sum() < len(robust)

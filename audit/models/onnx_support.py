@@ -280,12 +280,17 @@ class OnnxRuntimeModule(nn.Module):
     batch size works.
     """
 
-    def __init__(self, path: str, device: str = "cpu", output_name: Optional[str] = None):
+    def __init__(self, path: str, device: str = "cpu", output_name: Optional[str] = None,
+                 share_cpu: bool = False):
         super().__init__()
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # onnxruntime's warnings are not the user's problem
+        if share_cpu:  # next to torch (the replay): torch's thread count, and no spin-waiting
+            # threads that would keep the cores busy while torch attacks the next chunk
+            options.intra_op_num_threads = torch.get_num_threads()
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         device = torch.device(device)
         if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
