@@ -387,6 +387,7 @@ def _method_choices() -> str:
                    "(`robaudit list` marks them).")
 @model_options
 @dataset_options
+@data_loading_options
 @click.option("--student", default=None, help="Student architecture (see `robaudit list`); default resnet18.")
 @click.option("--student-init", default=None, type=click.Path(), help="Fine-tune this model file instead of a fresh student.")
 @click.option("--method", default=None, help=f"Remediation method [absld]: {_method_choices()} "
@@ -484,8 +485,11 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         audit_attacks=audit_cfg.attacks, audit_overrides=audit_cfg.attack_overrides, command=_command_line())
     method_cls.check_config(cfg, distributed.current().world_size)  # before anything is loaded or written
 
-    test = load_dataset(dataset, split="test", data_dir=data_dir, limit=audit_limit, n_per_class=audit_n_per_class)
-    train = (load_dataset(dataset, split="train", data_dir=data_dir, limit=limit, n_per_class=n_per_class)
+    loading = data_loading_kwargs(dataset, data_dir)
+    test = load_dataset(dataset, split="test", data_dir=data_dir, limit=audit_limit, n_per_class=audit_n_per_class,
+                        **loading)
+    train = (load_dataset(dataset, split="train", data_dir=data_dir, limit=limit, n_per_class=n_per_class,
+                          **{**loading, "labels": None})
              if method_cls.needs_training_data else test)   # data-free: the test split is only audited
     cfg.dataset = train.name
     teacher = None
