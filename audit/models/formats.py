@@ -453,7 +453,7 @@ def model_from_weights(state: Mapping[str, torch.Tensor], kind: str, path: str, 
     arch = options.arch
     fit = arch_inference.fit_architecture(arch, state, options.num_classes or 10)
     if not fit.exact:
-        raise arch_inference.mismatch_error(fit, path)
+        raise arch_inference.mismatch_error(fit, path, state)
     twins = arch_inference.same_key_twins(arch, state, fit.num_classes)
     if twins:
         notes.append(f"the weights also fit {', '.join(twins)} (same keys, different forward); "
