@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from robaudit.audit import distributed
+from robaudit.cli_presets import PRESET_KEY, dataset_notes, describe_presets, preset_option
 from robaudit.cli_options import (check_subset_args, data_loading_kwargs, data_loading_options, dataset_options,
                                   load_model_from_options, model_options, threads_option)
 from robaudit.errors import UserError
@@ -223,8 +224,13 @@ def report(results_files, out_file, redact_paths):
 
 @cli.command(name="list")
 @click.option("--options", "show_options", is_flag=True, help="Also list each remediation method's options.")
-def list_cmd(show_options):
+@click.option("--presets", "show_presets", is_flag=True,
+              help="List the named configurations (remediate --preset NAME), each value with its source.")
+def list_cmd(show_options, show_presets):
     """Show registered attacks, architectures, datasets and remediation methods."""
+    if show_presets:
+        click.echo(describe_presets())
+        return
     from robaudit.audit.models.architectures import ARCHITECTURES
     from robaudit.audit.attacks import ATTACKS
     from robaudit.audit.data.datasets import DATASETS
@@ -382,6 +388,7 @@ def _method_choices() -> str:
 
 
 @cli.command()
+@preset_option
 @click.option("--teacher", "teacher_path", default=None, type=click.Path(),
               help="Teacher model file (any format `scan` loads). Needed by the distillation methods "
                    "(`robaudit list` marks them).")
@@ -437,13 +444,15 @@ def _method_choices() -> str:
 @click.option("--audit-limit", type=int, default=None, help="Audit only the first N test samples.")
 @click.option("--audit-n-per-class", type=int, default=None, help="Audit only the first K test samples per class.")
 @click.option("--attack-opt", multiple=True, help="Audit attack parameter: ATTACK.PARAM=VALUE (repeatable).")
+@click.option("--export-formats", default="pt2,torchscript,onnx", show_default=True,
+              help="Formats the selected student is exported in (the student audit reads pt2, else torchscript).")
 @click.option("--out", "out_dir", default="robaudit-remediate", show_default=True, type=click.Path())
 @threads_option
 def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir,
               limit, n_per_class, student, student_init, method, data_free, beta, tau_min, tau_max, alpha,
               reference_compat, reweight, method_opt, schedule, epochs, lr, momentum, weight_decay, batch_size,
               milestones, steps, eps, norm, val_per_class, val_steps, no_augment, seed, device, precision, resume,
-              sync_bn, audit_attacks, audit_limit, audit_n_per_class, attack_opt, out_dir):
+              sync_bn, audit_attacks, audit_limit, audit_n_per_class, attack_opt, export_formats, out_dir):
     """Distill a fairer robust student (ABSLD by default), then audit teacher and student."""
     from robaudit.audit.data.datasets import load_dataset
     from robaudit.audit.devices import resolve_device
@@ -482,7 +491,8 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
                            batch_size=batch_size, milestones=milestone_list),
         eps=eps_value, norm=norm, val_per_class=val_per_class, val_steps=val_steps, augment=not no_augment,
         seed=seed, device=str(torch_device), precision=precision, resume=resume, sync_bn=sync_bn,
-        audit_attacks=audit_cfg.attacks, audit_overrides=audit_cfg.attack_overrides, command=_command_line())
+        audit_attacks=audit_cfg.attacks, audit_overrides=audit_cfg.attack_overrides, command=_command_line(),
+        preset=click.get_current_context().meta.get(PRESET_KEY), export_formats=_export_formats(export_formats))
     method_cls.check_config(cfg, distributed.current().world_size)  # before anything is loaded or written
 
     loading = data_loading_kwargs(dataset, data_dir)
@@ -492,6 +502,8 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
                           **{**loading, "labels": None})
              if method_cls.needs_training_data else test)   # data-free: the test split is only audited
     cfg.dataset = train.name
+    for note in dataset_notes(cfg, train.name):
+        click.echo(f"robaudit: {note}", err=True)
     teacher = None
     if teacher_path is not None:
         teacher = load_model_from_options(teacher_path, model_format=model_format, arch=arch,
@@ -503,6 +515,17 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         if train is not test:
             test.classes[:] = train.classes  # --class-names renames train.classes in place: audit with them too
     _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test)
+
+
+def _export_formats(text: str):
+    from robaudit.remediate.export import EXPORT_FORMATS
+
+    formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown or not ({"pt2", "torchscript"} & set(formats)):
+        raise UserError(f"--export-formats {text!r}: choose from {', '.join(EXPORT_FORMATS)}, with pt2 or "
+                        f"torchscript among them (the student audit loads one of those)")
+    return formats
 
 
 def _tau_bounds(tau_min, tau_max):
