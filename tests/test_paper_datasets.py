@@ -77,6 +77,8 @@ def test_tinyimagenet_layout(tmp_path):
     # val_annotations: val_0..1 -> TINY_WNIDS[0], val_2..3 -> TINY_WNIDS[1], ...
     expected = [wnids.index(TINY_WNIDS[k // 2]) for k in range(8)]
     assert test.y.tolist() == expected and test.subset["split_read"] == "val (labelled)"
+    as_path = load_dataset(tmp_path / "tiny-imagenet-200", data_dir=None, workers=0)   # --dataset DIR
+    assert as_path.name == "tinyimagenet" and as_path.y.tolist() == expected
     x = test.x[:]   # grey JPEGs decode to 3 equal channels
     assert x.shape == (8, 3, 64, 64) and torch.equal(x[:, 0], x[:, 1])
 

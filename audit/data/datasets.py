@@ -164,9 +164,11 @@ def _load_dataset(name, *, split, data_dir, limit, n_per_class, download, resize
     limit = _check_count(limit, "limit")
     n_per_class = _check_count(n_per_class, "n_per_class")
     preprocessing = resolve_preprocessing(resize, center_crop, preprocess)
-    from robaudit.audit.data.paper_datasets import LAZY_LISTINGS
+    from robaudit.audit.data.paper_datasets import LAZY_LISTINGS, is_tinyimagenet_folder
 
     lazy_listing = LAZY_LISTINGS.get(os.fspath(name).lower())
+    if lazy_listing is None and is_tinyimagenet_folder(name):   # --dataset DIR/tiny-imagenet-200
+        lazy_listing, data_dir = LAZY_LISTINGS["tinyimagenet"], name
     if lazy_listing is not None:   # a registered dataset of image files (Tiny-ImageNet)
         if labels is not None:
             raise UserError(f"--labels applies to flat image folders; {os.fspath(name)} has its own labels")

@@ -197,6 +197,16 @@ def _stl10(*, split: str, data_dir=None, download: bool = True) -> _FullSplit:
 # ---------------------------------------------------------------------------- Tiny-ImageNet
 
 
+def is_tinyimagenet_folder(path) -> bool:
+    """True for a folder laid out as the official archive (or the folder holding it), so
+    `--dataset DIR/tiny-imagenet-200` reads it as Tiny-ImageNet, not as a plain image folder."""
+    folder = Path(path).expanduser()
+    for candidate in (folder, folder / TINYIMAGENET_FOLDER):
+        if (candidate / "wnids.txt").is_file() and (candidate / "val" / "val_annotations.txt").is_file():
+            return True
+    return False
+
+
 def _tiny_root(data_dir, download: bool) -> Path:
     root = _root(data_dir)
     folder = root if (root / "wnids.txt").is_file() else root / TINYIMAGENET_FOLDER
