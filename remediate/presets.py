@@ -177,8 +177,15 @@ def apply_preset(name: str, params: dict, given: set) -> Tuple[dict, dict]:
             overrides[key] = {"preset": value, "given": params[key]}
         else:
             resolved[key] = value
+    note = preset.note or None
+    if "epochs" in overrides and "milestones" in preset.values and "milestones" not in given:
+        # The preset's milestones belong to its epoch count: with other --epochs they are
+        # scaled to the same fractions (train.scale_milestones), as without a preset.
+        resolved["milestones"] = None
+        overrides["milestones"] = {"preset": preset.values["milestones"][0],
+                                   "given": "scaled to --epochs (robaudit's rule)"}
     record = {"name": preset.name, "row": preset.row, "dataset": preset.dataset, "values": values,
-              "overrides": overrides, "note": preset.note or None}
+              "overrides": overrides, "note": note}
     return resolved, record
 
 

@@ -42,7 +42,12 @@ def test_given_flags_override_and_are_recorded():
     params = {"epochs": 1, "lr": 0.1, "student": None, "method": None}
     resolved, record = apply_preset("absld-cifar10-resnet18", params, given={"epochs", "lr"})
     assert resolved["epochs"] == 1 and resolved["student"] == "resnet18" and resolved["method"] == "absld"
-    assert record["overrides"] == {"epochs": {"preset": 300, "given": 1}}   # lr 0.1 = the preset's: no override
+    # lr 0.1 = the preset's: no override; the milestones of 300 epochs are scaled to the given epochs
+    assert record["overrides"] == {"epochs": {"preset": 300, "given": 1},
+                                   "milestones": {"preset": "215,260,285", "given": "scaled to --epochs (robaudit's rule)"}}
+    assert resolved["milestones"] is None
+    kept, record = apply_preset("absld-cifar10-resnet18", {**params, "milestones": "5"}, given={"epochs", "milestones"})
+    assert kept["milestones"] == "5" and record["overrides"]["milestones"] == {"preset": "215,260,285", "given": "5"}
     assert record["values"]["epochs"]["source"].startswith("ABSLD paper Sec. 5.1")
 
 
