@@ -209,6 +209,13 @@ def run_ferd(cfg: RemediateConfig, *, teacher, test_data=None, student_module: O
     teacher_module = teacher.module
     teacher_module.eval()
     example = torch.zeros(2, *image_shape, device=runtime.device)
+    if opts.fae and opts.uni_weight > 0 and not dry_run:   # .pt2 teachers: layers made hookable
+        from robaudit.remediate.ferd_export_taps import hookable_teacher
+
+        probe = torch.rand(2, *image_shape, generator=torch.Generator().manual_seed(int(cfg.seed))).to(runtime.device)
+        teacher_module, note = hookable_teacher(teacher_module, probe)
+        if note is not None:
+            log.warning("ferd: %s", note)
     num_classes = output_classes(teacher_module, example)
     classes = checked_class_names(classes, test_data, teacher, num_classes)
     student, student_desc = ready_student(cfg, student_module, num_classes, runtime, example,
