@@ -459,6 +459,7 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
     from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps
     from robaudit.remediate import DEFAULT_METHOD, METHODS
     from robaudit.remediate.common import RemediateConfig, resolve_schedule
+    from robaudit.remediate.export import parse_export_formats
 
     if data_free and method not in (None, "ferd"):
         raise UserError(f"--data-free trains with ferd; drop --method {method} (or pass --method ferd alone)")
@@ -492,7 +493,7 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         eps=eps_value, norm=norm, val_per_class=val_per_class, val_steps=val_steps, augment=not no_augment,
         seed=seed, device=str(torch_device), precision=precision, resume=resume, sync_bn=sync_bn,
         audit_attacks=audit_cfg.attacks, audit_overrides=audit_cfg.attack_overrides, command=_command_line(),
-        preset=click.get_current_context().meta.get(PRESET_KEY), export_formats=_export_formats(export_formats))
+        preset=click.get_current_context().meta.get(PRESET_KEY), export_formats=parse_export_formats(export_formats))
     method_cls.check_config(cfg, distributed.current().world_size)  # before anything is loaded or written
 
     loading = data_loading_kwargs(dataset, data_dir)
@@ -515,17 +516,6 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         if train is not test:
             test.classes[:] = train.classes  # --class-names renames train.classes in place: audit with them too
     _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test)
-
-
-def _export_formats(text: str):
-    from robaudit.remediate.export import EXPORT_FORMATS
-
-    formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
-    unknown = [f for f in formats if f not in EXPORT_FORMATS]
-    if unknown or not ({"pt2", "torchscript"} & set(formats)):
-        raise UserError(f"--export-formats {text!r}: choose from {', '.join(EXPORT_FORMATS)}, with pt2 or "
-                        f"torchscript among them (the student audit loads one of those)")
-    return formats
 
 
 def _tau_bounds(tau_min, tau_max):

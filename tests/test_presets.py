@@ -106,3 +106,12 @@ def test_preset_smoke_run(tmp_path, capsys, name):
     if "tau_min" in preset.values:   # the preset's temperature bounds reached the method
         bounds = results["training"]["options"]["method"]["tau_bounds"]
         assert bounds == [preset.values["tau_min"][0], preset.values["tau_max"][0]]
+
+
+def test_export_formats_flag_is_checked():
+    from robaudit.remediate.export import parse_export_formats
+
+    assert parse_export_formats("pt2, ONNX") == ("pt2", "onnx")
+    for bad in ("onnx", "pt2,zip", ""):
+        with pytest.raises(UserError, match="--export-formats"):
+            parse_export_formats(bad)
