@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 
 from robaudit.audit import distributed
-from robaudit.cli_presets import PRESET_KEY, dataset_notes, describe_presets, preset_option
+from robaudit.cli_presets import PRESET_KEY, dataset_notes, describe_presets, eps_note, preset_option
 from robaudit.cli_options import (check_subset_args, data_loading_kwargs, data_loading_options, dataset_options,
                                   load_model_from_options, model_options, threads_option)
 from robaudit.errors import UserError
@@ -152,6 +152,9 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
                                      dataset_classes=data.classes, input_shape=tuple(data.x.shape[1:]),
                                      probe_data=_probe_data(data), dataset_name=data.name)
     _say_inferred_arch(loaded)
+    note = eps_note(data.name, norm)
+    if note and distributed.current().is_main:
+        click.echo(f"robaudit: {note}", err=True)
     results = _run_and_print(cfg, loaded, data)
     if distributed.current().is_main:
         click.echo(f"wrote {Path(out_dir) / 'results.json'}"

@@ -69,3 +69,18 @@ def describe_presets() -> str:
         if preset.note:
             lines.append(f"    note: {preset.note}")
     return "\n".join(lines)
+
+
+def eps_note(dataset_name: str, norm: str) -> str | None:
+    """A note when --eps was left at its default and the dataset's usual budget differs
+    (MNIST: 0.3 L-inf, audit/data/paper_datasets.py DATASET_DEFAULTS, with its source)."""
+    from robaudit.audit.data.paper_datasets import dataset_defaults
+
+    ctx = click.get_current_context(silent=True)
+    defaults = dataset_defaults(dataset_name)
+    if ctx is None or defaults is None or norm != defaults["norm"] or ctx.get_parameter_source("eps") in _GIVEN:
+        return None
+    if abs(defaults["eps"] - 8 / 255) < 1e-12:
+        return None
+    return (f"--eps is at its default 8/255; {dataset_name}'s usual L-inf budget is {defaults['eps']:g} "
+            f"({defaults['source'].split(';')[0]}): pass --eps {defaults['eps']:g} to audit at it")

@@ -137,6 +137,10 @@ def test_scan_mnist_layout_with_mnist_cnn_and_refuses_rgb_model(tmp_path, capsys
     assert code == 0, err
     results = json.loads((tmp_path / "o1/results.json").read_text())
     assert results["model"]["arch"] == "mnist-cnn"   # inferred from the 1-channel weights
+    assert "usual L-inf budget" not in err   # --eps 0.3 was given
+    code, _, err = _run(capsys, "scan", tmp_path / "cnn.pt", *[a for a in common if a not in ("--eps", "0.3")],
+                        "--limit", "2", "--out", tmp_path / "o0")
+    assert code == 0 and "mnist's usual L-inf budget is 0.3 (eps 0.3, 40 steps of 0.01: Madry" in err
     code, out, err = _run(capsys, "scan", tmp_path / "rgb.pt", "--arch", "smallcnn", *common,
                           "--out", tmp_path / "o2")
     assert code == 2 and "--grey-to-rgb" in err and len(err.strip().splitlines()) == 1
