@@ -160,3 +160,16 @@ def test_scan_tinyimagenet_layout_with_preactresnet18(tmp_path, capsys):
     assert code == 0, err
     results = json.loads((tmp_path / "o/results.json").read_text())
     assert results["dataset"]["name"] == "tinyimagenet" and results["dataset"]["num_classes"] == 4
+
+
+def test_remediate_on_grey_mnist_with_1_channel_models_and_no_flip(tmp_path, capsys):
+    write_mnist(tmp_path / "data", n_train=20, n_test=10)
+    torch.manual_seed(0)
+    torch.save(create_architecture("mnist-cnn").state_dict(), tmp_path / "t.pt")
+    code, _, err = _run(capsys, "remediate", "--teacher", tmp_path / "t.pt", "--dataset", "mnist", "--data-dir",
+                        tmp_path / "data", "--student", "mnist-cnn", "--epochs", "1", "--steps", "1", "--eps", "0.3",
+                        "--val-per-class", "0", "--audit-attacks", "clean", "--export-formats", "pt2",
+                        "--device", "cpu", "--out", tmp_path / "o")
+    assert code == 0, err
+    options = json.loads((tmp_path / "o/student/results.json").read_text())["training"]["options"]
+    assert options["augment"] is False and "no crop/flip augmentation on mnist" in err
