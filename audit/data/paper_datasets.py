@@ -53,24 +53,26 @@ DATASET_DEFAULTS: Dict[str, dict] = {
     "mnist": {
         "eps": 0.3, "norm": "linf", "step_size": 0.01, "steps": 40,
         "mean": [0.1307], "std": [0.3081], "tau_bounds": None, "augment": False,
-        "source": "eps 0.3, 40 steps of 0.01: Madry et al. (ICLR 2018) Sec. 5 MNIST setting, which the "
-                  "class-wise paper (Tian et al., KDD 2021 / arXiv 2105.14240) follows; mean/std: "
-                  "pytorch/examples mnist/main.py; no ABSLD setting exists for MNIST; no crop/flip "
+        "source": "eps 0.3, 40 steps of 0.01: Madry et al. (ICLR 2018) Sec. 5 MNIST setting, the usual "
+                  "MNIST L-inf budget (the class-wise paper's own MNIST settings were not read here); "
+                  "mean/std: pytorch/examples mnist/main.py; no ABSLD setting exists for MNIST; no crop/flip "
                   "(digits are not mirror-symmetric)",
     },
     "stl10": {
         "eps": 8 / 255, "norm": "linf", "step_size": 2 / 255, "steps": 10,
         "mean": [0.4467, 0.4398, 0.4066], "std": [0.2603, 0.2566, 0.2713], "tau_bounds": None,
         "augment": True,
-        "source": "eps 8/255 as for CIFAR-10 (the class-wise paper's STL-10 setting); mean/std computed "
-                  "on the STL-10 train split; no ABSLD setting exists for STL-10",
+        "source": "eps 8/255: robaudit's choice, the CIFAR budget (the class-wise paper's STL-10 budget was "
+                  "not read here); mean/std: commonly used STL-10 values, not recomputed here; no ABSLD "
+                  "setting exists for STL-10",
     },
     "tinyimagenet": {
         "eps": 8 / 255, "norm": "linf", "step_size": 2 / 255, "steps": 10,
         "mean": [0.4802, 0.4481, 0.3975], "std": [0.2770, 0.2691, 0.2821], "tau_bounds": (0.9, 1.1),
         "augment": True,
         "source": "eps 8/255, 10 steps of 2/255 and tau in [0.9, 1.1]: ABSLD paper Sec. 5.1 and App. A.5 "
-                  "('other settings are the same as CIFAR-100'); mean/std computed on the train split",
+                  "('other settings are the same as CIFAR-100'); mean/std: commonly used Tiny-ImageNet "
+                  "values, not recomputed here",
     },
 }
 

@@ -7,9 +7,9 @@
   baselines CFA/RSLAD share) and of Rice et al.'s robust_overfitting preactresnet.py.
 * `mnist-cnn`: the MNIST network of Madry et al. (ICLR 2018; MadryLab mnist_challenge
   model.py): conv 5x5x32 + ReLU + 2x2 max-pool, conv 5x5x64 + ReLU + 2x2 max-pool, fc 1024
-  + ReLU, fc 10; one input channel. The class-wise paper (Tian et al., arXiv 2105.14240)
-  follows Madry et al.'s MNIST threat model; its text does not give its MNIST network's
-  layers, so this is "a network like the ones it used", not a copy of it.
+  + ReLU, fc 10; one input channel: the standard robust-MNIST network. The class-wise paper
+  (Tian et al., arXiv 2105.14240) audits MNIST models, but its MNIST network's layers were
+  not read here, so this is "a network like the ones such papers use", not a copy of it.
 
 64 px (Tiny-ImageNet) and 96 px (STL-10) students. Every CIFAR student here ends with
 global average pooling (F.adaptive_avg_pool2d(out, 1)), so `resnet18`, `preactresnet18`
