@@ -80,6 +80,7 @@ class RemediateConfig:
     command: Optional[str] = None
     progress: bool = True
     sync_bn: bool = False                          # torchrun on GPUs: BatchNorm statistics over the global batch
+    preset: Optional[dict] = None                  # --preset: remediate/presets.py apply_preset's record
 
     def __post_init__(self):
         if self.step_size is None:
@@ -319,6 +320,7 @@ def training_block(cfg: RemediateConfig, method, teacher, history: List[dict], s
             "val_steps": cfg.val_steps, "augment": cfg.augment, "seed": cfg.seed, "precision": cfg.precision,
             "world_size": distributed.current().world_size, "sync_bn": bool(cfg.sync_bn),
             "schedule_preset": schedule_description(cfg, method),
+            "preset": getattr(cfg, "preset", None),
         },
         "curves": curves,
         **legacy_class_state_keys(class_state),

@@ -78,3 +78,13 @@ def _export_onnx(module: nn.Module, example: torch.Tensor, path: Path) -> None:
             leftover.unlink()
         tmp_dir.rmdir()
 
+
+def parse_export_formats(text: str) -> tuple:
+    """--export-formats "pt2,torchscript,onnx" -> the formats; pt2 or torchscript must be among
+    them, since the student audit loads one of those."""
+    formats = tuple(f.strip().lower() for f in text.split(",") if f.strip())
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown or not ({"pt2", "torchscript"} & set(formats)):
+        raise UserError(f"--export-formats {text!r}: choose from {', '.join(EXPORT_FORMATS)}, with pt2 or "
+                        f"torchscript among them (the student audit loads one of those)")
+    return formats

@@ -32,8 +32,9 @@ Epochs are numbered from 1; the first `warmup` run steps 1-3 only.
      0.1) on CE(f_{l+}(Z + s N), y) + 0.3 * 0.5 * mean_bc(v/s^2 + log(s^2/v) - 1) (code; the spec
      writes beta sum_c), N one N(0,1) per sample and channel (code) seeded by (seed, epoch);
      non-robust: s^2 <= the batch's largest spatial variance v (code: robust = s^2 > max v);
-     L_uni reads f_{l+}(Z * m). A teacher without such a layer (no spatial map; TorchScript /
-     torch.export) falls back to "fragility" with a note.
+     L_uni reads f_{l+}(Z * m). A .pt2 teacher is first unflattened into hookable layers
+     (remediate/ferd_export_taps.py). A teacher without such a layer (no spatial map;
+     TorchScript) falls back to "fragility" with a note.
      "fragility" (ours, said so in training.options.notes): f the penultimate features (input
      of the last nn.Linear with C outputs, W, b); after each generator phase the teacher attack
      of step 3 gives fragility_c = mean|f_c(x') - f_c(x)| / (mean|f_c(x)| + 1e-12); the
@@ -209,6 +210,13 @@ def run_ferd(cfg: RemediateConfig, *, teacher, test_data=None, student_module: O
     teacher_module = teacher.module
     teacher_module.eval()
     example = torch.zeros(2, *image_shape, device=runtime.device)
+    if opts.fae and opts.uni_weight > 0 and not dry_run:   # .pt2 teachers: layers made hookable
+        from robaudit.remediate.ferd_export_taps import hookable_teacher
+
+        probe = torch.rand(2, *image_shape, generator=torch.Generator().manual_seed(int(cfg.seed))).to(runtime.device)
+        teacher_module, note = hookable_teacher(teacher_module, probe)
+        if note is not None:
+            log.warning("ferd: %s", note)
     num_classes = output_classes(teacher_module, example)
     classes = checked_class_names(classes, test_data, teacher, num_classes)
     student, student_desc = ready_student(cfg, student_module, num_classes, runtime, example,

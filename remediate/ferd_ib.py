@@ -96,7 +96,7 @@ def find_ib_layer(teacher: nn.Module, example: torch.Tensor,
     An explicit `name` that is not a usable layer raises a one-line UserError."""
     calls = _probe_calls(teacher, example)
     if calls is None:
-        return None, None, "the teacher's layers cannot be hooked (TorchScript / torch.export hide them)"
+        return None, None, "the teacher's layers cannot be hooked (TorchScript runs compiled code without Python hooks: convert it to .pt2 with torch.export, or pass its state_dict with --arch)"
     batch = example.shape[0]
     counts = {}
     for call in calls:

@@ -93,6 +93,7 @@ from robaudit.remediate.common import (PAPER_EPOCHS, PAPER_MILESTONES, Remediate
                                        ready_student, check_config, output_classes, resolve_runtime,
                                        scale_milestones, training_block)
 from robaudit.remediate.export import export_student
+from robaudit.remediate.streamed_data import StreamedImages, is_streamed, rank_batches
 from robaudit.remediate.selection import (default_val_per_class, evaluate_per_class, selection_score,
                                           split_validation, worst_metric)
 
@@ -165,13 +166,18 @@ class _Run:
 
 @dataclass
 class _DeviceData:
-    """The training split on the device, and this rank's share of the held-out split."""
+    """The training split on the device (or streamed from files: `streamed`), and this
+    rank's share of the held-out split."""
 
-    x: torch.Tensor
+    x: Optional[torch.Tensor]           # None when the images are streamed
     y: torch.Tensor
     index: torch.Tensor
     val_eval: Callable[[nn.Module, int], Tuple[torch.Tensor, torch.Tensor]]
     n_val: int
+    streamed: Optional[StreamedImages] = None
+
+    def images(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.streamed.take(idx) if self.streamed is not None else self.x[idx]
 
 
 def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
@@ -308,9 +314,11 @@ def _device_data(run: _Run, train_data) -> _DeviceData:
                                   memory_format=memory_format,
                                   reduce=distributed.sum_over_ranks if run.ctx.enabled else None)
 
-    return _DeviceData(x=train_data.x[run.train_pos].to(device), y=train_data.y[run.train_pos].to(device),
+    streamed = StreamedImages(train_data.x, run.train_pos, device) if is_streamed(train_data.x) else None
+    return _DeviceData(x=None if streamed is not None else train_data.x[run.train_pos].to(device),
+                       y=train_data.y[run.train_pos].to(device),
                        index=train_data.index[run.train_pos].to(device), val_eval=val_eval,
-                       n_val=len(run.val_pos))
+                       n_val=len(run.val_pos), streamed=streamed)
 
 
 def _restore(run: _Run, optimizer, scheduler) -> Tuple[List[dict], dict, int]:
@@ -394,6 +402,8 @@ def _train_one_epoch(run: _Run, data: _DeviceData, student: nn.Module, buffers: 
     student.train()
     n_train = len(data.y)
     order = epoch_permutation(n_train, cfg.seed, epoch).to(run.runtime.device)
+    if data.streamed is not None:   # decode the epoch's batches ahead, in order
+        data.streamed.begin_epoch(rank_batches(order, cfg.batch_size, world, rank))
     loss_sum, seen = 0.0, 0
     batch_bar = tqdm(total=n_train, desc=f"epoch {epoch}", unit="img", file=sys.stderr, leave=False,
                      disable=not (cfg.progress and ctx.is_main) or None, dynamic_ncols=True)
@@ -434,13 +444,15 @@ def _train_one_epoch(run: _Run, data: _DeviceData, student: nn.Module, buffers: 
             batch_bar.set_postfix(loss=f"{batch_loss:.4f}")
     finally:
         batch_bar.close()
+        if data.streamed is not None:
+            data.streamed.close()
     return loss_sum, seen
 
 
 def _batch_loss(run: _Run, data: _DeviceData, student: nn.Module, idx: torch.Tensor, epoch: int) -> torch.Tensor:
     """The method's loss on this rank's share of one batch (augmented; teacher logits if it has one)."""
     cfg, memory_format, autocast = run.cfg, run.runtime.memory_format, run.runtime.autocast
-    xb, yb, ib = data.x[idx], data.y[idx], data.index[idx]
+    xb, yb, ib = data.images(idx), data.y[idx], data.index[idx]
     if cfg.augment:
         xb = augment_batch(xb, ib, cfg.seed, epoch)
     xb = xb.contiguous(memory_format=memory_format)

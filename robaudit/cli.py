@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from robaudit.audit import distributed
+from robaudit.cli_presets import PRESET_KEY, dataset_notes, describe_presets, eps_note, preset_option
 from robaudit.cli_options import (check_subset_args, data_loading_kwargs, data_loading_options, dataset_options,
                                   load_model_from_options, model_options, sign_option, signing_key,
                                   threads_option)
@@ -127,6 +128,9 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
                                      dataset_classes=data.classes, input_shape=tuple(data.x.shape[1:]),
                                      probe_data=probe_data(data), dataset_name=data.name)
     say_inferred_arch(loaded, CONSOLE)
+    note = eps_note(data.name, norm)
+    if note and distributed.current().is_main:
+        click.echo(f"robaudit: {note}", err=True)
     with sign_outputs(signing_key(), out_dir):
         results = _run_and_print(cfg, loaded, data)
     if distributed.current().is_main:
@@ -219,8 +223,13 @@ def export(results_file, fmt, out_file, fail_under_worst, fail_over_nsd):
 
 @cli.command(name="list")
 @click.option("--options", "show_options", is_flag=True, help="Also list each remediation method's options.")
-def list_cmd(show_options):
+@click.option("--presets", "show_presets", is_flag=True,
+              help="List the named configurations (remediate --preset NAME), each value with its source.")
+def list_cmd(show_options, show_presets):
     """Show registered attacks, architectures, datasets and remediation methods."""
+    if show_presets:
+        click.echo(describe_presets())
+        return
     from robaudit.audit.models.architectures import ARCHITECTURES
     from robaudit.audit.attacks import ATTACKS
     from robaudit.audit.data.datasets import DATASETS
@@ -311,11 +320,13 @@ def _method_choices() -> str:
 
 
 @cli.command()
+@preset_option
 @click.option("--teacher", "teacher_path", default=None, type=click.Path(),
               help="Teacher model file (any format `scan` loads). Needed by the distillation methods "
                    "(`robaudit list` marks them).")
 @model_options
 @dataset_options
+@data_loading_options
 @click.option("--student", default=None, help="Student architecture (see `robaudit list`); default resnet18.")
 @click.option("--student-init", default=None, type=click.Path(), help="Fine-tune this model file instead of a fresh student.")
 @click.option("--method", default=None, help=f"Remediation method [absld]: {_method_choices()} "
@@ -365,6 +376,8 @@ def _method_choices() -> str:
 @click.option("--audit-limit", type=int, default=None, help="Audit only the first N test samples.")
 @click.option("--audit-n-per-class", type=int, default=None, help="Audit only the first K test samples per class.")
 @click.option("--attack-opt", multiple=True, help="Audit attack parameter: ATTACK.PARAM=VALUE (repeatable).")
+@click.option("--export-formats", default="pt2,torchscript,onnx", show_default=True,
+              help="Formats the selected student is exported in (the student audit reads pt2, else torchscript).")
 @click.option("--out", "out_dir", default="robaudit-remediate", show_default=True, type=click.Path())
 @threads_option
 @sign_option
@@ -372,13 +385,14 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
               limit, n_per_class, student, student_init, method, data_free, beta, tau_min, tau_max, alpha,
               reference_compat, reweight, method_opt, schedule, epochs, lr, momentum, weight_decay, batch_size,
               milestones, steps, eps, norm, val_per_class, val_steps, no_augment, seed, device, precision, resume,
-              sync_bn, audit_attacks, audit_limit, audit_n_per_class, attack_opt, out_dir):
+              sync_bn, audit_attacks, audit_limit, audit_n_per_class, attack_opt, export_formats, out_dir):
     """Distill a fairer robust student (ABSLD by default), then audit teacher and student."""
     from robaudit.audit.data.datasets import load_dataset
     from robaudit.audit.devices import resolve_device
     from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps
     from robaudit.remediate import DEFAULT_METHOD, METHODS
     from robaudit.remediate.common import RemediateConfig, resolve_schedule
+    from robaudit.remediate.export import parse_export_formats
     from robaudit.workflows import remediate_and_compare
 
     if data_free and method not in (None, "ferd"):
@@ -412,13 +426,19 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
                            batch_size=batch_size, milestones=milestone_list),
         eps=eps_value, norm=norm, val_per_class=val_per_class, val_steps=val_steps, augment=not no_augment,
         seed=seed, device=str(torch_device), precision=precision, resume=resume, sync_bn=sync_bn,
-        audit_attacks=audit_cfg.attacks, audit_overrides=audit_cfg.attack_overrides, command=_command_line())
+        audit_attacks=audit_cfg.attacks, audit_overrides=audit_cfg.attack_overrides, command=_command_line(),
+        preset=click.get_current_context().meta.get(PRESET_KEY), export_formats=parse_export_formats(export_formats))
     method_cls.check_config(cfg, distributed.current().world_size)  # before anything is loaded or written
 
-    test = load_dataset(dataset, split="test", data_dir=data_dir, limit=audit_limit, n_per_class=audit_n_per_class)
-    train = (load_dataset(dataset, split="train", data_dir=data_dir, limit=limit, n_per_class=n_per_class)
+    loading = data_loading_kwargs(dataset, data_dir)
+    test = load_dataset(dataset, split="test", data_dir=data_dir, limit=audit_limit, n_per_class=audit_n_per_class,
+                        **loading)
+    train = (load_dataset(dataset, split="train", data_dir=data_dir, limit=limit, n_per_class=n_per_class,
+                          **{**loading, "labels": None})
              if method_cls.needs_training_data else test)   # data-free: the test split is only audited
     cfg.dataset = train.name
+    for note in dataset_notes(cfg, train.name):
+        click.echo(f"robaudit: {note}", err=True)
     teacher = None
     if teacher_path is not None:
         teacher = load_model_from_options(teacher_path, model_format=model_format, arch=arch,

@@ -117,7 +117,8 @@ def dataset_options(f=None, *, required: bool = True):
         return lambda g: dataset_options(g, required=required)
     options = [
         click.option("--dataset", required=required, default=None,
-                     help="cifar10, cifar100, svhn, demo, an .npz file, or an image folder."),
+                     help="cifar10, cifar100, svhn, mnist, stl10, tinyimagenet, demo, an .npz file, or an "
+                          "image folder (`robaudit list`)."),
         click.option("--data-dir", default=None, type=click.Path(), help="Where the dataset lives / is downloaded."),
         click.option("--limit", type=int, default=None, help="Use the first N samples (dataset order)."),
         click.option("--n-per-class", type=int, default=None, help="Use the first K samples of each class."),
@@ -128,7 +129,7 @@ def dataset_options(f=None, *, required: bool = True):
 
 
 _DATA_CONTEXT_KEY = "robaudit.data_loading"
-DATA_LOADING_OPTIONS = ("resize", "center_crop", "preprocess", "labels", "skip_bad_images", "workers")
+DATA_LOADING_OPTIONS = ("resize", "center_crop", "preprocess", "labels", "skip_bad_images", "workers", "grey_to_rgb")
 
 
 def data_loading_options(f):
@@ -157,6 +158,9 @@ def data_loading_options(f):
         click.option("--workers", type=int, default=None,
                      help="Image folders: processes decoding images ahead of the model "
                           "[min(4, CPU count); 0: decode in the main process]."),
+        click.option("--grey-to-rgb", is_flag=True,
+                     help="Grey (1-channel) data such as mnist: repeat the channel three times for a "
+                          "model that takes RGB (without it such a model is refused)."),
     ]
 
     return _stashing_options(f, options, DATA_LOADING_OPTIONS, _DATA_CONTEXT_KEY)
@@ -174,6 +178,7 @@ def data_loading_kwargs(dataset, data_dir) -> dict:
     ctx = click.get_current_context(silent=True)
     kwargs = dict(ctx.meta.get(_DATA_CONTEXT_KEY, {})) if ctx is not None else {}
     kwargs["skip_bad_images"] = bool(kwargs.get("skip_bad_images"))
+    kwargs["grey_to_rgb"] = bool(kwargs.get("grey_to_rgb"))
     if image_folder_path(dataset, data_dir) is not None and ctx is not None:
         boundary = ctx.meta.get(_CONTEXT_KEY, {})
         kwargs["class_names"] = boundary.pop("class_names", None)

@@ -26,10 +26,12 @@ def test_registered_architecture_gives_logits_for_cifar_input(name):
             model = create_architecture(name, num_classes=7).eval()
             assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
         return
+    from robaudit.audit.models.paper_architectures import ARCH_INPUT_SHAPES
+
     torch.manual_seed(0)
     model = create_architecture(name, num_classes=7).eval()
     with torch.no_grad():
-        logits = model(torch.rand(2, 3, 32, 32))
+        logits = model(torch.rand(2, *ARCH_INPUT_SHAPES.get(name, (3, 32, 32))))
     assert logits.shape == (2, 7)
     assert torch.isfinite(logits).all()
 

@@ -134,7 +134,7 @@ def load_dataset(name, *, split: str = "test", data_dir=None, limit: Optional[in
                  n_per_class: Optional[int] = None, download: bool = True, resize: Optional[int] = None,
                  center_crop: Optional[int] = None, preprocess: Optional[str] = None, labels=None,
                  class_names=None, skip_bad_images: bool = False, workers: Optional[int] = None,
-                 expected_classes: Optional[int] = None) -> EvalData:
+                 expected_classes: Optional[int] = None, grey_to_rgb: bool = False) -> EvalData:
     """Load a split (test for audits, train for remediation), optionally as a deterministic subset.
 
     resize / center_crop / preprocess (a preset name, audit/data/preprocessing.py PRESETS) are
@@ -145,16 +145,42 @@ def load_dataset(name, *, split: str = "test", data_dir=None, limit: Optional[in
     (None: min(4, cpu count); 0: decode in the main process, checks in min(4, cpus) threads).
     expected_classes (--num-classes): an image folder whose class count differs is refused
     right after listing, before any image file is opened.
+    grey_to_rgb (--grey-to-rgb) repeats a 1-channel dataset's channel three times, for a
+    model that takes RGB (recorded in EvalData.subset["grey_to_rgb"]).
     """
+    data = _load_dataset(name, split=split, data_dir=data_dir, limit=limit, n_per_class=n_per_class,
+                         download=download, resize=resize, center_crop=center_crop, preprocess=preprocess,
+                         labels=labels, class_names=class_names, skip_bad_images=skip_bad_images,
+                         workers=workers, expected_classes=expected_classes)
+    if grey_to_rgb:
+        from robaudit.audit.data.grey import repeat_grey_channel
+
+        data = repeat_grey_channel(data)
+    return data
+
+
+def _load_dataset(name, *, split, data_dir, limit, n_per_class, download, resize, center_crop, preprocess,
+                  labels, class_names, skip_bad_images, workers, expected_classes) -> EvalData:
     from robaudit.audit.data.preprocessing import preprocess_tensor, resolve_preprocessing
 
     limit = _check_count(limit, "limit")
     n_per_class = _check_count(n_per_class, "n_per_class")
     preprocessing = resolve_preprocessing(resize, center_crop, preprocess)
+    from robaudit.audit.data.paper_datasets import LAZY_LISTINGS, is_tinyimagenet_folder
+
+    lazy_listing = LAZY_LISTINGS.get(os.fspath(name).lower())
+    if lazy_listing is None and is_tinyimagenet_folder(name):   # --dataset DIR/tiny-imagenet-200
+        lazy_listing, data_dir = LAZY_LISTINGS["tinyimagenet"], name
+    if lazy_listing is not None:   # a registered dataset of image files (Tiny-ImageNet)
+        if labels is not None:
+            raise UserError(f"--labels applies to flat image folders; {os.fspath(name)} has its own labels")
+        listing = lazy_listing(split, data_dir, download)
+        return _load_image_folder(None, split, limit, n_per_class, preprocessing, None, class_names,
+                                  skip_bad_images, workers, listing=listing, expected_classes=expected_classes)
     folder = image_folder_path(name, data_dir)
     if folder is not None:
         return _load_image_folder(folder, split, limit, n_per_class, preprocessing, labels, class_names,
-                                  skip_bad_images, workers, expected_classes)
+                                  skip_bad_images, workers, expected_classes=expected_classes)
     for flag, value in (("--labels", labels), ("--skip-bad-images", skip_bad_images or None)):
         if value is not None:
             raise UserError(f"{flag} applies to image folders only; {os.fspath(name)} is not one")
@@ -443,13 +469,19 @@ def image_folder_path(name, data_dir=None) -> Optional[Path]:
     return path if path.is_dir() else None
 
 
-def _load_image_folder(folder: Path, split: str, limit, n_per_class, preprocessing, labels, class_names,
-                       skip_bad_images: bool, workers: Optional[int], expected_classes=None) -> EvalData:
-    """A lazily decoded image folder: listing, subset, up-front header (or decode) checks."""
+def _load_image_folder(folder: Optional[Path], split: str, limit, n_per_class, preprocessing, labels, class_names,
+                       skip_bad_images: bool, workers: Optional[int], listing=None,
+                       expected_classes=None) -> EvalData:
+    """A lazily decoded image folder (or a ready `listing`): subset, up-front header (or decode) checks."""
     from robaudit.audit.data.image_folders import (SHOWN_SKIPPED, LazyImages, common_shape, decode_check,
                                               header_sizes, list_image_folder)
 
-    listing = list_image_folder(folder, split, labels_file=labels, class_names=class_names)
+    if listing is None:
+        listing = list_image_folder(folder, split, labels_file=labels, class_names=class_names)
+    elif class_names is not None:
+        from robaudit.audit.data.class_maps import read_class_names
+
+        listing.classes = read_class_names(os.fspath(class_names), listing.classes)
     # Checks that need no image come first: a folder refused for its classes opens no file.
     if expected_classes is not None and expected_classes != len(listing.classes):
         raise UserError(f"--num-classes {expected_classes} does not match the dataset's "
@@ -477,7 +509,7 @@ def _load_image_folder(folder: Path, split: str, limit, n_per_class, preprocessi
             sizes[todo] = header_sizes(files, threads)
         checked[todo] = True
     if selected.size == 0:
-        raise UserError(f"every selected image in {folder} is unreadable ({int(bad.sum())} skipped)")
+        raise UserError(f"every selected image in {listing.source} is unreadable ({int(bad.sum())} skipped)")
     files = [listing.files[k] for k in selected.tolist()]
     shape = common_shape(files, sizes[selected], preprocessing)
     subset = {"limit": limit, "n_per_class": n_per_class, "total_in_split": total, **listing.notes}
@@ -510,3 +542,7 @@ def _demo(*, split: str, data_dir=None, download: bool = True) -> _FullSplit:
     images, labels, classes = make_demo_arrays(split)
     nchw = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
     return _FullSplit("demo", labels, _array_taker(nchw), classes, "generated by robaudit (seeded)")
+
+
+# The paper datasets (MNIST, STL-10, Tiny-ImageNet) register themselves on import.
+from robaudit.audit.data import paper_datasets  # noqa: E402,F401

@@ -7,8 +7,10 @@ and shapes equal the file's exactly (after audit/models/formats.py has stripped 
 prefixes). The WideResNet family is open-ended (`wrn-D-W`, any D = 6n+4 and W), so its
 depth and width are read off the shapes (`architectures.infer_wide_resnet`) instead of
 trying the listed sizes; every head's class count comes from the head's weight shape.
-torchvision models are never inferred: their ImageNet forms would only ever match
-torchvision files, and there are too many to try.
+When no registered architecture fits, torchvision's ImageNet classifiers of the family
+the keys point to are tried the same way (audit/models/torchvision_inference.py), so a
+torchvision ResNet-18 state_dict is inferred as `torchvision:resnet18`; and `--arch NAME`
+on weights that fit another form exactly says which, with the exact flag.
 
 Exactly one match is loaded, and how it was chosen is recorded (`ModelInfo.arch_inferred`
 -> results.json model.arch_inferred). No match is a one-line refusal naming the closest
@@ -184,8 +186,17 @@ def summarise(keys: List[str], limit: int = 3) -> str:
     return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
 
 
-def mismatch_error(fit: Fit, path: str) -> UserError:
-    """The refusal for weights that do not fit the --arch the user named."""
+def fitting_forms(state: Mapping[str, torch.Tensor], num_classes: int = 10) -> List[str]:
+    """Every architecture name (registered, or `torchvision:NAME`) the weights fit exactly."""
+    from robaudit.audit.models.torchvision_inference import exact_fits
+
+    exact = [f.name for f in fits_for(state, num_classes) if f.exact]
+    return exact or [f.name for f in exact_fits(state, num_classes)]
+
+
+def mismatch_error(fit: Fit, path: str, state: Optional[Mapping[str, torch.Tensor]] = None) -> UserError:
+    """The refusal for weights that do not fit the --arch the user named; given `state`, it
+    names the forms the weights do fit, with the exact flag."""
     parts = []
     if fit.missing:
         parts.append(f"{len(fit.missing)} missing ({summarise(fit.missing)})")
@@ -193,14 +204,19 @@ def mismatch_error(fit: Fit, path: str) -> UserError:
         parts.append(f"{len(fit.unexpected)} unexpected ({summarise(fit.unexpected)})")
     if fit.wrong_shape:
         parts.append(f"{len(fit.wrong_shape)} with another shape ({summarise(fit.wrong_shape, 2)})")
-    return UserError(f"weights in {path} do not match arch {fit.name!r}: {'; '.join(parts)}; check --arch")
+    hint = "check --arch"
+    forms = fitting_forms(state, fit.num_classes) if state is not None else []
+    if forms:
+        hint = (f"the weights fit {' and '.join(forms)} exactly: pass "
+                f"{' or '.join(f'--arch {name}' for name in forms)}")
+    return UserError(f"weights in {path} do not match arch {fit.name!r}: {'; '.join(parts)}; {hint}")
 
 
 def no_match_error(fits: List[Fit], path: str, kind: str) -> UserError:
     closest = ", ".join(f"{f.name} ({f.mismatches} mismatched keys)" for f in fits[:CLOSEST_SHOWN])
     return UserError(f"{path} holds only weights ({kind}) and they match no registered architecture "
-                     f"exactly (closest: {closest}); pass --arch NAME (see `robaudit list`; "
-                     f"torchvision models are never inferred)")
+                     f"exactly (closest: {closest}), nor a torchvision classifier of the family their keys "
+                     f"point to; pass --arch NAME (see `robaudit list`)")
 
 
 def same_key_twins(arch: str, state: Mapping[str, torch.Tensor], num_classes: int) -> List[str]:
@@ -297,6 +313,10 @@ def infer_architecture(state: Mapping[str, torch.Tensor], kind: str, path: str, 
     """
     fits = fits_for(state, num_classes)
     exact = [f for f in fits if f.exact]
+    if not exact:
+        from robaudit.audit.models.torchvision_inference import exact_fits
+
+        exact = exact_fits(state, num_classes)   # torchvision's ImageNet classifiers, by family
     if not exact:
         raise no_match_error(fits, path, kind)
     if len(exact) > 1 and scorer is None:  # refused before building any of them

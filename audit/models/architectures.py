@@ -560,3 +560,7 @@ def create_architecture(name: str, num_classes: int = 10) -> nn.Module:
         return ARCHITECTURES.create(key, num_classes=num_classes)
     dm, depth, width, _ = _parse_wide_resnet(key)
     return build_wide_resnet(depth, width, num_classes, dm=dm)
+
+
+# The source papers' other architectures (preactresnet34, mnist-cnn) register themselves on import.
+from robaudit.audit.models import paper_architectures  # noqa: E402,F401

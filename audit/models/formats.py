@@ -208,9 +208,12 @@ class ExportedModule(nn.Module):
     """Holds a torch.export program's module, whose train/eval mode was fixed at export
     time and which raises on .eval(): this wrapper makes .eval()/.train() harmless."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, program=None):
         super().__init__()
         self.module = module
+        # The ExportedProgram itself (not a submodule): FERD unflattens it to hook a layer
+        # (remediate/ferd_export_taps.py); None where the module came from elsewhere.
+        self.__dict__["program"] = program
 
     def train(self, mode: bool = True) -> "ExportedModule":
         self.training = mode  # deliberately not propagated
@@ -250,7 +253,7 @@ class ExportFormat(ModelFormat):
 
             program = move_to_device_pass(program, options.device)
         declared = _exported_input_shape(program)
-        module: nn.Module = ExportedModule(program.module())
+        module: nn.Module = ExportedModule(program.module(), program)
         info = ModelInfo(format=self.name, declared_input_shape=declared, on_device=True)
         if declared and isinstance(declared[0], int):
             module = FixedBatchModule(module, declared[0])
@@ -456,7 +459,7 @@ def model_from_weights(state: Mapping[str, torch.Tensor], kind: str, path: str, 
     arch = options.arch
     fit = arch_inference.fit_architecture(arch, state, options.num_classes or 10)
     if not fit.exact:
-        raise arch_inference.mismatch_error(fit, path)
+        raise arch_inference.mismatch_error(fit, path, state)
     twins = arch_inference.same_key_twins(arch, state, fit.num_classes)
     if twins:
         notes.append(f"the weights also fit {', '.join(twins)} (same keys, different forward); "

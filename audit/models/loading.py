@@ -34,6 +34,7 @@ from robaudit.audit.models.arch_inference import FILE_NORMALIZATION_SOURCE
 from robaudit.audit.models.architectures import resolve_architecture
 from robaudit.audit.models.formats import (CHECKPOINT_WEIGHT_KEYS, WEIGHT_FORMATS, WRAPPER_PREFIXES, ExportedModule,
                                     ReadOptions)
+from robaudit.audit.data.grey import check_model_channels
 from robaudit.errors import UserError
 
 __all__ = ["BoundaryModel", "CHECKPOINT_WEIGHT_KEYS", "ExportedModule", "FORMATS", "FixedBatchModule",
@@ -160,6 +161,8 @@ def load_model(path, *, format="auto", arch=None, num_classes=None, trust_pickle
         num_params = sum(p.numel() for p in module.parameters())
     module = module if info.on_device else module.to(device)
     module.eval()
+    if input_layout != "nhwc":   # grey data and RGB models meet here (audit/data/grey.py)
+        check_model_channels(module, input_shape[0], path)
     built = adapters.build_boundary(module, info, request, notes)
     if source is not None:
         built.adaptations["zoo"] = source.record
