@@ -1,7 +1,7 @@
 """Named configurations: one per paper-table row robaudit can run (`robaudit remediate --preset NAME`).
 
 Each preset sets `robaudit remediate` options, every value with where it comes from: the
-ABSLD paper (NeurIPS 2024; /work/shared/papers/absld_neurips2024.txt: Sec. 5.1, App. A.3,
+ABSLD paper (NeurIPS 2024; shared/papers/absld_neurips2024.txt: Sec. 5.1, App. A.3,
 A.5, A.7, Tables 1-5), the authors' code (zhaoshiji123/ABSLD resnet18_absld_cifar10.py at
 commit 99ed9cd, lines as cited), or a method's own schedule (each method's `paper_schedule`,
 remediate/*.py, with its source). A flag given on the command line overrides the preset's
@@ -65,7 +65,7 @@ def _schedule(method: str, source_table: str) -> Dict[str, Tuple[object, str]]:
     """A baseline under its own schedule: its `paper_schedule` (remediate/*.py, with its source)."""
     return {"method": (method, f"{source_table} row {method}"),
             "schedule": ("paper", "the method's own schedule, as ABSLD App. A.3 trains baselines "
-                                  f"('we strictly follow original setting')")}
+                                  "('we strictly follow original setting')")}
 
 
 def _row(*numbers: float) -> Dict[str, Tuple[float, float, float]]:
