@@ -89,6 +89,7 @@ from robaudit.errors import UserError
 from robaudit.remediate.base import METHODS, RemediationMethod, create_method
 from robaudit.remediate.checkpoints import (CHECKPOINT_KIND, CHECKPOINT_VERSION, prepare_out_dir_for_resume,
                                             restore_rng_state, rng_state, save_atomic, write_metrics_csv)
+from robaudit.remediate.loss_window import LossWindow, loss_check_interval
 from robaudit.remediate.common import (PAPER_EPOCHS, RemediateConfig, Runtime, audit_student, augment_batch,
                                        ready_student, check_config, output_classes, resolve_runtime,
                                        training_block)
@@ -407,6 +408,7 @@ def _train_one_epoch(run: _Run, data: _DeviceData, student: nn.Module, buffers: 
     n_train = len(data.y)
     order = epoch_permutation(n_train, cfg.seed, epoch).to(run.runtime.device)
     loss_sum, seen = 0.0, 0
+    window = LossWindow(loss_check_interval(run.runtime.device))
     batch_bar = tqdm(total=n_train, desc=f"epoch {epoch}", unit="img", file=sys.stderr, leave=False,
                      disable=not (cfg.progress and ctx.is_main) or None, dynamic_ncols=True)
     try:
@@ -422,18 +424,20 @@ def _train_one_epoch(run: _Run, data: _DeviceData, student: nn.Module, buffers: 
             try:
                 optimizer.zero_grad(set_to_none=True)
                 loss = _batch_loss(run, data, student, idx, epoch)
-                loss_value = float(loss.detach())
+                if ctx.enabled:
+                    loss_value = float(loss.detach())
             except Exception as err:
                 if not ctx.enabled:
                     raise
                 error = err   # every rank must hear of it before the gradient all-reduce
-            step_sum, step_n = _step_totals(loss_value, len(idx), error, run.runtime.device)
-            batch_loss = step_sum / step_n
-            if not math.isfinite(batch_loss):
-                kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept in "
-                        f"{run.checkpoint_path}" if history else "no checkpoint had been written yet")
-                raise UserError(f"training stopped: the loss became {batch_loss} at epoch {epoch}, "
-                                f"batch {step + 1}; {kept}; try a lower --lr or --precision fp32")
+            if ctx.enabled:
+                step_sum, step_n = _step_totals(loss_value, len(idx), error, run.runtime.device)
+                _stop_unless_finite(run, step_sum / step_n, epoch, f"batch {step + 1}", history)
+            else:   # the loss stays on the device; read every `check_every` steps (one sync)
+                window.add(loss.detach(), len(idx), step)
+                step_sum, step_n = window.read_if_due(step, last=start + cfg.batch_size >= n_train)
+                if step_n:
+                    _stop_unless_finite(run, step_sum / step_n, epoch, window.batches, history)
             if len(idx) * world != len(global_idx):
                 # Uneven shares: DDP averages the ranks' gradients, so weight each rank's
                 # batch mean by its share to get the gradient of the global batch mean.
@@ -443,7 +447,8 @@ def _train_one_epoch(run: _Run, data: _DeviceData, student: nn.Module, buffers: 
             loss_sum += step_sum
             seen += step_n
             batch_bar.update(len(global_idx))
-            batch_bar.set_postfix(loss=f"{batch_loss:.4f}")
+            if step_n:
+                batch_bar.set_postfix(loss=f"{step_sum / step_n:.4f}")
     finally:
         batch_bar.close()
     return loss_sum, seen
@@ -496,6 +501,14 @@ def _write_epoch(run: _Run, optimizer, scheduler, history: List[dict], best: dic
         "best": best, "history": history, "fingerprint": run.fingerprint, "classes": run.classes,
     }, run.checkpoint_path)
     write_metrics_csv(run.metrics_path, history, run.classes)
+
+
+def _stop_unless_finite(run: _Run, batch_loss: float, epoch: int, where: str, history: List[dict]) -> None:
+    if not math.isfinite(batch_loss):
+        kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept in "
+                f"{run.checkpoint_path}" if history else "no checkpoint had been written yet")
+        raise UserError(f"training stopped: the loss became {batch_loss} at epoch {epoch}, "
+                        f"{where}; {kept}; try a lower --lr or --precision fp32")
 
 
 def _nan_to_none(values: List[float]) -> List[Optional[float]]:

@@ -98,6 +98,25 @@ class VirtualCudaTensor(torch.Tensor):
         raise TypeError("can't convert cuda:0 device type tensor to numpy. "
                         "Use Tensor.cpu() to copy the tensor to host memory first.")
 
+    def __deepcopy__(self, memo):
+        if id(self) in memo:
+            return memo[id(self)]
+        with torch._C.DisableTorchFunction():
+            elem = self.elem.detach().clone().requires_grad_(self.requires_grad)
+        out = VirtualCudaTensor(elem)
+        if getattr(self, "_is_param", False):
+            out = torch.nn.Parameter(out, requires_grad=self.requires_grad)
+        memo[id(self)] = out
+        return out
+
+    def __reduce_ex__(self, protocol):
+        # torch.save of a GPU tensor copies it to the host; it is written as the CPU values
+        # (robaudit loads checkpoints with map_location, so where it was saved does not matter).
+        if _ACTIVE:
+            _ACTIVE[-1].record("sync", "saved to a file")
+        with torch._C.DisableTorchFunction():
+            return self.elem.detach().__reduce_ex__(protocol)
+
     def data_ptr(self):
         return self.elem.data_ptr()
 
@@ -138,6 +157,8 @@ class _Dispatch(TorchDispatchMode):
 
 
 _HOST_DATA = (torch.tensor, torch.as_tensor, torch.asarray)
+# Composite ops whose C++ body makes tensors with the input's options (a limit of the mode).
+_OPTIONS_COMPOSITES = {"one_hot"}
 
 
 class _Functions(TorchFunctionMode):
@@ -164,6 +185,11 @@ class _Functions(TorchFunctionMode):
                 return args[0].elem.tolist()
         if func is torch.Tensor.pin_memory:
             return args[0]
+        if getattr(func, "__name__", "") in _OPTIONS_COMPOSITES and isinstance(args[0], VirtualCudaTensor):
+            # Their C++ bodies build helper tensors from the input's options, which C++ sees
+            # as CPU here: computed on the values and wrapped (no gradient flows through them).
+            with torch._C.DisableTorchFunction():
+                return VirtualCudaTensor(func(args[0].elem, *args[1:], **kwargs))
         if func in _HOST_DATA and _is_cuda(kwargs.get("device")):
             data = args[0] if args else kwargs.get("data")
             if isinstance(data, VirtualCudaTensor):   # already "on the GPU": no host copy
@@ -214,14 +240,14 @@ class VirtualCuda:
             with torch._C.DisableTorchFunction():
                 out = tensor.elem.to(dtype=dtype, copy=True)
             return out
-        if isinstance(tensor, VirtualCudaTensor):
-            target = None                                 # cuda -> cuda: a dtype change at most
+        memory_format = memory_format if memory_format is not None else torch.preserve_format
+        moves = target.type == "cuda" and not isinstance(tensor, VirtualCudaTensor)
+        if not moves and not copy and dtype == tensor.dtype and memory_format == torch.preserve_format:
+            return tensor                                 # Tensor.to returns self when nothing changes
         with torch._C.DisableTorchFunction():
-            return aten.to.dtype_layout(tensor, dtype=dtype,
-                                        layout=tensor.layout, device=target,
-                                        non_blocking=non_blocking, copy=copy,
-                                        memory_format=memory_format if memory_format is not None
-                                        else torch.preserve_format)
+            return aten._to_copy.default(tensor, dtype=dtype, layout=tensor.layout,
+                                         device=CUDA if target.type == "cuda" else target,
+                                         non_blocking=non_blocking, memory_format=memory_format)
 
     # ---- the compute rule --------------------------------------------------------------
     def compute(self, func, args, kwargs):
@@ -323,6 +349,9 @@ class VirtualCuda:
             stack.enter_context(_patch(torch.cuda, name, fn))
             if hasattr(torch.cuda.random, name):   # pyautoattack calls torch.cuda.random.manual_seed
                 stack.enter_context(_patch(torch.cuda.random, name, fn))
+        stream = type("VirtualStream", (), {"is_capturing": lambda self: False, "synchronize": lambda self: None})()
+        stack.enter_context(_patch(torch.accelerator, "current_stream", lambda device=None: stream))
+        stack.enter_context(_patch(torch.cuda, "is_current_stream_capturing", lambda: False))
         # Module.to would otherwise set param.data to the wrapper (C++ sees two CPU tensors),
         # losing the subclass; "incompatible" makes it build a new Parameter around it.
         compatible = torch._has_compatible_shallow_copy_type
