@@ -221,7 +221,8 @@ def run_ferd(cfg: RemediateConfig, *, teacher, test_data=None, student_module: O
         return None
     run.taps = TeacherTaps(teacher_module, num_classes)
     try:
-        return _train(run, test_data)
+        with run.runtime.training_policy():   # TF32 per --precision, cudnn.benchmark on CUDA
+            return _train(run, test_data)
     finally:
         run.taps.close()
         if run.ib is not None:

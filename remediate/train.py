@@ -90,6 +90,7 @@ from robaudit.remediate.base import METHODS, RemediationMethod, create_method
 from robaudit.remediate.checkpoints import (CHECKPOINT_KIND, CHECKPOINT_VERSION, prepare_out_dir_for_resume,
                                             restore_rng_state, rng_state, save_atomic, write_metrics_csv)
 from robaudit.remediate.loss_window import LossWindow, loss_check_interval
+from robaudit.remediate.speed import compiled_for_training, convs_to_channels_last
 from robaudit.remediate.common import (PAPER_EPOCHS, RemediateConfig, Runtime, audit_student, augment_batch,
                                        ready_student, check_config, output_classes, resolve_runtime,
                                        training_block)
@@ -216,7 +217,8 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(run.milestones), gamma=0.1)
     history, best, start_epoch = _restore(run, optimizer, scheduler)
-    history, best = _train_epochs(run, data, optimizer, scheduler, history, best, start_epoch)
+    with run.runtime.training_policy():   # TF32 per --precision, cudnn.benchmark on CUDA
+        history, best = _train_epochs(run, data, optimizer, scheduler, history, best, start_epoch)
 
     def select_and_export() -> Tuple[Optional[int], Dict[str, dict]]:
         selected, selected_epoch = _selected_student(run.method, run.student, best, run.best_path, history)
@@ -252,6 +254,8 @@ def _prepare(cfg: RemediateConfig, teacher, train_data, test_data, student_modul
         raise UserError("the training selection is empty; check --limit / --n-per-class")
     example = train_data.x[:1].to(runtime.device)
     teacher_module = _checked_teacher(method_cls, teacher, example, num_classes)
+    if teacher_module is not None and runtime.channels_last:
+        convs_to_channels_last(teacher_module)   # its input is channels_last: no layout change per conv
     student, student_desc = _checked_student(cfg, student_module, num_classes, runtime, ctx, example)
     if test_data is not None and len(test_data.classes) != num_classes:
         raise UserError(f"the test split has {len(test_data.classes)} classes but the training split {num_classes}")
@@ -362,6 +366,8 @@ def _train_epochs(run: _Run, data: _DeviceData, optimizer, scheduler, history: L
         device = run.runtime.device
         student = nn.parallel.DistributedDataParallel(
             raw, device_ids=[device.index] if device.type == "cuda" else None, **_ddp_buffer_options())
+    if run.runtime.compile:
+        student = compiled_for_training(student)   # the training steps only; checkpoints keep `raw`
     tail = len(data.y) % cfg.batch_size
     if ctx.enabled and 0 < tail < ctx.world_size and ctx.is_main:
         log.warning("the last batch of each epoch (%d images) is smaller than the %d processes and is "

@@ -28,7 +28,7 @@ from onnx2torch.utils.common import (OnnxMapping, OnnxToTorchModule, OperationCo
                                      get_const_value, onnx_mapping_from_node)
 from torch import nn
 
-from robaudit.audit.models import adapters
+from robaudit.audit.models import adapters, ort_runtime
 from robaudit.audit.models.adapters import FixedBatchModule
 from robaudit.errors import UserError
 
@@ -98,12 +98,18 @@ class OnnxReduce(nn.Module, OnnxToTorchModule):
 class OnnxReshape(nn.Module, OnnxToTorchModule):
     """ONNX Reshape including `allowzero=1` (a 0 in the shape means an empty dimension)."""
 
-    def __init__(self, allowzero: int = 0):
+    def __init__(self, allowzero: int = 0, constant_shape: Optional[List[int]] = None):
         super().__init__()
         self.allowzero = bool(allowzero)
+        # The shape when the graph holds it as a constant: read once here, so a forward does not
+        # read it back from the GPU (a host sync per Reshape per call).
+        self.constant_shape = constant_shape
 
-    def forward(self, input_tensor: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-        target = [int(s) for s in shape.reshape(-1).tolist()]
+    def forward(self, input_tensor: torch.Tensor, shape: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.constant_shape is not None:
+            target = list(self.constant_shape)
+        else:
+            target = [int(s) for s in shape.reshape(-1).tolist()]
         if not self.allowzero:
             target = [input_tensor.shape[i] if s == 0 else s for i, s in enumerate(target)]
         return torch.reshape(input_tensor, target)
@@ -147,9 +153,13 @@ def _convert_reduce(node, graph):
 
 
 def _convert_reshape(node, graph):
-    del graph
-    return OperationConverterResult(torch_module=OnnxReshape(node.attributes.get("allowzero", 0)),
-                                    onnx_mapping=onnx_mapping_from_node(node))
+    shape = _constant_ints(node.input_values[1], graph) if len(node.input_values) > 1 else None
+    if shape is None:   # computed in the graph: the module reads it per call
+        return OperationConverterResult(torch_module=OnnxReshape(node.attributes.get("allowzero", 0)),
+                                        onnx_mapping=onnx_mapping_from_node(node))
+    return OperationConverterResult(torch_module=OnnxReshape(node.attributes.get("allowzero", 0), shape),
+                                    onnx_mapping=OnnxMapping(inputs=(node.input_values[0],),
+                                                             outputs=node.output_values))
 
 
 def _convert_split18(node, graph):
@@ -286,11 +296,10 @@ class OnnxRuntimeModule(nn.Module):
 
         options = ort.SessionOptions()
         options.log_severity_level = 3  # onnxruntime's warnings are not the user's problem
-        providers = ["CPUExecutionProvider"]
         device = torch.device(device)
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+        providers = ort_runtime.requested_providers(device, ort.get_available_providers())
         self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        self.provider, self.provider_note = ort_runtime.confirm_provider(self.session, device)
         model_input = self.session.get_inputs()[0]
         self.input_name = model_input.name
         self.output_names = [o.name for o in self.session.get_outputs()]
@@ -329,7 +338,22 @@ class OnnxRuntimeModule(nn.Module):
                 outputs[name] = parts[0]
         return outputs
 
+    def _bound_columns(self) -> Optional[int]:
+        """The output's class count when I/O binding can run (CUDA provider, float output with a
+        declared class count), else None (the numpy path)."""
+        if self.provider != ort_runtime.CUDA_PROVIDER:
+            return None
+        output = next(o for o in self.session.get_outputs() if o.name == self.output_name)
+        shape = list(output.shape or [])
+        ok = output.type == "tensor(float)" and len(shape) == 2 and isinstance(shape[1], int)
+        return shape[1] if ok else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        columns = self._bound_columns() if x.device.type == "cuda" else None
+        if columns is not None:
+            logits = ort_runtime.run_bound(self.session, x, self.input_name, self.output_name, self.input_dtype,
+                                           self.fixed_batch, columns)
+            return _NoGradient.apply(x, logits) if x.requires_grad and torch.is_grad_enabled() else logits
         parts = self._chunks(x, [self.output_name])[0]
         logits = torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False)).to(x.device)
         if x.requires_grad and torch.is_grad_enabled():
@@ -490,7 +514,12 @@ class OnnxConversion(adapters.DeferredModel):
             info.refusal = (f"white-box attacks refused for this ONNX model: {reason}; "
                             f"only black-box attacks run")
             if torch.device(self.device).type != "cpu":
-                return OnnxRuntimeModule(self.path, device=self.device, output_name=key)
+                runtime = OnnxRuntimeModule(self.path, device=self.device, output_name=key)
+                info.onnx["provider"] = runtime.provider   # the one that really runs
+                if runtime.provider_note:
+                    info.notes.append(runtime.provider_note)
+                return runtime
+            info.onnx["provider"] = self.runtime.provider
             return self.runtime
         info.white_box = True
         return converted.to(self.device).eval()
