@@ -156,11 +156,11 @@ BUDGETS = {"pgd": {"steps": 3}, "cw": {"steps": 3}, "tpgd": {"steps": 3}, "fmn":
            "square": {"n_queries": 20}, "aa": {"n_iter": 5, "n_queries": 20}}
 
 
-def _scan_both(tmp_path, attacks):
+def _scan_both(tmp_path, attacks, env=VirtualCuda):
     from test_engine import load_samples, scan
     overrides = {k: v for k, v in BUDGETS.items() if k in attacks}
     cpu = scan(tmp_path / "cpu", attacks=attacks, attack_overrides=overrides)
-    with VirtualCuda():
+    with env():
         cuda = scan(tmp_path / "cuda", attacks=attacks, attack_overrides=overrides, device="cuda")
     assert cuda["config"]["device"] == "cuda:0" or cuda["config"]["device"].startswith("cuda")
     a, b = load_samples(tmp_path / "cpu"), load_samples(tmp_path / "cuda")
