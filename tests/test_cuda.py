@@ -16,9 +16,22 @@ import contextlib
 import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
 REAL = contextlib.nullcontext
+
+
+@pytest.fixture(autouse=True)
+def _gpu_or_virtual(request):
+    """A real GPU; else, with --virtual-cuda / ROBAUDIT_VIRTUAL_CUDA=1, the simulated one (which
+    checks these twins' own code on the CPU); else skipped."""
+    from conftest import virtual_cuda_requested
+    if torch.cuda.is_available():
+        yield
+    elif virtual_cuda_requested(request.config):
+        from virtual_cuda import VirtualCuda
+        with VirtualCuda():
+            yield
+    else:
+        pytest.skip("needs a CUDA GPU (or --virtual-cuda to run these twins on the simulated one)")
 
 
 def test_real_scan_matches_cpu(tmp_path):
@@ -77,11 +90,17 @@ def test_real_ferd(tmp_path):
     assert (tmp_path / "checkpoint.pt").exists()
 
 
-def test_real_onnx_conversion_and_provider(tmp_path):
+@pytest.fixture(scope="module")
+def onnx_net(tmp_path_factory):
+    """(net, exported file); module scope: made before the per-test device fixture."""
     from test_onnx import PoolingNet, _export
-    from robaudit.audit.models.loading import load_model
     net = PoolingNet().eval()
-    path = _export(net, tmp_path / "m.onnx", dynamo=False)
+    return net, _export(net, tmp_path_factory.mktemp("onnx") / "m.onnx", dynamo=False)
+
+
+def test_real_onnx_conversion_and_provider(onnx_net):
+    from robaudit.audit.models.loading import load_model
+    net, path = onnx_net
     x = torch.rand(3, 3, 32, 32)
     loaded = load_model(str(path), device="cuda")
     out = loaded.module(x.to("cuda")).cpu()
