@@ -239,3 +239,26 @@ def test_compiled_student_matches_eager_forward_and_gradients(backend):
     expected.square().mean().backward()
     for p, q in zip(net.parameters(), twin.parameters()):
         assert_logits_close(p.grad, q.grad)
+
+
+# ---------------------------------------------------------------------------- loss windows
+def test_loss_window_reads_once_per_window_and_at_the_end():
+    from robaudit.remediate.loss_window import LOSS_CHECK_EVERY_CUDA, LossWindow, loss_check_interval
+    assert loss_check_interval("cpu") == 1 and loss_check_interval("cuda") == LOSS_CHECK_EVERY_CUDA
+    window, reads = LossWindow(3), []
+    for step in range(7):
+        window.add(torch.tensor(float(step)), 2, step)
+        total, n = window.read_if_due(step, last=step == 6)
+        if n:
+            reads.append((step, total, n, window.batches))
+    # steps 0-2, 3-5, then the last one alone; sums of 2 * step
+    assert reads == [(2, 6.0, 6, "batches 1-3"), (5, 24.0, 6, "batches 4-6"), (6, 12.0, 2, "batch 7")]
+
+
+def test_nan_loss_on_virtual_cuda_still_stops_the_run(tmp_path):
+    from test_remediate_train import PoisonedAfter, colour_dataset, config, teacher_model, tiny_student
+    from robaudit.remediate import run_remediate
+    student = PoisonedAfter(tiny_student(), after=2)
+    with VirtualCuda(), pytest.raises(UserError, match=r"loss became nan at epoch 2, batch"):
+        run_remediate(config(tmp_path, method="rslad", epochs=3, device="cuda"), teacher=teacher_model(),
+                      train_data=colour_dataset(per_class=10), student_module=student)
