@@ -268,3 +268,26 @@ def test_onnx_conversion_on_virtual_cuda(tmp_path):
         loaded = load_model(str(path), device="cuda")
         out = loaded.module(x.to("cuda")).cpu()
     torch.testing.assert_close(out, net(x), rtol=1e-4, atol=1e-4)
+
+
+# FERD's generator and distillation steps: the best batch is tracked on the device and the
+# losses are read every LOSS_CHECK_EVERY_CUDA = 25 steps; before, 2-3 syncs per generator
+# step (float(L_G), the parts, the share) and 1 per distillation step.
+FERD_SYNCS_PER_STEP = 0.1
+
+
+def _ferd_syncs(tmp_path, g_steps: int, kd_steps: int) -> int:
+    from test_ferd import BNTeacher, config, teacher_model, tiny_student
+    from robaudit.remediate.ferd import run_ferd
+    with VirtualCuda() as vc:
+        run_ferd(config(tmp_path / f"{g_steps}-{kd_steps}", {"g_steps": g_steps, "kd_steps": kd_steps}, epochs=2,
+                        device="cuda"), teacher=teacher_model(BNTeacher().to("cuda")), student_module=tiny_student())
+    return vc.counts("sync")
+
+
+def test_ferd_host_syncs_per_step_stay_within_budget(tmp_path):
+    base = _ferd_syncs(tmp_path, 3, 2)
+    per_generator_step = (_ferd_syncs(tmp_path, 23, 2) - base) / 20
+    per_distillation_step = (_ferd_syncs(tmp_path, 3, 22) - base) / 20
+    assert per_generator_step <= FERD_SYNCS_PER_STEP, per_generator_step
+    assert per_distillation_step <= FERD_SYNCS_PER_STEP, per_distillation_step
