@@ -262,3 +262,16 @@ def test_nan_loss_on_virtual_cuda_still_stops_the_run(tmp_path):
     with VirtualCuda(), pytest.raises(UserError, match=r"loss became nan at epoch 2, batch"):
         run_remediate(config(tmp_path, method="rslad", epochs=3, device="cuda"), teacher=teacher_model(),
                       train_data=colour_dataset(per_class=10), student_module=student)
+
+
+# ---------------------------------------------------------------------------- options
+def test_precision_and_compile_options_are_offered_and_checked(tmp_path):
+    from click.testing import CliRunner
+    from robaudit.cli import cli
+    from robaudit.remediate.common import RemediateConfig, check_config
+    runner = CliRunner()
+    assert "--allow-tf32" in runner.invoke(cli, ["scan", "--help"]).output
+    remediate_help = runner.invoke(cli, ["remediate", "--help"]).output
+    assert "[fp32|tf32|bf16]" in remediate_help and "--compile" in remediate_help
+    with pytest.raises(UserError, match="--precision must be one of fp32, tf32, bf16"):
+        check_config(RemediateConfig(out_dir=tmp_path, precision="fp16"), 1)
