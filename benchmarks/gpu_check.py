@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py PART [--tiny]
 
-Parts: pgd, absld, aa, nccl, ort, resume (the CUDA tests are run by the shell script).
+Parts: pgd, absld, compile, aa, nccl, ort, resume (the CUDA tests are run by the shell script).
 Synthetic CIFAR-sized data (3x32x32, 10 classes); on a GPU the sizes below, with --tiny a
 few images and small models on the CPU, so that CI checks the whole script in seconds.
 Every figure is measured in this run against a reference measured in the same run.
@@ -119,32 +119,48 @@ def part_pgd(s: dict) -> dict:
     return out
 
 
-def part_absld(s: dict) -> dict:
+def part_absld(s: dict, variants=(("bf16", False), ("fp32", False)), images: int = 0) -> dict:
     """ABSLD seconds for absld_n images (teacher -> student), bf16 and fp32; peak memory, GPU use."""
     from robaudit.audit.data.datasets import EvalData
     from robaudit.remediate import RemediateConfig, run_remediate
     from types import SimpleNamespace
     device = s["device"]
-    x, y = synthetic(s["absld_n"])
+    images = images or s["absld_n"]
+    x, y = synthetic(images)
     data = EvalData(name="synthetic", split="train", x=x, y=y, index=torch.arange(len(y)), classes=[str(k) for k in range(10)],
                     subset={"limit": None, "n_per_class": None, "total_in_split": len(y)}, source="memory")
     teacher = SimpleNamespace(module=model(s["teacher"], device), path="synthetic-teacher")
-    out = {"images": s["absld_n"], "teacher": s["teacher"], "student": s["student"]}
-    for precision in ("bf16", "fp32"):
+    out = {"images": images, "teacher": s["teacher"], "student": s["student"]}
+    for precision, compile_student in variants:
         if torch.device(device).type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         with tempfile.TemporaryDirectory() as tmp, GpuUtilisation(device) as util:
             cfg = RemediateConfig(out_dir=Path(tmp), method="absld", student=s["student"], epochs=1,
                                   batch_size=s["absld_batch"], val_per_class=0, milestones=(1,), device=device,
-                                  precision=precision, export_formats=(), progress=False, steps=10 if device == "cuda" else 1)
+                                  precision=precision, compile=compile_student, export_formats=(), progress=False,
+                                  steps=10 if device == "cuda" else 1)
             t0 = time.perf_counter()
             summary = run_remediate(cfg, teacher=teacher, train_data=data)
             seconds = time.perf_counter() - t0
-        out[precision] = {"seconds": round(seconds, 2), "epoch_seconds_50k": round(seconds * 50000 / s["absld_n"], 1),
+        key = precision + ("+compile" if compile_student else "")
+        out[key] = {"seconds": round(seconds, 2), "epoch_seconds_50k": round(seconds * 50000 / images, 1),
                           "peak_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
                                               if torch.device(device).type == "cuda" else None),
                           "gpu_utilisation_pct": util.mean, "epochs": summary["epochs"]}
     return out
+
+
+def part_compile(s: dict) -> dict:
+    """--compile on the launch-bound student: bf16 vs bf16 + torch.compile, on a quarter of the
+    absld images (the compiled run includes its one-off compilation, reported apart as well)."""
+    backend = "inductor"
+    if s["device"] == "cpu":   # --tiny: inductor's C++ build alone takes ~45 s on a CPU core
+        import robaudit.remediate.train as train
+        from robaudit.remediate.speed import compiled_for_training
+        backend = "aot_eager"
+        train.compiled_for_training = lambda module: compiled_for_training(module, backend=backend)
+    out = part_absld(s, variants=(("bf16", False), ("bf16", True)), images=max(s["absld_n"] // 4, 4))
+    return {**out, "backend": backend}
 
 
 def part_aa(s: dict) -> dict:
@@ -244,7 +260,7 @@ def part_resume(s: dict) -> dict:
     return {"max_abs_param_drift": drift, "bitwise_equal": drift == 0.0}
 
 
-PARTS = {"pgd": part_pgd, "absld": part_absld, "aa": part_aa, "nccl": part_nccl, "ort": part_ort,
+PARTS = {"pgd": part_pgd, "absld": part_absld, "compile": part_compile, "aa": part_aa, "nccl": part_nccl, "ort": part_ort,
          "resume": part_resume}
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import REPO
 
-PARTS = ["cuda_tests", "pgd", "absld", "aa", "nccl", "ort", "resume"]
+PARTS = ["cuda_tests", "pgd", "absld", "compile", "aa", "nccl", "ort", "resume"]
 
 
 @pytest.mark.slow   # seven processes each import torch and robaudit: ~60-90 s on 2 shared cores
@@ -35,4 +35,5 @@ def test_gpu_check_tiny_runs_every_part_on_the_cpu(tmp_path):
     assert by_part["nccl"]["backend"] == "gloo" and by_part["nccl"]["all_reduce_ok"]
     assert by_part["ort"]["max_abs_diff_vs_cpu"] == 0.0      # the same CPU session twice
     assert set(by_part["absld"]) >= {"bf16", "fp32"}
+    assert set(by_part["compile"]) >= {"bf16", "bf16+compile"} and by_part["compile"]["backend"] == "aot_eager"
     assert all(by_part["aa"][f"{c}_images_per_s"] > 0 for c in ("apgd-ce", "apgd-t", "fab-t", "square"))
