@@ -115,6 +115,37 @@ def test_injected_bug_in_the_attack_is_caught_through_a_scan(tmp_path, monkeypat
         scan(tmp_path / "cuda", attacks=["clean", "pgd"], device="cuda")
 
 
+def test_injected_numpy_without_cpu_in_the_scan_is_caught(tmp_path, monkeypatch):
+    """The clean pass reads its predictions with .numpy() straight from the device."""
+    from robaudit.audit import engine
+    from test_engine import scan
+
+    def clean_predictions_with_bug(module, x, batch_size, device, num_classes, positions=None):
+        chosen = x if positions is None else x[torch.as_tensor(positions, dtype=torch.long)]
+        with torch.no_grad():
+            logits = module(chosen.to(device))
+        return torch.from_numpy(logits.argmax(dim=1).numpy())         # forgot .cpu()
+    monkeypatch.setattr(engine, "clean_predictions", clean_predictions_with_bug)
+    scan(tmp_path / "cpu", attacks=["clean", "pgd"])                   # fine on the CPU
+    with VirtualCuda(), pytest.raises(TypeError, match="numpy"):
+        scan(tmp_path / "cuda", attacks=["clean", "pgd"], device="cuda")
+
+
+def test_injected_cpu_per_class_state_in_training_is_caught(tmp_path, monkeypatch):
+    """Per-class sums kept on the CPU and indexed by the batch's (cuda) labels."""
+    from robaudit.remediate import base
+
+    def class_sums_with_bug(y, values, num_classes, dtype=torch.float32):
+        values = values.reshape(values.shape[0], -1).to(dtype)
+        sums = torch.zeros(num_classes, values.shape[1], dtype=dtype)     # CPU state
+        sums.index_put_((y,), values, accumulate=True)                    # indexed by cuda labels
+        return sums.squeeze(1) if values.shape[1] == 1 else sums
+    monkeypatch.setattr(base, "class_sums", class_sums_with_bug)
+    _remediate(tmp_path / "cpu", "cpu")                                   # the bug is harmless on the CPU
+    with VirtualCuda(), pytest.raises(DeviceRuleError, match="indices should be"):
+        _remediate(tmp_path / "cuda", "cuda")
+
+
 # ---------------------------------------------------------------------------- sync budgets
 class _Linear(nn.Module):
     def __init__(self):
