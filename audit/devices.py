@@ -26,7 +26,10 @@ def resolve_device(name) -> torch.device:
         raise UserError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available; use --device cpu")
-    ctx = distributed.current()
-    if device.type == "cuda" and device.index is None and ctx.enabled:
-        device = torch.device("cuda", ctx.local_rank)  # torchrun: one GPU per local rank
+    under_torchrun, local_rank = distributed.launched_ranks()
+    if device.type == "cuda" and under_torchrun:
+        if device.index is not None and device.index != local_rank:   # its own GPU is fine (re-resolved)
+            raise UserError(f"--device {name} would put every torchrun rank on the same GPU (NCCL refuses "
+                            f"duplicate GPUs); use --device cuda: each rank takes the GPU of its LOCAL_RANK")
+        device = torch.device("cuda", local_rank)  # torchrun: one GPU per local rank
     return device

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Tuple
 
 import numpy as np
 import torch
@@ -35,6 +35,14 @@ class DistContext:
         return self.rank == 0
 
 
+def launched_ranks() -> Tuple[bool, int]:
+    """(started by torchrun with more than one process, this process's LOCAL_RANK), read from
+    the environment torchrun sets, so it holds before and after init_process_group."""
+    if current().enabled:
+        return True, current().local_rank
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1, int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def init_from_env(device: str = "auto") -> DistContext:
     """Join the process group torchrun describes in the environment (once); else single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -44,6 +52,9 @@ def init_from_env(device: str = "auto") -> DistContext:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and not str(device).startswith("cpu")
+        if use_cuda and ":" in str(device):
+            raise UserError(f"--device {device} would put every torchrun rank on the same GPU (NCCL refuses "
+                            f"duplicate GPUs); use --device cuda: each rank takes the GPU of its LOCAL_RANK")
         backend = "nccl" if use_cuda else "gloo"
         if use_cuda:
             torch.cuda.set_device(local_rank)

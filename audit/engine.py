@@ -36,6 +36,7 @@ from robaudit.audit.curves import scan_curves
 from robaudit.audit.io import check_writable_dir, png_base64, write_npz_atomic, write_text_atomic
 from robaudit.audit.devices import resolve_device
 from robaudit.audit.gates import gate_outcomes
+from robaudit.audit.precision import audit_precision_record, tf32_policy
 from robaudit.audit.metrics import class_summary, target_flow
 from robaudit.audit.outlock import hold_out_dir
 from robaudit.audit.scan_chunks import (ScanState, attack_shard, clean_predictions,
@@ -83,6 +84,7 @@ class ScanConfig:
     gate_attack: Optional[str] = None   # which block the gates read; default: ensemble
     replay: bool = True            # count only failures the artifact confirms (audit/replay.py)
     write_evidence: bool = True    # OUT/evidence.npz (audit/evidence.py); needs replay
+    allow_tf32: bool = False       # CUDA: let matmuls/convolutions use TF32 (audit/precision.py)
 
 
 def parse_eps(text, norm: str = "linf") -> float:
@@ -179,7 +181,13 @@ def _gathered_clean_predictions(module, data, cfg, device, num_classes, position
 
 
 def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> dict:
-    """Audit `model` (a LoadedModel) on `data` (an EvalData); write OUT files; return results."""
+    """Audit `model` (a LoadedModel) on `data` (an EvalData); write OUT files; return results.
+    On CUDA the audit runs exact fp32 unless cfg.allow_tf32 (audit/precision.py)."""
+    with tf32_policy(cfg.allow_tf32):
+        return _run_scan(cfg, model=model, data=data, extra=extra)
+
+
+def _run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> dict:
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -229,7 +237,7 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
                "dataset": [data.name, data.split, list(data.classes)],
                "eps": cfg.eps, "seed": cfg.seed, "batch": cfg.batch_size, "device": str(device),
                "iterates": cfg.iterates, "score": cfg.score,
-               "adapt": run_hash(model.adaptations)}
+               "adapt": run_hash(model.adaptations), **({"tf32": True} if cfg.allow_tf32 else {})}
     run_key["replay"] = replayer.runtime if replayer else None
     with hold_out_dir(out_dir):  # one run per --out; taken only now that the input checks passed
         state = ScanState(out_dir / STATE_DIR, run_key) if out_dir is not None else None
@@ -341,6 +349,7 @@ def _assemble_results(cfg, model, data, device, attacked: _AttackedBlocks, per_s
         config={"eps": cfg.eps, "eps_255": eps_as_255(cfg.eps) if cfg.norm == "linf" else None, "norm": cfg.norm, "seed": cfg.seed,
                 "device": str(device), "batch_size": cfg.batch_size,
                 "scoring": {"iterates": cfg.iterates, "score": cfg.score},
+                "precision": audit_precision_record(device, cfg.allow_tf32),
                 "attacks": attacked.config},
         attacks=attacked.blocks, ensemble=ensemble, target_flow=attacked.flows,
         examples=_select_examples(attacked.examples, attacked.blocks, ensemble, data, per_sample),

@@ -117,7 +117,7 @@ def artifact_module(model, device) -> Tuple[nn.Module, str]:
     import onnxruntime as ort
 
     from robaudit.audit.models.boundary_modules import BoundaryModel
-    from robaudit.audit.models.onnx_support import OnnxRuntimeModule
+    from robaudit.audit.models.ort_runtime import OnnxRuntimeModule
 
     output = (model.adaptations.get("output") or {}).get("name")
     runtime = OnnxRuntimeModule(str(model.path), device=str(device), output_name=output, share_cpu=True)

@@ -23,6 +23,7 @@ from torch import nn
 
 from robaudit.audit import distributed
 from robaudit.audit.devices import resolve_device
+from robaudit.audit.precision import tf32_policy
 from robaudit.audit.modes import eval_mode
 from robaudit.audit.results_schema import legacy_class_state_keys
 from robaudit.audit.rng import per_sample_uniform
@@ -70,7 +71,8 @@ class RemediateConfig:
     augment: bool = True                           # random crop (pad 4) + horizontal flip
     seed: int = 0
     device: str = "cpu"
-    precision: str = "fp32"                        # "fp32" | "bf16" (autocast, CUDA only)
+    precision: str = "fp32"                        # "fp32" | "tf32" | "bf16" (autocast); CUDA only
+    compile: bool = False                          # torch.compile the student for the training steps
     channels_last: Optional[bool] = None           # None: on for CUDA
     resume: bool = False
     export_formats: Sequence[str] = EXPORT_FORMATS
@@ -116,12 +118,17 @@ def check_config(cfg: RemediateConfig, world_size: int = 1) -> None:
         raise UserError(f"--val-per-class must be >= 0, got {cfg.val_per_class}")
     if cfg.val_steps < 0:  # 0: the uniform start alone (clean accuracy when eps is 0)
         raise UserError(f"--val-steps must be >= 0, got {cfg.val_steps}")
-    if cfg.precision not in ("fp32", "bf16"):
-        raise UserError(f"--precision must be fp32 or bf16, got {cfg.precision!r}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
     if cfg.milestones is not None and any(int(m) < 1 for m in cfg.milestones):
         raise UserError("--milestones must be positive epoch numbers")
     if cfg.lr <= 0:
         raise UserError(f"--lr must be positive, got {cfg.lr}")
+
+
+# --precision of training: fp32 (exact), tf32 (CUDA TF32 matmuls/convolutions), bf16 (CUDA
+# autocast: forward passes, the inner attack's steps included, in bfloat16).
+PRECISIONS = ("fp32", "tf32", "bf16")
 
 
 @dataclass
@@ -132,9 +139,17 @@ class Runtime:
     use_bf16: bool
     channels_last: bool
     memory_format: torch.memory_format
+    allow_tf32: bool = False        # --precision tf32 (CUDA): TF32 matmuls/convolutions while training
+    compile: bool = False
 
     def autocast(self):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if self.use_bf16 else nullcontext()
+
+    def training_policy(self):
+        """TF32 as --precision says and cudnn.benchmark on CUDA (training shapes are fixed, so
+        the autotuned kernels are reused every step), for the training epochs only: the
+        audits set their own exact-fp32 policy (audit/precision.py)."""
+        return tf32_policy(self.allow_tf32, benchmark=self.device.type == "cuda")
 
 
 def resolve_runtime(cfg: RemediateConfig, ctx: Optional[distributed.DistContext] = None) -> Runtime:
@@ -149,9 +164,12 @@ def resolve_runtime(cfg: RemediateConfig, ctx: Optional[distributed.DistContext]
         if ctx.is_main:
             log.warning("--precision bf16 applies on CUDA only; training in fp32 on %s", device)
         use_bf16 = False
+    if cfg.precision == "tf32" and device.type != "cuda" and ctx.is_main:
+        log.warning("--precision tf32 applies on CUDA only; training in fp32 on %s", device)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return Runtime(device=device, use_bf16=use_bf16, channels_last=channels_last, memory_format=memory_format)
+    return Runtime(device=device, use_bf16=use_bf16, channels_last=channels_last, memory_format=memory_format,
+                   allow_tf32=cfg.precision == "tf32" and device.type == "cuda", compile=bool(cfg.compile))
 
 
 def build_student(cfg: RemediateConfig, num_classes: int, device: torch.device) -> Tuple[nn.Module, str]:
@@ -317,7 +335,7 @@ def training_block(cfg: RemediateConfig, method, teacher, history: List[dict], s
             "norm": cfg.norm,
             "steps": cfg.steps, "step_size": cfg.step_size, "val_per_class": cfg.val_per_class,
             "val_per_class_rule": cfg.val_rule,
-            "val_steps": cfg.val_steps, "augment": cfg.augment, "seed": cfg.seed, "precision": cfg.precision,
+            "val_steps": cfg.val_steps, "augment": cfg.augment, "seed": cfg.seed, "precision": cfg.precision, "compile": cfg.compile,
             "world_size": distributed.current().world_size, "sync_bn": bool(cfg.sync_bn),
             "schedule_preset": schedule_description(cfg, method),
             "preset": getattr(cfg, "preset", None),

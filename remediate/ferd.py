@@ -109,6 +109,7 @@ from robaudit.errors import UserError
 from robaudit.remediate.base import METHODS, TALLY_DTYPE, ClassState, Trainer, class_sums, tensor_list
 from robaudit.remediate.checkpoints import (CHECKPOINT_KIND, CHECKPOINT_VERSION, prepare_out_dir_for_resume,
                                             restore_rng_state, rng_state, save_atomic, write_metrics_csv)
+from robaudit.remediate.loss_window import LossWindow, loss_check_interval
 from robaudit.remediate.common import (RemediateConfig, Runtime, audit_student, augment_batch, ready_student,
                                        output_classes, resolve_runtime, training_block)
 from robaudit.remediate.export import export_student
@@ -229,7 +230,8 @@ def run_ferd(cfg: RemediateConfig, *, teacher, test_data=None, student_module: O
         return None
     run.taps = TeacherTaps(teacher_module, num_classes)
     try:
-        return _train(run, test_data)
+        with run.runtime.training_policy():   # TF32 per --precision, cudnn.benchmark on CUDA
+            return _train(run, test_data)
     finally:
         run.taps.close()
         if run.ib is not None:
@@ -478,6 +480,7 @@ def _student_epoch(student: nn.Module, teacher: nn.Module, bank: SyntheticBank, 
     order, position = torch.randperm(n, generator=order_rng), 0
     tally = torch.zeros(num_classes, 5, dtype=TALLY_DTYPE, device=device)
     loss_sum, seen = 0.0, 0
+    window = LossWindow(loss_check_interval(device))
     student.train()
     for step in range(opts.kd_steps):
         if n <= cfg.batch_size:
@@ -508,16 +511,17 @@ def _student_epoch(student: nn.Module, teacher: nn.Module, bank: SyntheticBank, 
         kl_adv = distillation_divergence(logits_adv, t_logits, opts.student_loss)
         kl_nat = distillation_divergence(logits_nat, t_logits, opts.student_loss)
         loss = opts.loss_scale * (opts.alpha * kl_adv.mean() + (1.0 - opts.alpha) * kl_nat.mean())
-        value = float(loss.detach())
-        if not math.isfinite(value):
+        window.add(loss.detach(), len(positions), step)   # read every `loss_check_interval` steps
+        step_sum, step_n = window.read_if_due(step, last=step == opts.kd_steps - 1)
+        if step_n and not math.isfinite(step_sum / step_n):
             kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept"
                     if history else "no checkpoint had been written yet")
-            raise UserError(f"training stopped: the loss became {value} at epoch {epoch}, step {step + 1}; "
-                            f"{kept}; try a lower --lr or --precision fp32")
+            raise UserError(f"training stopped: the loss became {step_sum / step_n} at epoch {epoch}, "
+                            f"{window.batches.replace('batch', 'step')}; {kept}; try a lower --lr or --precision fp32")
         loss.backward()
         optimizer.step()
-        loss_sum += value * len(positions)
-        seen += len(positions)
+        loss_sum += step_sum
+        seen += step_n
         with torch.no_grad():
             teacher_pred = t_logits.argmax(1)
             columns = torch.stack([torch.ones_like(kl_adv), kl_adv.detach(), kl_nat.detach(),

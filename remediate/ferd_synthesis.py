@@ -24,6 +24,7 @@ from robaudit.errors import UserError
 from robaudit.remediate.base import TALLY_DTYPE, class_sums, kl_per_sample
 from robaudit.remediate.common import augment_batch
 from robaudit.remediate.ferd_options import FerdOptions
+from robaudit.remediate.loss_window import loss_check_interval
 
 FRAGILITY_EPS = 1e-12
 IKL_WEIGHT_TEMPERATURE = 100.0      # losses.py dkl_loss: T2 = 100 (the pair weights' softmax temperature)
@@ -413,7 +414,7 @@ def generator_phase(generator: FerdGenerator, teacher: nn.Module, student: nn.Mo
     optimizer = torch.optim.Adam([{"params": params}, {"params": [z], "lr": opts.z_lr}], lr=opts.g_lr,
                                  betas=tuple(opts.g_betas))
     slots = torch.arange(batch, device=device)
-    best_cost, best_x, best_parts = math.inf, None, None
+    best = _BestBatch(loss_check_interval(device))
     generator.train()
     with eval_mode(student), eval_mode(teacher):
         for step in range(opts.g_steps):
@@ -431,23 +432,56 @@ def generator_phase(generator: FerdGenerator, teacher: nn.Module, student: nn.Mo
                                          bn_weight=opts.bn_weight, oh_weight=opts.oh_weight,
                                          adv_weight=opts.adv_weight, uni_weight=opts.uni_weight,
                                          adv_loss=opts.generator_adv_loss)
-            cost = float(loss.detach())
-            if not math.isfinite(cost):
-                raise UserError(f"the generator loss became {cost} at epoch {epoch}, step {step + 1}; "
-                                f"try a lower g_lr (ferd option)")
-            if best_x is None or cost < best_cost:
-                best_cost, best_x = cost, x.detach().clone()
-                best_parts = {k: (None if v is None else float(v)) for k, v in parts.items()}
-                best_parts["total"] = cost
-                # How class-specific the batch is: the share the teacher labels as sampled.
-                best_parts["teacher_agree"] = float((t_logits.detach().argmax(1) == y).float().mean())
-                best_parts["nonrobust_share"] = share
+            # How class-specific the batch is: the share the teacher labels as sampled.
+            agree = (t_logits.detach().argmax(1) == y).float().mean()
+            best.offer(loss.detach(), x.detach(), parts, agree, share)
+            best.check_finite(step, last=step == opts.g_steps - 1, epoch=epoch)
             grads = torch.autograd.grad(loss, params + [z])
             for tensor, grad in zip(params + [z], grads):
                 tensor.grad = grad
             optimizer.step()
     generator.eval()
+    best_x, best_parts = best.result()
     return best_x, y.detach(), best_parts
+
+
+class _BestBatch:
+    """The lowest-L_G batch of the generator steps, tracked on the device (torch.where), so a
+    step does not wait for the GPU; a non-finite L_G is noticed every `every` steps (1 on the
+    CPU: at the step itself, as before) and at the last step."""
+
+    def __init__(self, every: int):
+        self.every, self.values, self.bad, self.first = max(1, every), None, None, 0
+
+    def offer(self, cost: torch.Tensor, x: torch.Tensor, parts: dict, agree: torch.Tensor, share) -> None:
+        candidate = {"total": cost, "x": x, "teacher_agree": agree,
+                     **{k: v for k, v in parts.items() if v is not None}}
+        if share is not None:
+            candidate["nonrobust_share"] = torch.as_tensor(share, device=cost.device)
+        bad = ~torch.isfinite(cost)
+        if self.values is None:
+            self.values = {k: v.clone() for k, v in candidate.items()}
+            self.none = [k for k, v in parts.items() if v is None] + ([] if share is not None else ["nonrobust_share"])
+        else:
+            better = cost < self.values["total"]
+            self.values = {k: torch.where(better, candidate[k], v) for k, v in self.values.items()}
+        self.bad = bad if self.bad is None else (self.bad | bad)
+
+    def check_finite(self, step: int, last: bool, epoch: int) -> None:
+        if (step + 1 - self.first) < self.every and not last:
+            return
+        steps = f"step {step + 1}" if step == self.first else f"steps {self.first + 1}-{step + 1}"
+        self.first = step + 1
+        if bool(self.bad):
+            raise UserError(f"the generator loss became non-finite at epoch {epoch}, {steps}; "
+                            f"try a lower g_lr (ferd option)")
+
+    def result(self):
+        values = dict(self.values)
+        x = values.pop("x")
+        parts = {k: float(v) for k, v in values.items()}
+        parts.update({k: None for k in self.none})
+        return x, parts
 
 
 def _teacher_terms(teacher: nn.Module, taps: TeacherTaps, x_in: torch.Tensor, y: torch.Tensor,
@@ -464,10 +498,10 @@ def _teacher_terms(teacher: nn.Module, taps: TeacherTaps, x_in: torch.Tensor, y:
         features = taps.features
     if use_ib:
         nonrobust, channels = ib.nonrobust_logits(teacher, x_in, y, ib_noise, autocast)
-        return t_logits, bn_terms, nonrobust, float(channels.mean())
+        return t_logits, bn_terms, nonrobust, channels.mean()
     if use_mask:
         head = taps.head
-        return t_logits, bn_terms, nonrobust_logits(features, mask, head.weight, head.bias), float(mask.mean())
+        return t_logits, bn_terms, nonrobust_logits(features, mask, head.weight, head.bias), mask.float().mean()
     return t_logits, bn_terms, None, None
 
 

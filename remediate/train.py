@@ -89,6 +89,8 @@ from robaudit.errors import UserError
 from robaudit.remediate.base import METHODS, RemediationMethod, create_method
 from robaudit.remediate.checkpoints import (CHECKPOINT_KIND, CHECKPOINT_VERSION, prepare_out_dir_for_resume,
                                             restore_rng_state, rng_state, save_atomic, write_metrics_csv)
+from robaudit.remediate.loss_window import LossWindow, loss_check_interval
+from robaudit.remediate.speed import compiled_for_training, convs_to_channels_last
 from robaudit.remediate.common import (PAPER_EPOCHS, PAPER_MILESTONES, RemediateConfig, Runtime, audit_student, augment_batch,
                                        ready_student, check_config, output_classes, resolve_runtime,
                                        scale_milestones, training_block)
@@ -209,7 +211,8 @@ def run_remediate(cfg: RemediateConfig, *, teacher, train_data, test_data=None,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(run.milestones), gamma=0.1)
     history, best, start_epoch = _restore(run, optimizer, scheduler)
-    history, best = _train_epochs(run, data, optimizer, scheduler, history, best, start_epoch)
+    with run.runtime.training_policy():   # TF32 per --precision, cudnn.benchmark on CUDA
+        history, best = _train_epochs(run, data, optimizer, scheduler, history, best, start_epoch)
 
     def select_and_export() -> Tuple[Optional[int], Dict[str, dict]]:
         selected, selected_epoch = _selected_student(run.method, run.student, best, run.best_path, history)
@@ -245,6 +248,8 @@ def _prepare(cfg: RemediateConfig, teacher, train_data, test_data, student_modul
         raise UserError("the training selection is empty; check --limit / --n-per-class")
     example = train_data.x[:1].to(runtime.device)
     teacher_module = _checked_teacher(method_cls, teacher, example, num_classes)
+    if teacher_module is not None and runtime.channels_last:
+        convs_to_channels_last(teacher_module)   # its input is channels_last: no layout change per conv
     student, student_desc = _checked_student(cfg, student_module, num_classes, runtime, ctx, example)
     if test_data is not None and len(test_data.classes) != num_classes:
         raise UserError(f"the test split has {len(test_data.classes)} classes but the training split {num_classes}")
@@ -357,6 +362,8 @@ def _train_epochs(run: _Run, data: _DeviceData, optimizer, scheduler, history: L
         device = run.runtime.device
         student = nn.parallel.DistributedDataParallel(
             raw, device_ids=[device.index] if device.type == "cuda" else None, **_ddp_buffer_options())
+    if run.runtime.compile:
+        student = compiled_for_training(student)   # the training steps only; checkpoints keep `raw`
     tail = len(data.y) % cfg.batch_size
     if ctx.enabled and 0 < tail < ctx.world_size and ctx.is_main:
         log.warning("the last batch of each epoch (%d images) is smaller than the %d processes and is "
@@ -405,6 +412,7 @@ def _train_one_epoch(run: _Run, data: _DeviceData, student: nn.Module, buffers: 
     if data.streamed is not None:   # decode the epoch's batches ahead, in order
         data.streamed.begin_epoch(rank_batches(order, cfg.batch_size, world, rank))
     loss_sum, seen = 0.0, 0
+    window = LossWindow(loss_check_interval(run.runtime.device))
     batch_bar = tqdm(total=n_train, desc=f"epoch {epoch}", unit="img", file=sys.stderr, leave=False,
                      disable=not (cfg.progress and ctx.is_main) or None, dynamic_ncols=True)
     try:
@@ -420,18 +428,20 @@ def _train_one_epoch(run: _Run, data: _DeviceData, student: nn.Module, buffers: 
             try:
                 optimizer.zero_grad(set_to_none=True)
                 loss = _batch_loss(run, data, student, idx, epoch)
-                loss_value = float(loss.detach())
+                if ctx.enabled:
+                    loss_value = float(loss.detach())
             except Exception as err:
                 if not ctx.enabled:
                     raise
                 error = err   # every rank must hear of it before the gradient all-reduce
-            step_sum, step_n = _step_totals(loss_value, len(idx), error, run.runtime.device)
-            batch_loss = step_sum / step_n
-            if not math.isfinite(batch_loss):
-                kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept in "
-                        f"{run.checkpoint_path}" if history else "no checkpoint had been written yet")
-                raise UserError(f"training stopped: the loss became {batch_loss} at epoch {epoch}, "
-                                f"batch {step + 1}; {kept}; try a lower --lr or --precision fp32")
+            if ctx.enabled:
+                step_sum, step_n = _step_totals(loss_value, len(idx), error, run.runtime.device)
+                _stop_unless_finite(run, step_sum / step_n, epoch, f"batch {step + 1}", history)
+            else:   # the loss stays on the device; read every `check_every` steps (one sync)
+                window.add(loss.detach(), len(idx), step)
+                step_sum, step_n = window.read_if_due(step, last=start + cfg.batch_size >= n_train)
+                if step_n:
+                    _stop_unless_finite(run, step_sum / step_n, epoch, window.batches, history)
             if len(idx) * world != len(global_idx):
                 # Uneven shares: DDP averages the ranks' gradients, so weight each rank's
                 # batch mean by its share to get the gradient of the global batch mean.
@@ -441,7 +451,8 @@ def _train_one_epoch(run: _Run, data: _DeviceData, student: nn.Module, buffers: 
             loss_sum += step_sum
             seen += step_n
             batch_bar.update(len(global_idx))
-            batch_bar.set_postfix(loss=f"{batch_loss:.4f}")
+            if step_n:
+                batch_bar.set_postfix(loss=f"{step_sum / step_n:.4f}")
     finally:
         batch_bar.close()
         if data.streamed is not None:
@@ -496,6 +507,14 @@ def _write_epoch(run: _Run, optimizer, scheduler, history: List[dict], best: dic
         "best": best, "history": history, "fingerprint": run.fingerprint, "classes": run.classes,
     }, run.checkpoint_path)
     write_metrics_csv(run.metrics_path, history, run.classes)
+
+
+def _stop_unless_finite(run: _Run, batch_loss: float, epoch: int, where: str, history: List[dict]) -> None:
+    if not math.isfinite(batch_loss):
+        kept = (f"the last good checkpoint (epoch {history[-1]['epoch']}) is kept in "
+                f"{run.checkpoint_path}" if history else "no checkpoint had been written yet")
+        raise UserError(f"training stopped: the loss became {batch_loss} at epoch {epoch}, "
+                        f"{where}; {kept}; try a lower --lr or --precision fp32")
 
 
 def _nan_to_none(values: List[float]) -> List[Optional[float]]:

@@ -97,11 +97,14 @@ def cli(verbose):
 @click.option("--redact-paths", is_flag=True, help="Hide filesystem paths in the report.")
 @click.option("--fail-under-worst", type=float, default=None, help="Exit 3 if the ensemble worst-class accuracy is below this.")
 @click.option("--fail-over-nsd", type=float, default=None, help="Exit 3 if the ensemble NSD is above this.")
+@click.option("--allow-tf32", is_flag=True,
+              help="CUDA: let convolutions/matmuls use TF32 (faster, ~1e-3 relative error; default exact fp32).")
 @threads_option
 @sign_option
 def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir, limit,
          n_per_class, split, attacks, eps, norm, seed, batch_size, device, attack_opt, tpgd_temperature,
-         iterates, score, out_dir, no_report, redact_paths, fail_under_worst, fail_over_nsd, no_evidence):
+         iterates, score, out_dir, no_report, redact_paths, fail_under_worst, fail_over_nsd, no_evidence,
+         allow_tf32):
     """Audit MODEL class by class and write results.json, samples.npz and report.html.
 
     MODEL is a model file, a timm Hugging Face folder, or robustbench:[THREAT/]NAME (docs/zoo.md).
@@ -116,7 +119,7 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
                      attack_overrides=_parse_attack_opts(attack_opt, tpgd_temperature),
                      write_report=not no_report, redact_paths=redact_paths, command=_command_line(),
                      write_evidence=not no_evidence,
-                     fail_under_worst=fail_under_worst, fail_over_nsd=fail_over_nsd)
+                     fail_under_worst=fail_under_worst, fail_over_nsd=fail_over_nsd, allow_tf32=allow_tf32)
     build_attacks(cfg)  # unknown attack / option: fail before loading anything
     check_subset_args(limit, n_per_class)
     distributed.init_from_env(device)  # no-op unless started by torchrun
@@ -368,7 +371,10 @@ def _method_choices() -> str:
 @click.option("--no-augment", is_flag=True, help="No random crop / flip.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "tf32", "bf16"]), default="fp32", show_default=True,
+              help="Training arithmetic on CUDA: fp32, tf32 (TF32 matmuls/convs) or bf16 (autocast, inner attack "
+                   "included); the audits stay exact fp32.")
+@click.option("--compile", "compile_student", is_flag=True, help="torch.compile the student for the training steps.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out exactly.")
 @click.option("--sync-bn", is_flag=True, help="torchrun on GPUs: SyncBatchNorm across ranks.")
 @click.option("--audit-attacks", default="clean,fgsm,pgd,cw,aa", show_default=True,
@@ -384,8 +390,9 @@ def _method_choices() -> str:
 def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir,
               limit, n_per_class, student, student_init, method, data_free, beta, tau_min, tau_max, alpha,
               reference_compat, reweight, method_opt, schedule, epochs, lr, momentum, weight_decay, batch_size,
-              milestones, steps, eps, norm, val_per_class, val_steps, no_augment, seed, device, precision, resume,
-              sync_bn, audit_attacks, audit_limit, audit_n_per_class, attack_opt, export_formats, out_dir):
+              milestones, steps, eps, norm, val_per_class, val_steps, no_augment, seed, device, precision,
+              compile_student, resume, sync_bn, audit_attacks, audit_limit, audit_n_per_class, attack_opt,
+              export_formats, out_dir):
     """Distill a fairer robust student (ABSLD by default), then audit teacher and student."""
     from robaudit.audit.data.datasets import load_dataset
     from robaudit.audit.devices import resolve_device
@@ -425,9 +432,10 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         **resolve_schedule(method_cls, schedule, epochs=epochs, lr=lr, weight_decay=weight_decay,
                            batch_size=batch_size, milestones=milestone_list),
         eps=eps_value, norm=norm, val_per_class=val_per_class, val_steps=val_steps, augment=not no_augment,
-        seed=seed, device=str(torch_device), precision=precision, resume=resume, sync_bn=sync_bn,
-        audit_attacks=audit_cfg.attacks, audit_overrides=audit_cfg.attack_overrides, command=_command_line(),
-        preset=click.get_current_context().meta.get(PRESET_KEY), export_formats=parse_export_formats(export_formats))
+        seed=seed, device=str(torch_device), precision=precision, compile=compile_student, resume=resume,
+        sync_bn=sync_bn, audit_attacks=audit_cfg.attacks, audit_overrides=audit_cfg.attack_overrides,
+        command=_command_line(), preset=click.get_current_context().meta.get(PRESET_KEY),
+        export_formats=parse_export_formats(export_formats))
     method_cls.check_config(cfg, distributed.current().world_size)  # before anything is loaded or written
 
     loading = data_loading_kwargs(dataset, data_dir)

@@ -118,3 +118,34 @@ def randomise_batchnorm(model, seed=0, *, affine=False):
                 m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
     return model.eval()
+
+
+# ---------------------------------------------------------------------------- virtual CUDA
+# tests/virtual_cuda.py simulates cuda:0 on the CPU (device rules, host-sync counts).
+# `pytest --virtual-cuda` or ROBAUDIT_VIRTUAL_CUDA=1 runs every device-relevant test in
+# tests/test_virtual_cuda.py (marked `virtual_cuda_full`); by default a representative subset runs.
+def pytest_addoption(parser):
+    parser.addoption("--virtual-cuda", action="store_true", default=False,
+                     help="run every device-relevant test on a simulated cuda:0 (tests/virtual_cuda.py)")
+
+
+def virtual_cuda_requested(config) -> bool:
+    from virtual_cuda import enabled_by_env
+    return bool(config.getoption("--virtual-cuda", default=False)) or enabled_by_env()
+
+
+def pytest_collection_modifyitems(config, items):
+    if virtual_cuda_requested(config):
+        return
+    skip = pytest.mark.skip(reason="full virtual-CUDA matrix: run with --virtual-cuda or ROBAUDIT_VIRTUAL_CUDA=1")
+    for item in items:
+        if "virtual_cuda_full" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def virtual_cuda():
+    """A simulated cuda:0 for the test's duration (tests/virtual_cuda.py); yields the counter."""
+    from virtual_cuda import VirtualCuda
+    with VirtualCuda() as vc:
+        yield vc

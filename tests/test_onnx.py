@@ -147,7 +147,8 @@ def test_unconvertible_graph_falls_back_to_onnxruntime(tmp_path):
     assert "no converter for Shrink (opset 9)" in loaded.refusal
     assert "black-box" in loaded.refusal and "\n" not in loaded.refusal
     assert loaded.adaptations["onnx"] == {"converter": "onnx2torch", "fidelity_max_abs_diff": None,
-                                          "ok": False, "reason": loaded.adaptations["onnx"]["reason"]}
+                                          "ok": False, "reason": loaded.adaptations["onnx"]["reason"],
+                                          "provider": "CPUExecutionProvider"}   # the one that ran
     assert isinstance(loaded.module, OnnxRuntimeModule)
     x = torch.rand(4, 3, 32, 32, requires_grad=True)
     logits = loaded.module(x)

@@ -53,7 +53,7 @@ class ColourTeacher(nn.Module):
     def forward(self, x):
         mean = x.mean(dim=(2, 3))
         chroma = mean / mean.sum(1, keepdim=True).clamp_min(1e-6)    # [B, 3]
-        templates = COLOURS / COLOURS.sum(1, keepdim=True)
+        templates = (COLOURS / COLOURS.sum(1, keepdim=True)).to(x.device)   # on the GPU under test_virtual_cuda
         scores = -50 * ((chroma[:, None, :] - templates[None]) ** 2).sum(-1)
         return torch.cat([scores, torch.full_like(scores[:, :1], -3.0)], dim=1)
 

@@ -75,9 +75,14 @@ def l1_project(x_adv: torch.Tensor, x: torch.Tensor, eps) -> torch.Tensor:
     radius = _per_sample_radius(eps, z.shape[0], z.device)
     clipped = torch.minimum(magnitude, room)                 # lam = 0: the box clip alone
     outside = clipped.sum(dim=1) > radius
-    if bool(outside.any()):
-        lam = _soft_threshold(magnitude[outside], room[outside], radius[outside])
-        clipped[outside] = torch.minimum((magnitude[outside] - lam[:, None]).clamp_min(0.0), room[outside])
+    if z.device.type == "cpu":   # only the rows that need it (a sync is free on the CPU)
+        if bool(outside.any()):
+            lam = _soft_threshold(magnitude[outside], room[outside], radius[outside])
+            clipped[outside] = torch.minimum((magnitude[outside] - lam[:, None]).clamp_min(0.0), room[outside])
+    else:                        # every row, no host sync; row-wise ops, so the same values
+        lam = _soft_threshold(magnitude, room, radius)
+        thresholded = torch.minimum((magnitude - lam[:, None]).clamp_min(0.0), room)
+        clipped = torch.where(outside[:, None], thresholded, clipped)
     delta = torch.copysign(clipped, z)
     return (x_flat + delta).to(x.dtype).view_as(x).clamp_(0.0, 1.0)
 

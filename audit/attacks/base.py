@@ -312,6 +312,18 @@ class Attack(abc.ABC):
             )
 
 
+# Early stop on a GPU: the fooled points are removed from the batch every this many steps
+# (one any() and two nonzero() syncs each time); in between they are only frozen, by
+# torch.where, without reading the device. On the CPU a "sync" costs nothing, so the points
+# leave at once (every step) and the batches, hence the numbers, are those of before.
+EARLY_STOP_EVERY_CUDA = 4
+
+
+def early_stop_interval(device: torch.device) -> int:
+    """Steps between compactions of the active set: 1 on the CPU, EARLY_STOP_EVERY_CUDA else."""
+    return 1 if torch.device(device).type == "cpu" else EARLY_STOP_EVERY_CUDA
+
+
 class SignGradientAttack(Attack):
     """Projected gradient ascent on a per-sample loss of the logits: L-inf sign steps,
     under norm="l2" normalised-gradient steps (step_size * g / ||g||_2) with the
@@ -417,6 +429,11 @@ class SignGradientAttack(Attack):
         active = torch.arange(n, device=x.device)  # batch positions still being attacked
         x_ref, y_ref = x, y
         early_stop = self.iterates == "any"
+        every = early_stop_interval(x.device)
+        # Rows of the active set fooled at an earlier iterate (not yet removed), with the
+        # iterate and prediction that fooled them: removal waits for the next compaction.
+        frozen = torch.zeros(n, dtype=torch.bool, device=x.device)
+        x_hit, pred_hit = x_cur, adv_pred
         losses = torch.full((n, self.steps + 1), math.nan, dtype=torch.float64, device=x.device)
         for step in range(self.steps + 1):
             last = step == self.steps
@@ -426,23 +443,27 @@ class SignGradientAttack(Attack):
                 grad: Optional[torch.Tensor] = None
             else:
                 logits, loss, grad = self._logits_and_grad(model, x_cur, y_ref)
-            losses[active, step] = loss.detach().double()
+            losses[active, step] = torch.where(frozen, losses[active, step], loss.detach().double())
             pred = logits.argmax(dim=1)
+            if early_stop and not last:
+                first = (pred != y_ref) & ~frozen
+                x_hit = torch.where(first.view(-1, *[1] * (x_cur.dim() - 1)), x_cur, x_hit)
+                pred_hit = torch.where(first, pred, pred_hit)
+                frozen = frozen | first
             if last:
-                x_adv[active] = x_cur
-                adv_pred[active] = pred
+                x_adv[active] = torch.where(frozen.view(-1, *[1] * (x_cur.dim() - 1)), x_hit, x_cur)
+                adv_pred[active] = torch.where(frozen, pred_hit, pred)
                 break
-            if early_stop:
-                fooled = pred != y_ref
-                if bool(fooled.any()):
-                    done = active[fooled]
-                    x_adv[done] = x_cur[fooled]
-                    adv_pred[done] = pred[fooled]
-                    keep = ~fooled
-                    active, x_cur, x_ref, y_ref, grad = (
-                        active[keep], x_cur[keep], x_ref[keep], y_ref[keep], grad[keep])
-                    if active.numel() == 0:
-                        break
+            if early_stop and step % every == 0 and bool(frozen.any()):
+                # Compact: the fooled rows leave with the iterate that fooled them.
+                done, keep = frozen.nonzero().squeeze(1), (~frozen).nonzero().squeeze(1)
+                x_adv[active[done]] = x_hit[done]
+                adv_pred[active[done]] = pred_hit[done]
+                active, x_cur, x_ref, y_ref, grad, x_hit, pred_hit = (
+                    active[keep], x_cur[keep], x_ref[keep], y_ref[keep], grad[keep], x_hit[keep], pred_hit[keep])
+                frozen = frozen[keep]
+                if active.numel() == 0:
+                    break
             x_cur = ascent_step(self.norm, x_cur, grad, x_ref, self.eps, self.step_size,
                                 getattr(self, "top_fraction", L1_TOP_FRACTION))
         unfooled = adv_pred == y

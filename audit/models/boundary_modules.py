@@ -71,6 +71,13 @@ class SelectOutput(nn.Module):
         return self.module(x)[self.key]
 
 
+def module_device(module: nn.Module) -> torch.device:
+    """Where the module's first parameter or buffer lives (the CPU for a module with none)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 class BoundaryModel(nn.Module):
     """NCHW [0, 1] images in, logits in dataset class order out (the steps: audit/models/adapters.py)."""
 
@@ -80,8 +87,11 @@ class BoundaryModel(nn.Module):
         super().__init__()
         self.model = model
         self.scale = float(scale)
+        # Built where the wrapped model already lives: a CPU buffer would be copied to the
+        # GPU on every forward (adapt_input's .to(x.device)).
+        device = module_device(model)
         as_buffer = (lambda v: None if v is None else
-                     torch.tensor(list(v), dtype=torch.float32).reshape(1, -1, 1, 1))
+                     torch.tensor(list(v), dtype=torch.float32, device=device).reshape(1, -1, 1, 1))
         self.register_buffer("mean", as_buffer(mean))
         self.register_buffer("std", as_buffer(std))
         self.register_buffer("column_order", None)
@@ -92,7 +102,7 @@ class BoundaryModel(nn.Module):
     def set_column_order(self, column_order: Optional[Sequence[int]]) -> None:
         """Output column k becomes the model's column column_order[k] (None: as given)."""
         self.column_order = (None if column_order is None
-                             else torch.tensor(list(column_order), dtype=torch.long))
+                             else torch.tensor(list(column_order), dtype=torch.long, device=module_device(self)))
 
     def is_identity(self) -> bool:
         return (self.scale == 1.0 and self.mean is None and self.layout == "nchw"

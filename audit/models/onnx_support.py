@@ -4,7 +4,7 @@ Black-box attacks only need logits, which onnxruntime gives exactly as the model
 owner runs it. White-box attacks need gradients, so the graph is converted to torch
 with onnx2torch and the conversion is trusted only if its logits match onnxruntime's
 on a batch (and gradients reach the input). Otherwise the model is audited with
-black-box attacks only, through `OnnxRuntimeModule`, and the reason is recorded.
+black-box attacks only, through `ort_runtime.OnnxRuntimeModule`, and the reason is recorded.
 
 onnx2torch 1.5 stops at opset 17 for several ops that torch's exporters emit today
 (Reduce* with `axes` as an input, Reshape with `allowzero=1`, Constant-19, ...), so this
@@ -30,6 +30,7 @@ from torch import nn
 
 from robaudit.audit.models import adapters
 from robaudit.audit.models.adapters import FixedBatchModule
+from robaudit.audit.models.ort_runtime import OnnxRuntimeModule  # noqa: F401 (also imported from here)
 from robaudit.errors import UserError
 
 # Logit agreement needed to trust the torch conversion, relative to the logit scale
@@ -98,12 +99,18 @@ class OnnxReduce(nn.Module, OnnxToTorchModule):
 class OnnxReshape(nn.Module, OnnxToTorchModule):
     """ONNX Reshape including `allowzero=1` (a 0 in the shape means an empty dimension)."""
 
-    def __init__(self, allowzero: int = 0):
+    def __init__(self, allowzero: int = 0, constant_shape: Optional[List[int]] = None):
         super().__init__()
         self.allowzero = bool(allowzero)
+        # The shape when the graph holds it as a constant: read once here, so a forward does not
+        # read it back from the GPU (a host sync per Reshape per call).
+        self.constant_shape = constant_shape
 
-    def forward(self, input_tensor: torch.Tensor, shape: torch.Tensor) -> torch.Tensor:
-        target = [int(s) for s in shape.reshape(-1).tolist()]
+    def forward(self, input_tensor: torch.Tensor, shape: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.constant_shape is not None:
+            target = list(self.constant_shape)
+        else:
+            target = [int(s) for s in shape.reshape(-1).tolist()]
         if not self.allowzero:
             target = [input_tensor.shape[i] if s == 0 else s for i, s in enumerate(target)]
         return torch.reshape(input_tensor, target)
@@ -147,9 +154,13 @@ def _convert_reduce(node, graph):
 
 
 def _convert_reshape(node, graph):
-    del graph
-    return OperationConverterResult(torch_module=OnnxReshape(node.attributes.get("allowzero", 0)),
-                                    onnx_mapping=onnx_mapping_from_node(node))
+    shape = _constant_ints(node.input_values[1], graph) if len(node.input_values) > 1 else None
+    if shape is None:   # computed in the graph: the module reads it per call
+        return OperationConverterResult(torch_module=OnnxReshape(node.attributes.get("allowzero", 0)),
+                                        onnx_mapping=onnx_mapping_from_node(node))
+    return OperationConverterResult(torch_module=OnnxReshape(node.attributes.get("allowzero", 0), shape),
+                                    onnx_mapping=OnnxMapping(inputs=(node.input_values[0],),
+                                                             outputs=node.output_values))
 
 
 def _convert_split18(node, graph):
@@ -257,90 +268,6 @@ def _schemas(op: str):
 
 
 # --- onnxruntime forward-only module ---------------------------------------------------
-
-class _NoGradient(torch.autograd.Function):
-    """Passes onnxruntime's logits through; backward explains why there is no gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        return logits.clone()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        raise RuntimeError(
-            "this ONNX model runs in onnxruntime without gradients (white_box=False); "
-            "only black-box attacks can run on it")
-
-
-class OnnxRuntimeModule(nn.Module):
-    """Forward-only nn.Module around an onnxruntime session: model-layout input -> one output.
-
-    The output is `output_name` (default: the graph's first output). A graph exported with
-    a fixed batch size is fed in chunks of that size (the last one zero-padded), so any
-    batch size works.
-    """
-
-    def __init__(self, path: str, device: str = "cpu", output_name: Optional[str] = None,
-                 share_cpu: bool = False):
-        super().__init__()
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # onnxruntime's warnings are not the user's problem
-        if share_cpu:  # next to torch (the replay): torch's thread count, and no spin-waiting
-            # threads that would keep the cores busy while torch attacks the next chunk
-            options.intra_op_num_threads = torch.get_num_threads()
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        device = torch.device(device)
-        if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-        self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
-        model_input = self.session.get_inputs()[0]
-        self.input_name = model_input.name
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.output_name = output_name or self.output_names[0]
-        self.declared_input_shape = list(model_input.shape)
-        self.input_dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                            "tensor(double)": np.float64}.get(model_input.type, np.float32)
-        batch = self.declared_input_shape[0] if self.declared_input_shape else None
-        self.fixed_batch: Optional[int] = batch if isinstance(batch, int) and batch > 0 else None
-
-    def _chunks(self, x: torch.Tensor, names: Optional[List[str]]) -> List[List[Any]]:
-        """Per output in `names` (None: all), the list of per-chunk results."""
-        inputs = x.detach().to("cpu", torch.float32).numpy().astype(self.input_dtype, copy=False)
-        chunk = self.fixed_batch or max(len(inputs), 1)
-        per_output: List[List[Any]] = []
-        for start in range(0, len(inputs), chunk):
-            part = inputs[start:start + chunk]
-            short = chunk - len(part)
-            if short:
-                part = np.concatenate([part, np.zeros((short,) + part.shape[1:], part.dtype)])
-            results = self.session.run(names, {self.input_name: np.ascontiguousarray(part)})
-            if not per_output:
-                per_output = [[] for _ in results]
-            for store, value in zip(per_output, results):
-                store.append(value[:chunk - short] if isinstance(value, np.ndarray) and value.ndim else value)
-        return per_output
-
-    def run_all(self, x: torch.Tensor) -> Dict[str, Any]:
-        """Every output of the graph on x: name -> tensor (float32 for floats), or the raw value."""
-        outputs: Dict[str, Any] = {}
-        for name, parts in zip(self.output_names, self._chunks(x, None)):
-            if all(isinstance(p, np.ndarray) for p in parts):
-                value = torch.from_numpy(np.concatenate(parts) if parts[0].ndim else parts[0])
-                outputs[name] = value.float() if value.is_floating_point() else value
-            else:
-                outputs[name] = parts[0]
-        return outputs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = self._chunks(x, [self.output_name])[0]
-        logits = torch.from_numpy(np.concatenate(parts).astype(np.float32, copy=False)).to(x.device)
-        if x.requires_grad and torch.is_grad_enabled():
-            return _NoGradient.apply(x, logits)
-        return logits
-
 
 class _SelectOutput(nn.Module):
     """A converted multi-output graph returns a tuple; robaudit attacks one of its outputs."""
@@ -495,7 +422,12 @@ class OnnxConversion(adapters.DeferredModel):
             info.refusal = (f"white-box attacks refused for this ONNX model: {reason}; "
                             f"only black-box attacks run")
             if torch.device(self.device).type != "cpu":
-                return OnnxRuntimeModule(self.path, device=self.device, output_name=key)
+                runtime = OnnxRuntimeModule(self.path, device=self.device, output_name=key)
+                info.onnx["provider"] = runtime.provider   # the one that really runs
+                if runtime.provider_note:
+                    info.notes.append(runtime.provider_note)
+                return runtime
+            info.onnx["provider"] = self.runtime.provider
             return self.runtime
         info.white_box = True
         return converted.to(self.device).eval()
