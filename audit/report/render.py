@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
-import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -40,10 +39,10 @@ from robaudit import __version__ as ROBAUDIT_VERSION
 from robaudit.audit.io import write_bytes_atomic
 from robaudit.audit.report.comparison import comparison_section
 from robaudit.audit.report.curves import curves_sections, embedded_results, validate_curves
-from robaudit.audit.report.figures import PLOTLY_CONFIG
 from robaudit.audit.report.formatting import display, eps_as_fraction_of_255, finite, pct, pp, ratio, rounded, script_json
 from robaudit.audit.report.records import headline_key
 from robaudit.audit.report.redaction import redact_results
+from robaudit.audit.report.svg import render_svg
 from robaudit.audit.report.sections import (
     checks_section, examples_section, per_class_section, provenance_section, target_flow_section, verdict_section,
 )
@@ -131,7 +130,7 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
         "nav": [{"id": anchor, "label": label} for anchor, label in sections],
         "verdict": verdict, "checks": checks, "per_class": per_class, "curves": curves, "target_flow": target_flow,
         "examples": examples, "comparison": comparison, "training": training, "provenance": provenance,
-        "figures": figures, "plotly_config": PLOTLY_CONFIG,
+        "figures": figures,
         "redacted": redact_paths,
         "embedded": {"results": embedded, "baseline": embedded_baseline,
                      "curve_bounds_left_out": bounds_left_out or baseline_bounds_left_out},
@@ -156,6 +155,7 @@ def _environment() -> jinja2.Environment:
         "sort_value": lambda v: "" if finite(v) is None else repr(rounded(v, 9)),
         "script_json": lambda value: Markup(script_json(value)),
     })
+    env.globals["draw_chart"] = render_svg
     return env
 
 
@@ -167,27 +167,14 @@ def _asset(name: str, closing_tag: str) -> Markup:
     return Markup(text)
 
 
-@functools.lru_cache(maxsize=1)
-def _plotly_js() -> tuple[Markup, str]:
-    from plotly.offline import get_plotlyjs
-
-    source = get_plotlyjs()
-    if "</script" in source.lower():
-        raise RuntimeError("the bundled plotly.js contains '</script' and cannot be inlined")
-    match = re.search(r"plotly\.js v(\d+\.\d+\.\d+)", source[:500])
-    return Markup(source), match.group(1) if match else "unknown"
-
-
 def render_html(results: dict, *, baseline: dict | None = None, redact_paths: bool = False,
                 rendered_at: str | None = None, paired=None) -> str:
     """The report page as a string (what render_report writes)."""
     context = build_context(results, baseline=baseline, redact_paths=redact_paths, paired=paired)
     if rendered_at is None:
         rendered_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    plotly_js, plotly_js_version = _plotly_js()
     return _environment().get_template("report.html.j2").render(
         **context, rendered_at=rendered_at, renderer_version=ROBAUDIT_VERSION,
-        plotly_js=plotly_js, plotly_js_version=plotly_js_version,
         report_css=_asset("report.css", "</style"), report_js=_asset("report.js", "</script"),
     )
 
