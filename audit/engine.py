@@ -350,7 +350,9 @@ def _write_outputs(cfg, out_dir: Path, results: dict, per_sample: dict) -> None:
     if cfg.write_report:
         from robaudit.audit.report.render import render_report
 
-        render_report(results, out_dir / "report.html", redact_paths=cfg.redact_paths)
+        render_report(results, out_dir / "report.html", redact_paths=cfg.redact_paths,
+                      gates={"fail_under_worst": cfg.fail_under_worst, "fail_over_nsd": cfg.fail_over_nsd,
+                             "attack": cfg.gate_attack})
 
 
 def _notes(cfg: ScanConfig) -> List[str]:

@@ -41,7 +41,9 @@ from robaudit.audit.report.comparison import comparison_section
 from robaudit.audit.report.curves import curves_sections, embedded_results, validate_curves
 from robaudit.audit.report.formatting import display, eps_as_fraction_of_255, finite, pct, pp, ratio, rounded, script_json
 from robaudit.audit.report.records import headline_key
-from robaudit.audit.report.redaction import redact_results
+from robaudit.audit.report.glossary import glossary, term_anchor
+from robaudit.audit.report.headline import headline_section
+from robaudit.audit.report.redaction import basename, redact_results
 from robaudit.audit.report.svg import render_svg
 from robaudit.audit.report.sections import (
     checks_section, examples_section, per_class_section, provenance_section, target_flow_section, verdict_section,
@@ -84,24 +86,27 @@ def load_results(path) -> dict:
 
 
 def build_context(results: dict, *, baseline: dict | None = None, redact_paths: bool = False,
-                  paired=None) -> dict:
+                  paired=None, gates: dict | None = None) -> dict:
     """Plain dicts and lists the template renders: results -> what each section shows.
 
     With `baseline` (the BEFORE results) the context also holds the comparison
     section, which the page then opens with; `paired` = (audit/paired.PairedOutcomes or
     None, why not) adds its paired tests. `redact_paths` cuts filesystem paths to
-    basenames everywhere, including the embedded results JSON.
+    basenames everywhere, including the embedded results JSON. `gates`
+    ({"fail_under_worst", "fail_over_nsd", "attack"}) puts the policy result on the first screen.
     """
     validate_results(results, source="results")
     validate_curves(results, source="results")
     if baseline is not None:
         validate_results(baseline, source="baseline results")
         validate_curves(baseline, source="baseline results")
+    digest_of = results   # the first screen names the results as given, before any redaction
     if redact_paths:
         results = redact_results(results)
         baseline = redact_results(baseline) if baseline is not None else None
     figures: dict = {}
     verdict = verdict_section(results)
+    headline = headline_section(digest_of, verdict, gates)
     checks = checks_section(results)
     per_class = per_class_section(results, figures)
     curves = curves_sections(results, figures)
@@ -119,14 +124,18 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
     sections[3:3] = [(item["anchor"], item["heading"]) for item in curves]   # right after per-class
     if comparison is not None:   # a comparison is what its reader came for: it opens the page
         sections.insert(0, ("comparison", "Before and after"))
+        if training is not None:
+            sections.insert(1, ("training", "Remediation training"))
     elif training is not None:
         sections.append(("comparison", "Remediation training"))
     sections.append(("provenance", "Provenance"))
+    sections.append(("glossary", "Glossary"))
     model_name = verdict["model_name"]
     embedded, bounds_left_out = embedded_results(results)   # per-class curve bounds dropped when large
     embedded_baseline, baseline_bounds_left_out = embedded_results(baseline)
     return {
-        "title": f"Robustness audit: {model_name} on {verdict['dataset_name']}",
+        "title": page_title(results, baseline, verdict),
+        "headline": headline, "glossary": glossary(),
         "nav": [{"id": anchor, "label": label} for anchor, label in sections],
         "verdict": verdict, "checks": checks, "per_class": per_class, "curves": curves, "target_flow": target_flow,
         "examples": examples, "comparison": comparison, "training": training, "provenance": provenance,
@@ -135,6 +144,18 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
         "embedded": {"results": embedded, "baseline": embedded_baseline,
                      "curve_bounds_left_out": bounds_left_out or baseline_bounds_left_out},
     }
+
+
+def page_title(results: dict, baseline: dict | None, verdict: dict) -> str:
+    """Says what the page is: one audit, or a before/after of which remediation method."""
+    model_name, dataset = verdict["model_name"], verdict["dataset_name"]
+    if baseline is None:
+        return f"Robustness audit: {model_name} on {dataset}"
+    method = (results.get("training") or {}).get("method")
+    before_name = basename((baseline["model"].get("path") or "")) or "model"
+    if method:
+        return f"Before and after remediation with {str(method).upper()}: {before_name} → {model_name} on {dataset}"
+    return f"Before and after: {before_name} → {model_name} on {dataset}"
 
 
 @functools.lru_cache(maxsize=1)
@@ -156,6 +177,7 @@ def _environment() -> jinja2.Environment:
         "script_json": lambda value: Markup(script_json(value)),
     })
     env.globals["draw_chart"] = render_svg
+    env.globals["term_anchor"] = term_anchor
     return env
 
 
@@ -168,9 +190,9 @@ def _asset(name: str, closing_tag: str) -> Markup:
 
 
 def render_html(results: dict, *, baseline: dict | None = None, redact_paths: bool = False,
-                rendered_at: str | None = None, paired=None) -> str:
+                rendered_at: str | None = None, paired=None, gates: dict | None = None) -> str:
     """The report page as a string (what render_report writes)."""
-    context = build_context(results, baseline=baseline, redact_paths=redact_paths, paired=paired)
+    context = build_context(results, baseline=baseline, redact_paths=redact_paths, paired=paired, gates=gates)
     if rendered_at is None:
         rendered_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return _environment().get_template("report.html.j2").render(
@@ -180,13 +202,13 @@ def render_html(results: dict, *, baseline: dict | None = None, redact_paths: bo
 
 
 def render_report(results: dict, out_path, *, baseline: dict | None = None, redact_paths: bool = False,
-                  rendered_at: str | None = None, paired=None) -> Path:
+                  rendered_at: str | None = None, paired=None, gates: dict | None = None) -> Path:
     """Write the self-contained HTML report to `out_path` atomically; return its path."""
     out_path = Path(out_path)
     if out_path.is_dir():
         raise UserError(f"{out_path} is a directory; pass the report file name, e.g. {out_path / 'report.html'}")
     page = render_html(results, baseline=baseline, redact_paths=redact_paths, rendered_at=rendered_at,
-                       paired=paired)
+                       paired=paired, gates=gates)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(out_path, page.encode("utf-8"))

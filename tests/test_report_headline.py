@@ -1,0 +1,83 @@
+"""The report's first screen (issue 25): verdict, policy result, every class significantly
+below average, the results digest and who wrote the numbers; plus the glossary links."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from report_fixtures import CIFAR10_CLASSES, class_entry, make_results, summarise
+from robaudit.audit.integrity import results_digest
+from robaudit.audit.report.headline import below_average, policy
+from robaudit.audit.report.render import build_context, render_html
+from test_report import RENDERED_AT, parse
+
+
+def _two_broken_classes() -> dict:
+    """10 classes of 60 images; under pgd two classes sit far below the average (0% and 2/60)."""
+    results = make_results(classes=CIFAR10_CLASSES, attacks=("pgd",), n_per_class=60, ensemble=False)
+    correct = [0, 2, 40, 42, 38, 45, 41, 39, 44, 43]
+    per_class = [class_entry(name, c, 60) for name, c in zip(CIFAR10_CLASSES, correct)]
+    record = results["attacks"]["pgd"]
+    results["attacks"]["pgd"] = {**record, **summarise(per_class, record["description"], 600, 1.0)}
+    return results
+
+
+def test_every_class_whose_interval_lies_below_the_average_is_listed():
+    results = _two_broken_classes()
+    rows = below_average(results, "pgd")
+    assert [r["class"] for r in rows] == ["airplane", "automobile"]      # both, not only the worst
+    assert rows[0]["all_flipped"] and not rows[1]["all_flipped"]
+    average = results["attacks"]["pgd"]["avg"]
+    assert all(r["ci"][1] < average for r in rows)
+    page = render_html(results, rendered_at=RENDERED_AT)
+    card = page[page.index('<section id="summary"'):page.index("</section>")]
+    assert "2 classes significantly below the class average" in card
+    assert "every correctly classified airplane image was flipped" in card
+
+
+def test_policy_says_pass_or_fail_by_the_engine_rule():
+    results = _two_broken_classes()          # worst 0%, NSD large
+    assert policy(results, None) is None
+    # Without an ensemble and without --gate-attack the engine gates clean accuracy: so does the page.
+    assert policy(results, {"fail_under_worst": 0.05})["passed"] is True
+    failed = policy(results, {"fail_under_worst": 0.05, "attack": "pgd"})
+    assert failed["passed"] is False and "FAIL" in failed["items"][0]
+    assert policy(results, {"fail_under_worst": 0.0, "attack": "pgd"})["passed"] is True  # fails only if worst < gate
+    nsd = results["attacks"]["pgd"]["nsd"]
+    assert policy(results, {"fail_over_nsd": nsd + 0.01, "attack": "pgd"})["passed"] is True
+    assert policy(results, {"fail_over_nsd": nsd - 0.01, "attack": "pgd"})["passed"] is False
+    page = render_html(results, rendered_at=RENDERED_AT, gates={"fail_under_worst": 0.05, "attack": "pgd"})
+    assert re.search(r'id="summary-policy"><strong>Policy FAILED</strong>', page)
+    assert 'id="summary-policy"' not in render_html(results, rendered_at=RENDERED_AT)
+
+
+def test_digest_and_identity_name_the_results_as_given_even_when_redacted():
+    results = make_results()
+    results["tool"]["commit"] = "0123456789ab"
+    page = render_html(results, redact_paths=True, rendered_at=RENDERED_AT)
+    digest = parse(page).ids and re.search(r'id="results-digest"[^>]*>sha256 ([0-9a-f]{64})<', page).group(1)
+    assert digest == results_digest(results)
+    assert "robaudit 0.1.0 · 0123456789ab" in page
+    del results["tool"]["commit"]           # old results: no commit recorded, still renders
+    assert "commit not recorded" in render_html(results, rendered_at=RENDERED_AT)
+
+
+def test_first_screen_order_and_glossary_links_resolve():
+    page = render_html(_two_broken_classes(), rendered_at=RENDERED_AT)
+    # the card comes before every section of the page
+    assert page.index('id="summary"') < page.index('<section id="verdict"')
+    parsed = parse(page)
+    terms = [a["href"][1:] for a in parsed.all("a") if a.get("href", "").startswith("#term-")]
+    assert {"term-wilson", "term-nsd", "term-pgd", "term-digest"} <= set(terms)
+    assert all(term in parsed.ids for term in terms)
+
+
+@pytest.mark.parametrize("method, word", [("absld", "ABSLD"), (None, "Before and after:")])
+def test_comparison_title_says_before_after_and_the_method(method, word):
+    after = make_results(training=True)
+    after["training"]["method"] = method
+    context = build_context(after, baseline=make_results(seed=1))
+    assert context["title"].startswith("Before and after") and word in context["title"]
+    assert ("training", "Remediation training") in [(n["id"], n["label"]) for n in context["nav"]] or method is None
