@@ -471,6 +471,7 @@ def colour_bar(frame: Frame, figure_id: str, trace: dict) -> list[str]:
 
 
 def heatmap_axes(frame: Frame, trace: dict, angle: float) -> list[str]:
+    frame.x_range = (-0.5, len(trace["x"]) - 0.5)   # one unit per cell, as for bars
     parts = []
     size_y = frame.height / max(1, len(trace["y"]))
     for r, label in enumerate(trace["y"]):
@@ -532,7 +533,7 @@ def render_svg(figure_id: str, spec: dict, label: str) -> Markup:
     frame, angle, height = frame_for(spec, 20 * len(rows), cats, heatmap)
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {num(height)}" role="img" '
              f'aria-label="{escape(label)}" class="figure-svg" font-size="{TICK_FONT}" '
-             f'font-family="system-ui, sans-serif">']
+             f'font-family="system-ui, sans-serif" fill="#1a1a1a">']
     if defs:
         parts.append("<defs>" + "".join(defs) + "</defs>")
     parts += plot_body(figure_id, spec, frame, angle, cats, heatmap, pattern_ids)
@@ -557,7 +558,7 @@ def render_small_multiples(figure_id: str, spec: dict, label: str) -> Markup:
     height = rows * (panel_h + gap) + 30
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {num(height)}" role="img" '
              f'aria-label="{escape(label)}" class="figure-svg" font-size="{TICK_FONT}" '
-             f'font-family="system-ui, sans-serif">']
+             f'font-family="system-ui, sans-serif" fill="#1a1a1a">']
     for k, trace in enumerate(traces):
         left = 50 + (k % columns) * panel_w
         top = 22 + (k // columns) * (panel_h + gap)
