@@ -81,3 +81,44 @@ def test_comparison_title_says_before_after_and_the_method(method, word):
     context = build_context(after, baseline=make_results(seed=1))
     assert context["title"].startswith("Before and after") and word in context["title"]
     assert ("training", "Remediation training") in [(n["id"], n["label"]) for n in context["nav"]] or method is None
+
+
+def test_checks_ledger_lists_every_check_failed_first_and_old_results_keep_their_flags():
+    results = make_results()
+    old_page = render_html(results, rendered_at=RENDERED_AT)
+    assert "Reliability flags" in old_page and "table-checks-ledger" not in old_page
+    results["checks_ledger"] = [
+        {"id": "near_chance", "title": "Clean accuracy above chance", "state": "passed", "reason": "87% > 10%",
+         "severity": "info", "scope": "audit", "class": None},
+        {"id": "fgsm_beats_pgd", "title": "PGD at least as strong as FGSM", "state": "failed",
+         "reason": "FGSM fooled 3 points PGD did not", "severity": "warning", "scope": "audit", "class": None},
+        {"id": "per_class_n", "title": "Enough images per class", "state": "not_run", "reason": "<b>x</b>",
+         "severity": "info", "scope": "class", "class": 1},
+    ]
+    page = render_html(results, rendered_at=RENDERED_AT)
+    table = page[page.index('id="table-checks-ledger"'):]
+    table = table[:table.index("</table>")]
+    assert table.index("fgsm_beats_pgd") < table.index("per_class_n") < table.index("near_chance")
+    assert "class automobile" in table and "&lt;b&gt;x&lt;/b&gt;" in table and "<b>x</b>" not in table
+    assert "1 reliability warning" in page
+
+
+def test_replay_shows_realizable_per_class_and_flags_unconfirmed():
+    results = make_results()
+    assert 'id="table-replay"' not in render_html(results, rendered_at=RENDERED_AT)   # absent: no section
+    results["attacks"]["pgd"]["replay"] = {"runtime": "onnxruntime 1.20", "confirmed": [5, 6, 7],
+                                           "unconfirmed": [0, 2, 0], "realizable": [5, 6, 7]}
+    page = render_html(results, rendered_at=RENDERED_AT)
+    table = page[page.index('id="table-replay"'):]
+    table = table[:table.index("</table>")]
+    assert ">6 (2)</td>" in table and ">5</td>" in table
+    assert "Some failures were not confirmed on replay" in page
+
+
+def test_examples_show_the_strongest_attack_first():
+    results = make_results(attacks=("fgsm", "pgd"))
+    template = dict(results["examples"][0])
+    results["attacks"]["fgsm"]["avg"], results["attacks"]["pgd"]["avg"] = 0.4, 0.1   # pgd is the stronger
+    results["examples"] = [{**template, "attack": "fgsm", "index": 1}, {**template, "attack": "pgd", "index": 2}]
+    group = build_context(results)["examples"]["groups"][0]
+    assert [p["attack"] for p in group["pairs"]] == ["pgd", "fgsm"]

@@ -43,6 +43,7 @@ from robaudit.audit.report.formatting import display, eps_as_fraction_of_255, fi
 from robaudit.audit.report.records import headline_key
 from robaudit.audit.report.glossary import glossary, term_anchor
 from robaudit.audit.report.headline import headline_section
+from robaudit.audit.report.ledger import ledger_section, replay_section
 from robaudit.audit.report.redaction import basename, redact_results
 from robaudit.audit.report.svg import render_svg
 from robaudit.audit.report.sections import (
@@ -108,6 +109,10 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
     verdict = verdict_section(results)
     headline = headline_section(digest_of, verdict, gates)
     checks = checks_section(results)
+    ledger = ledger_section(results)
+    replay = replay_section(results)
+    if ledger is not None:   # the ledger knows which failed checks matter: they are the warnings
+        verdict["warning_count"] = ledger["failed_warnings"]
     per_class = per_class_section(results, figures)
     curves = curves_sections(results, figures)
     target_flow = target_flow_section(results, figures)
@@ -119,9 +124,11 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
     provenance = [provenance_section(results, "This audit" if baseline is None else "After (this audit)", "prov-run")]
     if baseline is not None:
         provenance.append(provenance_section(baseline, "Before (baseline)", "prov-baseline"))
-    sections = [("verdict", "Verdict"), ("checks", "Reliability flags"), ("per-class", "Per-class robustness"),
+    sections = [("verdict", "Verdict"), ("checks", "Checks" if ledger is not None else "Reliability flags"), ("per-class", "Per-class robustness"),
                 ("target-flow", "Where attacks push each class"), ("examples", "Example adversarial images")]
     sections[3:3] = [(item["anchor"], item["heading"]) for item in curves]   # right after per-class
+    if replay is not None:
+        sections.insert(3, ("replay", "Failures replayed"))
     if comparison is not None:   # a comparison is what its reader came for: it opens the page
         sections.insert(0, ("comparison", "Before and after"))
         if training is not None:
@@ -137,7 +144,8 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
         "title": page_title(results, baseline, verdict),
         "headline": headline, "glossary": glossary(),
         "nav": [{"id": anchor, "label": label} for anchor, label in sections],
-        "verdict": verdict, "checks": checks, "per_class": per_class, "curves": curves, "target_flow": target_flow,
+        "verdict": verdict, "checks": checks, "ledger": ledger, "replay": replay,
+        "per_class": per_class, "curves": curves, "target_flow": target_flow,
         "examples": examples, "comparison": comparison, "training": training, "provenance": provenance,
         "figures": figures,
         "redacted": redact_paths,

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from robaudit.audit.report.comparison import delta
 from robaudit.audit.report.figures import trajectory_figure, training_curves_figure
-from robaudit.audit.report.formatting import display, finite, png_data_uri
+from robaudit.audit.report.formatting import finite, png_data_uri
+from robaudit.audit.report.plain import bound_notes, method_sentence, readable_rows, selection_sentence
 from robaudit.audit.results_schema import Trajectory, class_state_trajectories
 
 MAX_TRAJECTORY_TABLE_EPOCHS = 10
@@ -85,7 +86,9 @@ def training_section(results: dict, figures: dict) -> dict | None:
     options = training.get("options") or {}
     return {
         "method": training.get("method"), "teacher": training.get("teacher"), "epochs": training.get("epochs"),
-        "options": [(str(k), display(v)) for k, v in options.items()] if isinstance(options, dict) else [],
+        "options": readable_rows(options) if isinstance(options, dict) else [],
+        "in_words": method_sentence(training), "selection": selection_sentence(training),
+        "bound_notes": bound_notes(training, classes), "selected_epoch": training.get("selected_epoch"),
         "curves": curves, "trajectories": trajectories,
         "synthetic": [{"class": str(item.get("class")), "src": uri}
                       for item in (training.get("synthetic_examples") or []) if isinstance(item, dict)
