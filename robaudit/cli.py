@@ -198,15 +198,23 @@ def _print_summary(results):
 @cli.command()
 @click.argument("results_files", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out_file", default=None, type=click.Path(),
-              help="Output HTML (default: report.html beside the (last) results file).")
+              help="Output HTML (default: report.html beside the (last) results file; comparison.html "
+                   "for two or more).")
 @click.option("--redact-paths", is_flag=True, help="Hide filesystem paths in the report.")
 def report(results_files, out_file, redact_paths):
-    """Render report.html from RESULTS.json, or a comparison from BEFORE.json AFTER.json."""
-    from robaudit.audit.report.render import load_results, render_report
+    """Render report.html from RESULTS.json, a comparison from BEFORE.json AFTER.json, or an
+    N-way comparison (leaderboard, paired tests) from three or more results files."""
+    from robaudit.audit.report.render import load_results, render_nway_report, render_report
 
-    if len(results_files) > 2:
-        raise UserError("give one results.json, or two (BEFORE.json AFTER.json) for a comparison")
     loaded = [load_results(p) for p in results_files]
+    if len(loaded) > 2:
+        from robaudit.audit.report.nway import Candidate
+
+        out = Path(out_file) if out_file else Path(results_files[-1]).with_name("comparison.html")
+        render_nway_report([Candidate(label="", results=r, results_dir=Path(p).parent)
+                            for r, p in zip(loaded, results_files)], out, redact_paths=redact_paths)
+        click.echo(f"wrote {out}")
+        return
     after = loaded[-1]
     baseline = loaded[0] if len(loaded) == 2 else None
     out = Path(out_file) if out_file else Path(results_files[-1]).with_name(
@@ -334,6 +342,9 @@ def _run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, 
     # temperatures themselves add on this data, said whichever way it falls.
     rslad = _demo_student("rslad", cfg, out / "remediate-rslad", loaded, model, train, test, remediate_epochs,
                           seed, torch_device)
+    _print_comparison(before, rslad["student_results"], out / "remediate-rslad", before_dir=out)
+    _demo_nway(out, [(before, out), (summary["student_results"], out / "remediate" / "student"),
+                     (rslad["student_results"], out / "remediate-rslad" / "student")])
     a, r = (res.get("ensemble") or res["attacks"]["clean"] for res in (summary["student_results"],
                                                                          rslad["student_results"]))
     verdict = ("ABSLD's worst class is higher" if a["worst"] > r["worst"] else
@@ -342,6 +353,19 @@ def _run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, 
     click.echo(f"same budget with RSLAD (no per-class temperatures): worst class {r['worst_class']} "
                f"{100 * r['worst']:.1f}%, NSD {nsd(r['nsd'])}; ABSLD {a['worst_class']} {100 * a['worst']:.1f}%, "
                f"NSD {nsd(a['nsd'])}: {verdict} on this seed ({out / 'remediate-rslad'})")
+
+
+def _demo_nway(out: Path, audits: list) -> None:
+    """The demo's teacher, ABSLD and RSLAD students side by side on the same images (comparison.html)."""
+    from robaudit.audit.report.nway import Candidate
+    from robaudit.audit.report.render import render_nway_report
+
+    if not distributed.current().is_main:
+        return
+    names = ["teacher", "ABSLD student", "RSLAD student"]
+    path = render_nway_report([Candidate(label=name, results=results, results_dir=folder)
+                               for name, (results, folder) in zip(names, audits)], out / "comparison.html")
+    click.echo(f"wrote {path} (teacher, ABSLD and RSLAD students side by side, paired tests)")
 
 
 def _demo_student(method: str, cfg, rem_out: Path, loaded, model, train, test, epochs: int, seed: int,

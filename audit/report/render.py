@@ -223,3 +223,33 @@ def render_report(results: dict, out_path, *, baseline: dict | None = None, reda
     except OSError as err:
         raise UserError(f"cannot write the report to {out_path}: {err.strerror or err}") from None
     return out_path
+
+
+def render_nway_html(candidates: list, *, rendered_at: str | None = None, redact_paths: bool = False) -> str:
+    """The N-way comparison page (audit/report/nway.py) as a string."""
+    from robaudit.audit.report.nway import nway_context
+
+    for candidate in candidates:
+        validate_results(candidate.results, source=candidate.label or "results")
+    context = nway_context(candidates, redact_paths=redact_paths)
+    if rendered_at is None:
+        rendered_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return _environment().get_template("report_nway.html.j2").render(
+        **context, glossary=glossary(), rendered_at=rendered_at, renderer_version=ROBAUDIT_VERSION,
+        report_css=_asset("report.css", "</style"), report_js=_asset("report.js", "</script"),
+    )
+
+
+def render_nway_report(candidates: list, out_path, *, rendered_at: str | None = None,
+                       redact_paths: bool = False) -> Path:
+    """Write the N-way comparison page to `out_path` atomically; return its path."""
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise UserError(f"{out_path} is a directory; pass the report file name, e.g. {out_path / 'comparison.html'}")
+    page = render_nway_html(candidates, rendered_at=rendered_at, redact_paths=redact_paths)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(out_path, page.encode("utf-8"))
+    except OSError as err:
+        raise UserError(f"cannot write the report to {out_path}: {err.strerror or err}") from None
+    return out_path
