@@ -11,7 +11,9 @@ with error bars and fill patterns, "heatmap" with cell counts, "scatter" lines (
 markers, "hv" steps, "tonexty" bands, a second y axis), "rect"/"line" shapes with
 `xref: x, yref: paper`, annotations at the top of the plot, and a legend. Hover text
 becomes <title> tooltips (no JavaScript needed). The output is a pure function of the
-spec: the same spec gives the same bytes.
+spec: the same spec gives the same bytes. The <svg> carries no xmlns attribute: the HTML
+parser places inline <svg> in the SVG namespace by itself, and without it the page holds
+no URL at all (tests grep the whole file for one).
 
 Escaping: spec labels were HTML-escaped for plotly (formatting.plotly_text); here each
 is unescaped back to the literal text and escaped again for XML, so a class name is
@@ -531,7 +533,7 @@ def render_svg(figure_id: str, spec: dict, label: str) -> Markup:
     defs, pattern_ids = pattern_defs(figure_id, spec["data"])
     rows = legend_rows(legend_entries(spec), WIDTH - 80)
     frame, angle, height = frame_for(spec, 20 * len(rows), cats, heatmap)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {num(height)}" role="img" '
+    parts = [f'<svg viewBox="0 0 {WIDTH} {num(height)}" role="img" '
              f'aria-label="{escape(label)}" class="figure-svg" font-size="{TICK_FONT}" '
              f'font-family="system-ui, sans-serif" fill="#1a1a1a">']
     if defs:
@@ -556,7 +558,7 @@ def render_small_multiples(figure_id: str, spec: dict, label: str) -> Markup:
     xs = [v for t in traces for v in numeric(t["x"])]
     x_range = (min(xs, default=0), max(xs, default=1) or 1)
     height = rows * (panel_h + gap) + 30
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {WIDTH} {num(height)}" role="img" '
+    parts = [f'<svg viewBox="0 0 {WIDTH} {num(height)}" role="img" '
              f'aria-label="{escape(label)}" class="figure-svg" font-size="{TICK_FONT}" '
              f'font-family="system-ui, sans-serif" fill="#1a1a1a">']
     for k, trace in enumerate(traces):
