@@ -34,7 +34,7 @@ def test_every_class_whose_interval_lies_below_the_average_is_listed():
     page = render_html(results, rendered_at=RENDERED_AT)
     card = page[page.index('<section id="summary"'):page.index("</section>")]
     assert "2 classes significantly below the class average" in card
-    assert "every correctly classified airplane image was flipped" in card
+    assert "<strong>airplane</strong> 0.0%" in card and "every correctly classified image of it was flipped" in card
 
 
 def test_policy_says_pass_or_fail_by_the_engine_rule():
@@ -122,3 +122,27 @@ def test_examples_show_the_strongest_attack_first():
     results["examples"] = [{**template, "attack": "fgsm", "index": 1}, {**template, "attack": "pgd", "index": 2}]
     group = build_context(results)["examples"]["groups"][0]
     assert [p["attack"] for p in group["pairs"]] == ["pgd", "fgsm"]
+
+
+def test_training_in_plain_words_with_bounds_held_out_selection_and_readable_settings():
+    results = make_results(classes=("ring", "cross", "dot"), training=True)
+    training = results["training"]
+    training["options"] = {"method": {"alpha": 5 / 6, "beta": 0.5, "tau_bounds": [0.5, 5.0], "adapt": "both"},
+                           "val_per_class": 10, "steps": 5, "lr": 0.03}
+    training["selected_epoch"] = 3
+    training["selection"] = "epoch with the highest avg + worst-class PGD-20 robust accuracy on 10 held-out ..."
+    training["class_state"] = [{"name": "tau_adv", "key": "tau_adv", "label": "τ_adv",
+                                "per_epoch": [[1.0, 1.0, 1.0], [0.5, 1.2, 0.9], [0.5, 1.3, 0.7], [0.5, 1.4, 0.5]]}]
+    context = build_context(results)
+    section = context["training"]
+    assert "10 held-out training images per class" in section["selection"] and "epoch 3 of 4" in section["selection"]
+    assert "test images this report scores played no part" in section["selection"]
+    notes = " ".join(section["bound_notes"])
+    assert "ring (from epoch 2)" in notes and "dot (from epoch 4)" in notes and "cross" not in notes
+    assert "lower bound 0.5" in notes
+    labels = dict(section["options"])
+    assert labels["method option · α (weight of the attacked-image term)"] == "0.8333"
+    assert labels["method option · temperature bounds [τ min, τ max]"] == "0.5, 5"
+    assert not any("{" in value for value in labels.values())          # no raw JSON dumps
+    figure = next(v for k, v in context["figures"].items() if k.startswith("fig-trajectory"))
+    assert figure["layout"]["bounds"] == [0.5, 5.0]

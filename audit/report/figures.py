@@ -200,8 +200,9 @@ def training_curves_figure(columns: list[dict], epochs: list, curves_rows: list[
     return {"data": traces, "layout": layout}
 
 
-def trajectory_figure(classes: list[str], key: str, per_epoch: list[list]) -> dict:
-    """One line per class: a per-class training quantity (`key`) over the epochs."""
+def trajectory_figure(classes: list[str], key: str, per_epoch: list[list], bounds: list | None = None) -> dict:
+    """One line per class: a per-class training quantity (`key`) over the epochs; `bounds`
+    (a control's [low, high], e.g. ABSLD's temperature bounds) set the axis and are drawn."""
     epochs = list(range(1, len(per_epoch) + 1))
     traces = []
     for index, name in enumerate(classes):
@@ -221,6 +222,9 @@ def trajectory_figure(classes: list[str], key: str, per_epoch: list[list]) -> di
                    "margin": {"l": 64, "r": 24, "t": 24, "b": 56},
                    # More than a few overlapping lines are unreadable: one small panel per class.
                    "small_multiples": len(classes) > 4})
+    if bounds is not None:
+        layout["yaxis"]["range"] = [bounds[0], bounds[1]]
+        layout["bounds"] = [bounds[0], bounds[1]]
     return {"data": traces, "layout": layout}
 
 

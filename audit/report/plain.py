@@ -28,7 +28,7 @@ OPTION_LABELS = {
     "precision": "precision", "world_size": "processes", "sync_bn": "synchronised batch norm",
     "schedule_preset": "schedule", "student": "student", "student_arch": "student architecture",
     "student_note": "student note", "student_init": "student initialised from", "epochs": "epochs",
-    "momentum": "momentum", "method": "method", "weight_power": "class-weight power",
+    "momentum": "momentum", "method": "method option", "weight_power": "class-weight power",
 }
 MAX_DEPTH = 3
 
@@ -139,7 +139,7 @@ def bound_notes(training: dict, classes: list[str], tolerance: float = 1e-6) -> 
     notes = []
     for state in training.get("class_state") or []:
         per_epoch = state.get("per_epoch") or []
-        if not per_epoch or not str(state.get("key", "")).startswith("tau"):
+        if not per_epoch or not any(str(state.get(f) or "").startswith("tau") for f in ("name", "key")):
             continue
         for bound, word in ((bounds[0], "lower"), (bounds[1], "upper")):
             hits = []

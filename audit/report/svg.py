@@ -553,8 +553,13 @@ def render_small_multiples(figure_id: str, spec: dict, label: str) -> Markup:
     panel_w, panel_h, gap = (WIDTH - 60) / columns, 150, 34
     rows = math.ceil(len(traces) / columns)
     values = [v for t in traces for v in numeric(t["y"])]
-    low, high = min(values + [0.0]), max(values + [0.0])
-    y_range = (low, high + (high - low) * 0.08 or 1.0)
+    bounds = spec["layout"].get("bounds")
+    if (spec["layout"].get("yaxis") or {}).get("range"):
+        y_range = tuple(spec["layout"]["yaxis"]["range"])   # a control's bounds: where it can move
+    else:                                                   # the data's own range, padded
+        low, high = min(values, default=0.0), max(values, default=1.0)
+        pad = (high - low) * 0.1 or abs(high) * 0.1 or 1.0
+        y_range = (low - pad, high + pad)
     xs = [v for t in traces for v in numeric(t["x"])]
     x_range = (min(xs, default=0), max(xs, default=1) or 1)
     height = rows * (panel_h + gap) + 30
@@ -568,6 +573,10 @@ def render_small_multiples(figure_id: str, spec: dict, label: str) -> Markup:
         parts.append(f'<text x="{num(left)}" y="{num(top - 6)}" font-weight="700">{text(trace["name"])}</text>')
         if k % columns == 0:
             parts += [p for p in y_ticks(frame, {"tickformat": None}, y_range) if p.startswith("<text")]
+        for bound in bounds or []:
+            y = frame.y(bound)
+            parts.append(f'<line x1="{num(frame.left)}" y1="{num(y)}" x2="{num(frame.left + frame.width)}" '
+                         f'y2="{num(y)}" stroke="#D55E00" stroke-dasharray="4 3"><title>bound {bound:g}</title></line>')
         grey = [{**t, "mode": "lines", "line": {"color": "#d8d8d8", "width": 1}} for t in traces if t is not trace]
         own = {**trace, "line": {**trace.get("line", {}), "dash": "solid", "width": 2}}
         parts += draw_lines(frame, grey + [own], {"y": y_range})
@@ -576,7 +585,8 @@ def render_small_multiples(figure_id: str, spec: dict, label: str) -> Markup:
         for value in (x_range[0], x_range[1]):
             parts.append(f'<text x="{num(frame.x(value))}" y="{num(frame.top + frame.height + 14)}" '
                          f'text-anchor="middle">{fmt_tick(value, "d")}</text>')
+    note = "; dashed: the bounds" if bounds else ""
     parts.append(f'<text x="{WIDTH / 2:g}" y="{num(height - 6)}" text-anchor="middle" class="axis-title">'
-                 f'{axis_title(spec["layout"].get("xaxis"))} (each panel: one class; grey: the others)</text>')
+                 f'{axis_title(spec["layout"].get("xaxis"))} (each panel: one class; grey: the others{note})</text>')
     parts.append("</svg>")
     return Markup("\n".join(parts))

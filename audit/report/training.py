@@ -57,11 +57,23 @@ def _curves(training: dict, figures: dict) -> dict | None:
                      for epoch, curve in zip(epochs, curves_rows)]}
 
 
-def _trajectory(classes: list[str], position: int, trajectory: Trajectory, figures: dict) -> dict:
+def _bounds(training: dict, key: str) -> list | None:
+    """A temperature trajectory's [tau_min, tau_max] from the method options, when recorded."""
+    options = training.get("options") or {}
+    method = options.get("method") if isinstance(options.get("method"), dict) else options
+    bounds = method.get("tau_bounds") if isinstance(method, dict) else None
+    if key.startswith("tau") and isinstance(bounds, list) and len(bounds) == 2 \
+            and all(finite(b) is not None for b in bounds) and bounds[0] < bounds[1]:
+        return [float(bounds[0]), float(bounds[1])]
+    return None
+
+
+def _trajectory(classes: list[str], position: int, trajectory: Trajectory, figures: dict,
+                bounds: list | None = None) -> dict:
     """One per-class trajectory: its chart and a table of at most MAX_TRAJECTORY_TABLE_EPOCHS epochs."""
     key, per_epoch = trajectory.key, trajectory.per_epoch
     figure_id = f"fig-trajectory-{position}"
-    figures[figure_id] = trajectory_figure(classes, key, per_epoch)
+    figures[figure_id] = trajectory_figure(classes, key, per_epoch, bounds)
     shown = shown_epochs(len(per_epoch))
     return {
         "key": key, "label": trajectory.label, "figure_id": figure_id,
@@ -81,7 +93,7 @@ def training_section(results: dict, figures: dict) -> dict | None:
         return None
     classes = results["dataset"]["classes"]
     curves = _curves(training, figures)
-    trajectories = [_trajectory(classes, position, trajectory, figures)
+    trajectories = [_trajectory(classes, position, trajectory, figures, _bounds(training, trajectory.key))
                     for position, trajectory in enumerate(class_state_trajectories(training))]
     options = training.get("options") or {}
     return {
