@@ -72,6 +72,15 @@ def check_comparable(candidates: list[Candidate]) -> list[str]:
         if len(values) > 1:
             notes.append(f"The {label} differs between the audits ({', '.join(sorted(values))}): the models were "
                          "not scored on the same images.")
+    by_sha: dict[str, list[str]] = {}
+    for candidate in candidates:
+        sha = candidate.results["model"].get("sha256")
+        if sha:
+            by_sha.setdefault(sha, []).append(candidate.label)
+    for labels in by_sha.values():
+        if len(labels) > 1:
+            notes.append(f"{' and '.join(labels)} are the same model file (identical sha256): any difference "
+                         "between them comes from the audit settings, not the model.")
     eps = {str(finite(c.results["config"].get("eps"))) for c in candidates}
     if len(eps) > 1:
         notes.append(f"The audits ran at different budgets ε ({', '.join(sorted(eps))}).")
@@ -213,14 +222,21 @@ def verdict_sentence(board: list[dict], pairs: list[dict], label: str) -> str:
     if len(board) > 1:
         second = board[1]
         pair = next((p for p in pairs if {p["first"], p["second"]} == {top["label"], second["label"]}), None)
-        text += f" Next: {second['label']}, {second['worst_class']} at {_pct(second['worst'])}."
+        tied = (second["worst"], second["avg"]) == (top["worst"], top["avg"])
+        text += (f" {second['label']} ties with it (same worst class and average)." if tied else
+                 f" Next: {second['label']}, {second['worst_class']} at {_pct(second['worst'])}.")
         if pair is not None and pair["worst"]["low"] is not None:
             sign = 1 if pair["second"] == top["label"] else -1
             low, high = sorted((sign * pair["worst"]["low"], sign * pair["worst"]["high"]))
-            text += (f" The paired 95% interval of the worst-class difference is {low * 100:+.1f} to "
-                     f"{high * 100:+.1f} pp ({'excludes' if low > 0 or high < 0 else 'includes'} 0); McNemar on "
-                     f"all images p = {pair['test']['p']:.2g}.")
+            text += (f" The paired 95% interval of the worst-class difference is {_pp(low)} to {_pp(high)} pp "
+                     f"({'excludes' if low > 0 or high < 0 else 'includes'} 0); McNemar on all images "
+                     f"p = {pair['test']['p']:.2g}.")
     return text
+
+
+def _pp(fraction: float) -> str:
+    """Signed percentage points, with no "-0.0" for a change that rounds to zero."""
+    return f"{round(fraction * 100, 1) + 0.0:+.1f}"
 
 
 def _pct(value) -> str:

@@ -177,7 +177,7 @@ def _environment() -> jinja2.Environment:
     env.filters.update({
         "pct": pct, "pp": pp, "ratio": ratio,
         "pct_ci": lambda ci: "—" if ci is None or None in ci else f"{ci[0] * 100:.1f}–{ci[1] * 100:.1f}%",
-        "delta_ratio": lambda d: "—" if finite(d) is None else f"{d:+.3f}",
+        "delta_ratio": lambda d: "—" if finite(d) is None else f"{round(d, 3) + 0.0:+.3f}",
         "count": lambda n: f"{n:,}" if isinstance(n, int) and not isinstance(n, bool) else display(n),
         "seconds": lambda s: "—" if finite(s) is None else f"{s:.1f} s",
         "sig4": lambda v: "—" if finite(v) is None else f"{v:.4g}",
