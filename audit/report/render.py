@@ -8,7 +8,9 @@ one builder per page section: `report_sections` (verdict, flags, per-class, targ
 flow, examples, provenance), `report_comparison` (before/after), `report_training`
 (remediation curves and trajectories); `report_figures` holds the plotly specs,
 `report_format` the value formatting, `report_records` the lookups on results and
-`report_redaction` the `--redact-paths` copy.
+`report_redaction` the `--redact-paths` copy; `headline` the first-screen card, `plain` the
+readable settings and remediation sentences, `ledger` the checks ledger and replays, `svg`
+the figures drawn as inline SVG, `nway` the N-way comparison page.
 
 The flow is the one coverage.py uses for its HTML report: `build_context` turns the
 results into plain data and a jinja2 template renders them. The page is a pure view
@@ -19,9 +21,8 @@ reads the clock except `rendered_at`.
 Safety: every string that came from a user or a model (class names, paths, the
 command, check messages) reaches the page only through jinja2 autoescaping, or as
 JSON inside a `<script type="application/json">` with `<`, `>` and `&` written as
-`\\u003c`-style escapes. Text inside plotly figures is additionally HTML-escaped,
-because plotly.js interprets a small HTML subset in labels and decodes entities back
-to plain text when drawing.
+`\\u003c`-style escapes. Figure labels are HTML-escaped in the specs (figures.py) and
+drawn by svg.py, which decodes them and escapes them again for XML.
 """
 
 from __future__ import annotations
@@ -137,7 +138,6 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
         sections.append(("comparison", "Remediation training"))
     sections.append(("provenance", "Provenance"))
     sections.append(("glossary", "Glossary"))
-    model_name = verdict["model_name"]
     embedded, bounds_left_out = embedded_results(results)   # per-class curve bounds dropped when large
     embedded_baseline, baseline_bounds_left_out = embedded_results(baseline)
     return {

@@ -307,36 +307,6 @@ def draw_bars(frame: Frame, traces: list[dict], spec: dict, pattern_ids: dict) -
     return parts
 
 
-def viridis(share: float) -> str:
-    share = min(max(share, 0.0), 1.0) * (len(VIRIDIS) - 1)
-    low = int(math.floor(share))
-    high = min(low + 1, len(VIRIDIS) - 1)
-    mix = share - low
-    a, b = VIRIDIS[low], VIRIDIS[high]
-    channels = [round(int(a[i:i + 2], 16) * (1 - mix) + int(b[i:i + 2], 16) * mix) for i in (1, 3, 5)]
-    return "#" + "".join(f"{c:02x}" for c in channels)
-
-
-def draw_heatmap(frame: Frame, trace: dict) -> list[str]:
-    matrix = trace["z"]
-    top = max((max(row) for row in matrix if row), default=0) or 1
-    size_x = frame.width / max(1, len(trace["x"]))
-    size_y = frame.height / max(1, len(trace["y"]))
-    parts = []
-    for r, row in enumerate(matrix):
-        for c, count in enumerate(row):
-            x, y = frame.left + c * size_x, frame.top + r * size_y
-            colour = viridis(count / top)
-            title = f"<title>true {text(trace['y'][r])} → predicted {text(trace['x'][c])}: {count} images</title>"
-            parts.append(f'<rect x="{num(x + 0.5)}" y="{num(y + 0.5)}" width="{num(size_x - 1)}" '
-                         f'height="{num(size_y - 1)}" fill="{colour}">{title}</rect>')
-            if "texttemplate" in trace:
-                ink = "#000" if count / top > 0.6 else "#fff"
-                parts.append(f'<text x="{num(x + size_x / 2)}" y="{num(y + size_y / 2 + 4)}" text-anchor="middle"'
-                             f' fill="{ink}">{count}</text>')
-    return parts
-
-
 def segments(xs: list, ys: list) -> list[list[tuple[float, float]]]:
     """The (x, y) runs of a line, broken where a value is missing."""
     runs, run = [], []
@@ -429,12 +399,17 @@ def draw_shapes(frame: Frame, spec: dict) -> list[str]:
 # --------------------------------------------------------------------------- the chart
 
 
-def x_label_room(spec: dict, cats: list[str]) -> tuple[float, float]:
-    """(tick angle, pixels below the plot for the tick labels): angled when labels would collide."""
+def x_label_room(spec: dict, cats: list[str] | None, plot_width: float) -> tuple[float, float]:
+    """(tick angle, pixels below the plot for the tick labels): angled when the spec asks, or
+    when the longest label is wider than its slot (neighbours such as "diagonal" and
+    "anti-diagonal" would otherwise collide)."""
+    if cats is None:
+        return 0.0, 20.0
     axis = spec["layout"].get("xaxis") or {}
     longest = max((len(text(c)) for c in cats), default=1)
-    if axis.get("tickangle"):
-        angle = float(axis["tickangle"])
+    slot = plot_width / max(1, len(cats))
+    angle = float(axis.get("tickangle") or 0) or (-35.0 if longest * CHAR_W + 8 > slot else 0.0)
+    if angle:
         return angle, 24 + longest * CHAR_W * abs(math.sin(math.radians(angle)))
     lines = max((len(str(t).split("<br>")) for t in axis.get("ticktext") or cats), default=1)
     return 0.0, 16 + 14 * lines
@@ -448,39 +423,17 @@ def frame_for(spec: dict, legend_height: float, cats: list[str] | None, heatmap:
     if "yaxis2" in layout:
         right = max(right, 70)
     top = 16 + legend_height + (18 if layout.get("annotations") else 0)
-    angle, below = (x_label_room(spec, cats) if cats is not None else (0.0, 20.0))
-    below += 28                                       # the axis title
     if heatmap is not None:
         left = 40 + max(len(text(c)) for c in heatmap["y"]) * CHAR_W
         right = 90                                    # the colour bar
+    ticks = cats if cats is not None else (list(heatmap["x"]) if heatmap is not None else None)
+    angle, below = x_label_room(spec, ticks, WIDTH - left - right)
+    below += 28                                       # the axis title
     plot_h = max(layout.get("height", 400) - 64 - 48, 160)
     if heatmap is not None:
         plot_h = min(max(28 * len(heatmap["y"]), 160), 640)
     frame = Frame(left, top, WIDTH - left - right, plot_h, (0.0, 1.0), (0.0, 1.0))
     return frame, angle, top + plot_h + below
-
-
-def colour_bar(frame: Frame, figure_id: str, trace: dict) -> list[str]:
-    top = max((max(row) for row in trace["z"] if row), default=0)
-    x = frame.left + frame.width + 24
-    stops = "".join(f'<stop offset="{i / (len(VIRIDIS) - 1):.3f}" stop-color="{c}"/>'
-                    for i, c in enumerate(reversed(VIRIDIS)))
-    return [f'<defs><linearGradient id="{figure_id}-cb" x1="0" y1="0" x2="0" y2="1">{stops}</linearGradient></defs>',
-            f'<rect x="{num(x)}" y="{num(frame.top)}" width="14" height="{num(frame.height)}" fill="url(#{figure_id}-cb)"/>',
-            f'<text x="{num(x + 18)}" y="{num(frame.top + 10)}">{top}</text>',
-            f'<text x="{num(x + 18)}" y="{num(frame.top + frame.height)}">0</text>',
-            f'<text x="{num(x)}" y="{num(frame.top - 6)}">images</text>']
-
-
-def heatmap_axes(frame: Frame, trace: dict, angle: float) -> list[str]:
-    frame.x_range = (-0.5, len(trace["x"]) - 0.5)   # one unit per cell, as for bars
-    parts = []
-    size_y = frame.height / max(1, len(trace["y"]))
-    for r, label in enumerate(trace["y"]):
-        parts.append(f'<text x="{num(frame.left - 6)}" y="{num(frame.top + (r + 0.5) * size_y + 4)}" '
-                     f'text-anchor="end">{text(label)}</text>')
-    spec_like = {"layout": {"xaxis": {"tickangle": angle}}}
-    return parts + category_ticks(frame, spec_like, list(trace["x"]), angle)
 
 
 def axis_titles(frame: Frame, spec: dict, bottom: float) -> list[str]:
@@ -499,6 +452,8 @@ def axis_titles(frame: Frame, spec: dict, bottom: float) -> list[str]:
 
 
 def plot_body(figure_id: str, spec: dict, frame: Frame, angle: float, cats, heatmap, pattern_ids) -> list[str]:
+    from robaudit.audit.report.svg_panels import colour_bar, draw_heatmap, heatmap_axes
+
     layout, traces = spec["layout"], spec["data"]
     if heatmap is not None:
         return draw_heatmap(frame, heatmap) + heatmap_axes(frame, heatmap, angle) + colour_bar(frame, figure_id, heatmap)
@@ -527,6 +482,8 @@ def plot_body(figure_id: str, spec: dict, frame: Frame, angle: float, cats, heat
 def render_svg(figure_id: str, spec: dict, label: str) -> Markup:
     """One figure spec as an inline, self-contained <svg> (escaped; no script, no URL)."""
     if spec["layout"].get("small_multiples"):
+        from robaudit.audit.report.svg_panels import render_small_multiples
+
         return render_small_multiples(figure_id, spec, label)
     heatmap = next((t for t in spec["data"] if t["type"] == "heatmap"), None)
     cats = categories(spec) if is_category(spec) and heatmap is None else None
@@ -541,52 +498,5 @@ def render_svg(figure_id: str, spec: dict, label: str) -> Markup:
     parts += plot_body(figure_id, spec, frame, angle, cats, heatmap, pattern_ids)
     parts += draw_legend(rows, frame.left, 8, pattern_ids)
     parts += axis_titles(frame, spec, height)
-    parts.append("</svg>")
-    return Markup("\n".join(parts))
-
-
-def render_small_multiples(figure_id: str, spec: dict, label: str) -> Markup:
-    """One small panel per line (the others faint grey behind it), so many per-class
-    trajectories stay readable instead of overlapping in one plot; shared y range."""
-    traces = [t for t in spec["data"] if t["type"] == "scatter"]
-    columns = 5
-    panel_w, panel_h, gap = (WIDTH - 60) / columns, 150, 34
-    rows = math.ceil(len(traces) / columns)
-    values = [v for t in traces for v in numeric(t["y"])]
-    bounds = spec["layout"].get("bounds")
-    if (spec["layout"].get("yaxis") or {}).get("range"):
-        y_range = tuple(spec["layout"]["yaxis"]["range"])   # a control's bounds: where it can move
-    else:                                                   # the data's own range, padded
-        low, high = min(values, default=0.0), max(values, default=1.0)
-        pad = (high - low) * 0.1 or abs(high) * 0.1 or 1.0
-        y_range = (low - pad, high + pad)
-    xs = [v for t in traces for v in numeric(t["x"])]
-    x_range = (min(xs, default=0), max(xs, default=1) or 1)
-    height = rows * (panel_h + gap) + 30
-    parts = [f'<svg viewBox="0 0 {WIDTH} {num(height)}" role="img" '
-             f'aria-label="{escape(label)}" class="figure-svg" font-size="{TICK_FONT}" '
-             f'font-family="system-ui, sans-serif" fill="#1a1a1a">']
-    for k, trace in enumerate(traces):
-        left = 50 + (k % columns) * panel_w
-        top = 22 + (k // columns) * (panel_h + gap)
-        frame = Frame(left, top, panel_w - 24, panel_h - 30, x_range, y_range)
-        parts.append(f'<text x="{num(left)}" y="{num(top - 6)}" font-weight="700">{text(trace["name"])}</text>')
-        if k % columns == 0:
-            parts += [p for p in y_ticks(frame, {"tickformat": None}, y_range) if p.startswith("<text")]
-        for bound in bounds or []:
-            y = frame.y(bound)
-            parts.append(f'<line x1="{num(frame.left)}" y1="{num(y)}" x2="{num(frame.left + frame.width)}" '
-                         f'y2="{num(y)}" stroke="#D55E00" stroke-dasharray="4 3"><title>bound {bound:g}</title></line>')
-        grey = [{**t, "mode": "lines", "line": {"color": "#d8d8d8", "width": 1}} for t in traces if t is not trace]
-        own = {**trace, "line": {**trace.get("line", {}), "dash": "solid", "width": 2}}
-        parts += draw_lines(frame, grey + [own], {"y": y_range})
-        parts.append(f'<path d="M{num(frame.left)},{num(frame.top)}V{num(frame.top + frame.height)}'
-                     f'H{num(frame.left + frame.width)}" fill="none" stroke="#888"/>')
-        for value in (x_range[0], x_range[1]):
-            parts.append(f'<text x="{num(frame.x(value))}" y="{num(frame.top + frame.height + 14)}" '
-                         f'text-anchor="middle">{fmt_tick(value, "d")}</text>')
-    note = "; dashed: the bounds" if bounds else ""
-    parts.append(f'<text x="{WIDTH / 2:g}" y="{num(height - 6)}" text-anchor="middle" class="axis-title">'
-                 f'{axis_title(spec["layout"].get("xaxis"))} (each panel: one class; grey: the others{note})</text>')
     parts.append("</svg>")
     return Markup("\n".join(parts))
