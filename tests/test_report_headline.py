@@ -3,6 +3,7 @@ below average, the results digest and who wrote the numbers; plus the glossary l
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -50,6 +51,8 @@ def test_policy_says_pass_or_fail_by_the_engine_rule():
     assert policy(results, {"fail_over_nsd": nsd - 0.01, "attack": "pgd"})["passed"] is False
     page = render_html(results, rendered_at=RENDERED_AT, gates={"fail_under_worst": 0.05, "attack": "pgd"})
     assert re.search(r'id="summary-policy"><strong>Policy FAILED</strong>', page)
+    options = json.loads(parse(page).script("render-options")["text"])   # what a re-render needs
+    assert options == {"gates": {"fail_under_worst": 0.05, "attack": "pgd"}}
     assert 'id="summary-policy"' not in render_html(results, rendered_at=RENDERED_AT)
 
 
@@ -146,3 +149,11 @@ def test_training_in_plain_words_with_bounds_held_out_selection_and_readable_set
     assert not any("{" in value for value in labels.values())          # no raw JSON dumps
     figure = next(v for k, v in context["figures"].items() if k.startswith("fig-trajectory"))
     assert figure["layout"]["bounds"] == [0.5, 5.0]
+
+
+def test_no_gate_given_means_no_policy_line_and_no_render_options():
+    results = make_results()
+    page = render_html(results, rendered_at=RENDERED_AT,
+                       gates={"fail_under_worst": None, "fail_over_nsd": None, "attack": None})
+    assert page == render_html(results, rendered_at=RENDERED_AT)
+    assert 'id="summary-policy"' not in page and 'id="render-options"' not in page

@@ -103,6 +103,9 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
         validate_results(baseline, source="baseline results")
         validate_curves(baseline, source="baseline results")
     digest_of = results   # the first screen names the results as given, before any redaction
+    gates = {k: v for k, v in (gates or {}).items() if v is not None}
+    if not (gates.keys() & {"fail_under_worst", "fail_over_nsd"}):
+        gates = None      # no gate given: no policy line (an "attack" alone gates nothing)
     if redact_paths:
         results = redact_results(results)
         baseline = redact_results(baseline) if baseline is not None else None
@@ -143,6 +146,8 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
     return {
         "title": page_title(results, baseline, verdict),
         "headline": headline, "glossary": glossary(),
+        # What `verify report.html` needs, besides the embedded results, to re-render this page.
+        "render_options": {"gates": gates} if gates else None,
         "nav": [{"id": anchor, "label": label} for anchor, label in sections],
         "verdict": verdict, "checks": checks, "ledger": ledger, "replay": replay,
         "per_class": per_class, "curves": curves, "target_flow": target_flow,
