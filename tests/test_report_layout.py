@@ -12,7 +12,9 @@ from __future__ import annotations
 import base64
 import io
 import re
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -46,10 +48,26 @@ def _pages(tmp_path) -> dict:
     for name, page in pages.items():
         files[name] = tmp_path / f"{name}.html"
         files[name].write_text(page, encoding="utf-8")
-    return files
+    return {**files, **_demo_pages()}
 
 
-HEADLINE_TABLE = {"single": "table-attacks", "compare": "table-compare-summary", "nway": "table-leaderboard"}
+def _demo_pages() -> dict:
+    """With ROBAUDIT_DEMO_OUT=<robaudit demo --out folder>, the demo's own four pages are checked too
+    (the demo takes minutes, so the suite does not run it)."""
+    folder = os.environ.get("ROBAUDIT_DEMO_OUT")
+    if not folder:
+        return {}
+    root = Path(folder)
+    pages = {"demo-single": root / "report.html", "demo-compare": root / "remediate" / "report.html",
+             "demo-compare-rslad": root / "remediate-rslad" / "report.html", "demo-nway": root / "comparison.html"}
+    missing = [str(p) for p in pages.values() if not p.is_file()]
+    assert not missing, f"ROBAUDIT_DEMO_OUT lacks {missing}"
+    return pages
+
+
+HEADLINE_TABLE = {"single": "table-attacks", "compare": "table-compare-summary", "nway": "table-leaderboard",
+                  "demo-single": "table-attacks", "demo-compare": "table-compare-summary",
+                  "demo-compare-rslad": "table-compare-summary", "demo-nway": "table-leaderboard"}
 
 
 # --------------------------------------------------------------------------- bytes
@@ -109,7 +127,7 @@ def test_first_screen_and_no_sideways_scroll_at_1280(chrome, tmp_path):
             "w => w.scrollWidth > w.clientWidth + 1).map(w => w.querySelector('table').id)")
         assert clipped == [], f"{name}: tables wider than their box: {clipped}"
         first_screen = (["summary-verdict", "summary-worst", "results-digest", "summary-identity"]
-                        if name != "nway" else ["summary-verdict", HEADLINE_TABLE["nway"]])
+                        if not name.endswith("nway") else ["summary-verdict", HEADLINE_TABLE["nway"]])
         if name == "single":
             first_screen.append("summary-policy")
         for element_id in first_screen:
@@ -123,7 +141,7 @@ def test_a4_print_keeps_the_headline_table_on_page_one(chrome, tmp_path):
         chrome.get(path.resolve().as_uri())
         last_row = chrome.execute_script(
             f"var rows = document.querySelectorAll('#{HEADLINE_TABLE[name]} tbody tr');"
-            "return rows[rows.length - 1].querySelector('th').textContent.trim()")
+            "return rows[rows.length - 1].querySelector('th').childNodes[0].textContent.trim()")
         pdf = chrome.execute_cdp_cmd("Page.printToPDF", {"paperWidth": 8.27, "paperHeight": 11.69,
                                                          "preferCSSPageSize": True, "printBackground": True})
         reader = pypdf.PdfReader(io.BytesIO(base64.b64decode(pdf["data"])))
