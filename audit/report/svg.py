@@ -55,8 +55,8 @@ def num(value: float) -> str:
 def fmt_tick(value: float, tickformat: str | None) -> str:
     if tickformat and tickformat.endswith("%"):
         return f"{value * 100:.0f}%"
-    if tickformat == "d":
-        return f"{value:.0f}"
+    if tickformat == "d" or (float(value).is_integer() and abs(value) < 1e6):
+        return f"{value:.0f}"        # 1000, not 1e+03
     return f"{value:.3g}"
 
 
