@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from robaudit.audit.class_checks import class_flags
+
 
 def _flag(id: str, severity: str, message: str, why: str) -> Dict[str, str]:
     return {"id": id, "severity": severity, "message": message, "why": why}
@@ -171,6 +173,7 @@ def result_checks(results: dict) -> List[Dict[str, str]]:
             "their intervals, not their point estimates, or audit more samples"))
     flags += curve_checks(results)
     flags += loss_convergence_flags(attacks)
+    flags += class_flags(results)   # per class: where the average hides one (audit/class_checks.py)
     return flags
 
 

@@ -25,6 +25,7 @@ import torch
 
 import robaudit
 from robaudit.audit import checks as checks_mod
+from robaudit.audit.checks_ledger import build_ledger
 from robaudit.audit import distributed
 from robaudit.audit import results_schema
 from robaudit.audit.attacks import create_attack, list_attacks
@@ -338,6 +339,7 @@ def _assemble_results(cfg, model, data, device, attacked: _AttackedBlocks, per_s
     if curves:  # only when a minimal-norm attack ran (fmn); its flags come from result_checks
         results["curves"] = curves
     results["checks"] = flags + checks_mod.result_checks(results)
+    results["checks_ledger"] = build_ledger(results)   # every known check: passed, failed or not run
     return results
 
 

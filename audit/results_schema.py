@@ -20,7 +20,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-import robaudit
 from robaudit.errors import UserError
 
 SCHEMA_VERSION = 1
@@ -48,12 +47,16 @@ def results_document(*, command: Optional[str], started_at: str, finished_at: st
                      checks: list, timing: dict, environment: dict, notes: List[str],
                      training: Optional[dict] = None) -> Dict[str, Any]:
     """A results.json document with every key in its place (docs/results-schema.md)."""
+    from robaudit.audit.integrity import tool_identity   # integrity imports this module
+
     return {
         "schema_version": SCHEMA_VERSION,
-        "tool": {"name": "robaudit", "version": robaudit.__version__},
+        "tool": tool_identity(),
         "command": command, "started_at": started_at, "finished_at": finished_at,
         "model": model, "dataset": dataset, "config": config, "attacks": attacks, "ensemble": ensemble,
-        "target_flow": target_flow, "examples": examples, "checks": checks, "timing": timing,
+        "target_flow": target_flow, "examples": examples, "checks": checks,
+        "checks_ledger": None,   # filled once the result checks ran (audit/checks_ledger.build_ledger)
+        "timing": timing,
         "environment": environment, "notes": notes, "training": training,
     }
 
@@ -254,6 +257,11 @@ def validate_results(results: Any, *, source: str = "results") -> None:
     for position, check in enumerate(results["checks"]):
         if not isinstance(check, dict) or "message" not in check:
             fail(f"checks[{position}] needs a message")
+    ledger = results.get("checks_ledger")   # optional: results written before it have none
+    if ledger is not None and not (isinstance(ledger, list) and all(
+            isinstance(entry, dict) and isinstance(entry.get("id"), str)
+            and entry.get("state") in ("passed", "failed", "not_run") for entry in ledger)):
+        fail('checks_ledger must be a list of {"id", "state": "passed" | "failed" | "not_run", ...} objects')
     training = results.get("training")
     if training is not None:
         if not isinstance(training, dict):

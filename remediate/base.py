@@ -291,6 +291,9 @@ class RemediationMethod(Trainer):
         if unknown:
             raise UserError(f"method {cls.name!r} has no option {unknown[0]!r}; its options are: "
                             f"{', '.join(cls.option_names())}")
+        from robaudit.remediate.option_checks import checked_method_options
+
+        cfg.method_options = checked_method_options(cls, cfg)   # typed, and built once (wrong values end here)
 
     @classmethod
     def run(cls, cfg, *, teacher, train_data=None, test_data=None, student_module=None, dry_run=False):

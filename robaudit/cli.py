@@ -18,8 +18,10 @@ import click
 
 from robaudit.audit import distributed
 from robaudit.cli_options import (check_subset_args, data_loading_kwargs, data_loading_options, dataset_options,
-                                  load_model_from_options, model_options, threads_option)
+                                  load_model_from_options, model_options, sign_option, signing_key,
+                                  threads_option)
 from robaudit.errors import UserError
+from robaudit.signing import sign_outputs
 
 
 _ARGV = None  # the argv main() was called with (in-process calls differ from sys.argv)
@@ -123,6 +125,7 @@ def cli(verbose):
 @click.option("--fail-under-worst", type=float, default=None, help="Exit 3 if the ensemble worst-class accuracy is below this.")
 @click.option("--fail-over-nsd", type=float, default=None, help="Exit 3 if the ensemble NSD is above this.")
 @threads_option
+@sign_option
 def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir, limit,
          n_per_class, split, attacks, eps, norm, seed, batch_size, device, attack_opt, tpgd_temperature,
          iterates, score, out_dir, no_report, redact_paths, fail_under_worst, fail_over_nsd):
@@ -145,13 +148,14 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
     distributed.init_from_env(device)  # no-op unless started by torchrun
     torch_device = resolve_device(device)
     data = load_dataset(dataset, split=split, data_dir=data_dir, limit=limit, n_per_class=n_per_class,
-                        **data_loading_kwargs(dataset, data_dir))
+                        expected_classes=num_classes, **data_loading_kwargs(dataset, data_dir))
     loaded = load_model_from_options(model, model_format=model_format, arch=arch, num_classes=num_classes,
                                      trust_pickle=trust_pickle, mean=mean, std=std, device=torch_device,
                                      dataset_classes=data.classes, input_shape=tuple(data.x.shape[1:]),
                                      probe_data=_probe_data(data), dataset_name=data.name)
     _say_inferred_arch(loaded)
-    results = _run_and_print(cfg, loaded, data)
+    with sign_outputs(signing_key(), out_dir):
+        results = _run_and_print(cfg, loaded, data)
     if distributed.current().is_main:
         click.echo(f"wrote {Path(out_dir) / 'results.json'}"
                    + ("" if no_report else f" and {Path(out_dir) / 'report.html'}"))
@@ -201,6 +205,7 @@ def _print_summary(results):
               help="Output HTML (default: report.html beside the (last) results file; comparison.html "
                    "for two or more).")
 @click.option("--redact-paths", is_flag=True, help="Hide filesystem paths in the report.")
+@sign_option
 def report(results_files, out_file, redact_paths):
     """Render report.html from RESULTS.json, a comparison from BEFORE.json AFTER.json, or an
     N-way comparison (leaderboard, paired tests) from three or more results files."""
@@ -223,7 +228,8 @@ def report(results_files, out_file, redact_paths):
     if baseline is not None:   # the audits' samples.npz, when they sit next to their results.json
         paired = _paired(baseline, after, Path(results_files[0]).parent, Path(results_files[-1]).parent)
     try:
-        render_report(after, out, baseline=baseline, redact_paths=redact_paths, paired=paired)
+        with sign_outputs(signing_key(), out):
+            render_report(after, out, baseline=baseline, redact_paths=redact_paths, paired=paired)
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}")
     click.echo(f"wrote {out}")
@@ -462,6 +468,7 @@ def _method_choices() -> str:
 @click.option("--attack-opt", multiple=True, help="Audit attack parameter: ATTACK.PARAM=VALUE (repeatable).")
 @click.option("--out", "out_dir", default="robaudit-remediate", show_default=True, type=click.Path())
 @threads_option
+@sign_option
 def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean, std, dataset, data_dir,
               limit, n_per_class, student, student_init, method, data_free, beta, tau_min, tau_max, alpha,
               reference_compat, reweight, method_opt, schedule, epochs, lr, momentum, weight_decay, batch_size,
@@ -522,7 +529,8 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
         _say_inferred_arch(teacher)
         if train is not test:
             test.classes[:] = train.classes  # --class-names renames train.classes in place: audit with them too
-    _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test)
+    with sign_outputs(signing_key(), out_dir):
+        _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test)
 
 
 def _tau_bounds(tau_min, tau_max):

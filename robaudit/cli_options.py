@@ -231,3 +231,30 @@ def check_subset_args(limit, n_per_class):
             raise UserError(f"{flag} must be at least 1")
 
 
+
+
+_SIGN_KEY = "robaudit.sign_key"
+
+
+def _check_sign_key(ctx, param, value):
+    """--sign: the key is checked as the option is read, before anything is loaded or written."""
+    if value is not None:
+        from robaudit.signing import load_signing_key
+
+        ctx.meta[_SIGN_KEY] = load_signing_key(value)
+    return value
+
+
+def sign_option(f):
+    """--sign KEYFILE: SSHSIG signatures beside the written files (robaudit/signing.py)."""
+    return click.option("--sign", "sign_key", metavar="KEYFILE", type=click.Path(), default=None,
+                        expose_value=False, is_eager=True, callback=_check_sign_key,
+                        help="Sign each written results.json, report and evidence file with this OpenSSH "
+                             "ed25519 private key: FILE.sig beside FILE, checked with `ssh-keygen -Y "
+                             "verify -n robaudit` (docs/signing.md).")(f)
+
+
+def signing_key():
+    """The SigningKey --sign gave (checked), or None."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(_SIGN_KEY) if ctx is not None else None

@@ -30,6 +30,8 @@ from robaudit.audit.attacks import PGD, FGSM
 from robaudit.audit.data.datasets import EvalData
 from robaudit.audit.engine import ScanConfig, parse_eps, run_scan
 from robaudit.audit.io import check_writable_dir, write_text_atomic
+from robaudit.audit.integrity import tool_identity
+from robaudit.audit.checks_ledger import list_checks
 from robaudit.audit.models.loading import LoadedModel
 from robaudit.errors import GateFailed, UserError
 
@@ -118,6 +120,10 @@ def test_results_json_has_every_schema_key(full_scan):
     assert set(on_disk) >= TOP_KEYS
     assert on_disk["schema_version"] == 1
     assert on_disk["tool"]["name"] == "robaudit" and on_disk["tool"]["version"]
+    assert on_disk["tool"] == tool_identity()   # the commit robaudit ran from (None outside git)
+    known = [check.id for check in list_checks()]   # the ledger: every known check, once, in order
+    assert [entry["id"] for entry in on_disk["checks_ledger"]][:len(known)] == known
+    assert {entry["id"] for entry in on_disk["checks_ledger"][len(known):]} <= {f["id"] for f in on_disk["checks"]}
     assert set(on_disk["model"]) >= {"path", "format", "sha256", "num_params", "arch", "white_box",
                                      "adaptations"}
     ds = on_disk["dataset"]

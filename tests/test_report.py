@@ -84,6 +84,8 @@ def parse(page: str) -> PageParser:
 
 
 def scrub_volatile(page: str) -> str:
+    # the render stamp names the renderer's git commit (audit/report/integrity.py; tested there)
+    page = re.sub(r'<script type="application/json" id="robaudit-render">.*?</script>\n', "", page, count=1)
     return re.sub(r'(<span data-volatile="[a-z-]+">)[^<]*(</span>)', r"\1[scrubbed]\2", page)
 
 
@@ -417,9 +419,10 @@ def test_page_structure(compare_page):
         assert chart["data-table-id"] in tables, chart["id"]
 
     # Every figure is drawn as inline SVG (no charting library), and the page's own scripts
-    # are the known ones: two JSON blocks and the table sorter.
+    # are the known ones: two JSON blocks, the table sorter and the render stamp.
     assert page.count("<svg ") == len(figures)
-    assert [s["attrs"].get("id") for s in parsed.scripts] == ["results-data", "baseline-data", "report-js"]
+    assert [s["attrs"].get("id") for s in parsed.scripts] == ["results-data", "baseline-data", "report-js",
+                                                              "robaudit-render"]
 
     # The embedded JSON is the results, exactly.
     assert json.loads(parsed.script("results-data")["text"]) == after
@@ -463,7 +466,7 @@ def test_hostile_strings_render_only_as_text():
     parsed = parse(page)
     assert not [a for a in parsed.all("img") if not a.get("src", "").startswith("data:image/png;base64,")]
     assert not [(tag, a) for tag, a in parsed.elements if any(key.startswith("on") for key in a)]
-    assert len(parsed.scripts) == 3  # nothing injected a script element
+    assert len(parsed.scripts) == 4  # nothing injected a script element (3 + the render stamp)
     # The script-embedded JSON keeps the exact strings, and plotly labels are entity-escaped
     # (plotly.js reads a small HTML subset in labels and decodes entities back to text).
     assert json.loads(parsed.script("results-data")["text"])["dataset"]["classes"][1] == XSS_CLASS

@@ -157,3 +157,23 @@ def test_no_gate_given_means_no_policy_line_and_no_render_options():
                        gates={"fail_under_worst": None, "fail_over_nsd": None, "attack": None})
     assert page == render_html(results, rendered_at=RENDERED_AT)
     assert 'id="summary-policy"' not in page and 'id="render-options"' not in page
+
+
+def test_pages_with_gates_and_clean_paired_intervals_pass_their_own_integrity_check(tmp_path):
+    import numpy as np
+
+    from robaudit.audit.paired import PairedOutcomes
+    from robaudit.audit.report.integrity import check_page
+    from robaudit.audit.report.render import render_report
+
+    results = _two_broken_classes()
+    page = render_report(results, tmp_path / "gated.html", gates={"fail_under_worst": 0.05, "attack": "pgd"})
+    assert check_page(page) == []
+    after, before = make_results(seed=2), make_results(seed=1)
+    n = before["dataset"]["n"]
+    rng = np.random.default_rng(0)
+    paired = PairedOutcomes(y=np.repeat(np.arange(3), n // 3), before=rng.random(n) < 0.3, after=rng.random(n) < 0.5,
+                            clean_before=rng.random(n) < 0.8, clean_after=rng.random(n) < 0.9)
+    compare = render_report(after, tmp_path / "compare.html", baseline=before, paired=(paired, ""))
+    assert "paired class-stratified bootstrap" in compare.read_text(encoding="utf-8")
+    assert check_page(compare) == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Dict, List, Mapping, Sequence
 
 from robaudit.errors import UserError
@@ -72,7 +73,7 @@ def _class_index(value: Any, names: Sequence[str], alt_names: Sequence[str], whe
         for table in (names, alt_names):
             if value in table:
                 return list(table).index(value)
-        if value.strip().lstrip("-").isdigit():
+        if re.fullmatch(r"-?\d+", value.strip()):   # what int() reads: not "²" (isdigit) nor "--1"
             return _class_index(int(value), names, alt_names, where)
     shown = ", ".join(list(names)[:5]) + (", ..." if count > 5 else "")
     raise UserError(f"--class-map {where} maps to {value!r}, which is neither a dataset class index "

@@ -133,7 +133,8 @@ def _check_count(value, what: str) -> Optional[int]:
 def load_dataset(name, *, split: str = "test", data_dir=None, limit: Optional[int] = None,
                  n_per_class: Optional[int] = None, download: bool = True, resize: Optional[int] = None,
                  center_crop: Optional[int] = None, preprocess: Optional[str] = None, labels=None,
-                 class_names=None, skip_bad_images: bool = False, workers: Optional[int] = None) -> EvalData:
+                 class_names=None, skip_bad_images: bool = False, workers: Optional[int] = None,
+                 expected_classes: Optional[int] = None) -> EvalData:
     """Load a split (test for audits, train for remediation), optionally as a deterministic subset.
 
     resize / center_crop / preprocess (a preset name, audit/data/preprocessing.py PRESETS) are
@@ -142,6 +143,8 @@ def load_dataset(name, *, split: str = "test", data_dir=None, limit: Optional[in
     folders, image_folders.py) and skip_bad_images only apply to image folders; workers:
     decode workers of stream_batches (x.workers) and threads of the up-front image checks
     (None: min(4, cpu count); 0: decode in the main process, checks in min(4, cpus) threads).
+    expected_classes (--num-classes): an image folder whose class count differs is refused
+    right after listing, before any image file is opened.
     """
     from robaudit.audit.data.preprocessing import preprocess_tensor, resolve_preprocessing
 
@@ -151,7 +154,7 @@ def load_dataset(name, *, split: str = "test", data_dir=None, limit: Optional[in
     folder = image_folder_path(name, data_dir)
     if folder is not None:
         return _load_image_folder(folder, split, limit, n_per_class, preprocessing, labels, class_names,
-                                  skip_bad_images, workers)
+                                  skip_bad_images, workers, expected_classes)
     for flag, value in (("--labels", labels), ("--skip-bad-images", skip_bad_images or None)):
         if value is not None:
             raise UserError(f"{flag} applies to image folders only; {os.fspath(name)} is not one")
@@ -353,7 +356,7 @@ def _npz_split(path: Path, split: str, dataset_name: Optional[str] = None,
         raise UserError(f"no such .npz file: {path}")
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:   # EOFError: an empty file
         raise UserError(f"cannot read {path} as an .npz file ({type(err).__name__}: {err})") from err
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise UserError(f"{path} holds a single array, not an .npz archive with x_test/y_test")
@@ -441,12 +444,16 @@ def image_folder_path(name, data_dir=None) -> Optional[Path]:
 
 
 def _load_image_folder(folder: Path, split: str, limit, n_per_class, preprocessing, labels, class_names,
-                       skip_bad_images: bool, workers: Optional[int]) -> EvalData:
+                       skip_bad_images: bool, workers: Optional[int], expected_classes=None) -> EvalData:
     """A lazily decoded image folder: listing, subset, up-front header (or decode) checks."""
     from robaudit.audit.data.image_folders import (SHOWN_SKIPPED, LazyImages, common_shape, decode_check,
                                               header_sizes, list_image_folder)
 
     listing = list_image_folder(folder, split, labels_file=labels, class_names=class_names)
+    # Checks that need no image come first: a folder refused for its classes opens no file.
+    if expected_classes is not None and expected_classes != len(listing.classes):
+        raise UserError(f"--num-classes {expected_classes} does not match the dataset's "
+                        f"{len(listing.classes)} classes")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise UserError(f"--workers must be 0 or more, got {workers!r}")
     threads = workers if workers else min(4, os.cpu_count() or 1)

@@ -23,6 +23,19 @@ OUT/.robaudit-state chunks, never results.json or the report). With `skip_bad_im
 selected file is fully decoded once up front, in threads (PIL decodes without the GIL),
 and the bad ones are dropped; JPEGs are decoded at 1/8 scale for that check (`draft`),
 which still reads all of the compressed data, about 1.5x faster than a full decode.
+
+Images that cannot be decoded safely all get the same treatment (one line naming the file
+and exit 2; dropped and counted with skip_bad_images): unknown format, empty or zero-sized
+(width or height 0), truncated or corrupt, and over the pixel limit. The pixel limit is
+PIL's own `Image.MAX_IMAGE_PIXELS`, read when each file is opened: 89,478,485 pixels by
+default (0.25 GiB as 24-bit RGB, e.g. 9459x9459). It is kept because it is far above the
+images audits use (CIFAR's 32x32, ImageNet photos of a few hundred pixels a side, all resized
+to the model's input anyway), while a 50 kB PNG claiming 20000x20000 would decode to 1.2 GB
+of RGB in every decode worker; a program that embeds robaudit and changed the limit gets its
+own value. PIL raises DecompressionBombError only above twice the limit and merely warns between
+1x and 2x; here anything above 1x is refused, checked from the header before any pixel is
+decoded (`_open_checked`), and PIL's warning is turned into an error for PIL.Image so the
+band never prints a warning either.
 """
 
 from __future__ import annotations
@@ -31,6 +44,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,7 +159,7 @@ def _read_labels_file(path: Path, root: Path, notes: dict):
                 raise UserError(f"--labels {path} line {number}: expected label<TAB>file "
                                 f"(label: a class index or name), or ImageNet's LOC_val_solution.csv")
             entries.append((name.strip(), label.strip()))
-    numeric = all(label.lstrip("-").isdigit() for _, label in entries)
+    numeric = all(re.fullmatch(r"-?\d+", label) for _, label in entries)   # int() reads them ("²", "--1" no)
     if numeric and any(int(label) < 0 for _, label in entries):
         raise UserError(f"--labels {path} has a negative class index")
     all_ids = None if numeric else sorted({label for _, label in entries})
@@ -247,29 +261,62 @@ def _resolve_classes(raw_labels, all_ids, numeric: bool, class_names, notes: dic
 # ------------------------------------------------------------------------------- checks
 
 
-def _header_size(path: str) -> Tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
+class BadImage(Exception):
+    """A file that is no image robaudit will decode: `reason` says why, in a few words."""
 
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _open_checked(path: str):
+    """PIL's image of `path` (header read, nothing decoded), or BadImage: unreadable, unknown
+    format, zero-sized, or over the pixel limit (module docstring)."""
+    from PIL import Image
+
+    # Idempotent (filterwarnings drops an equal entry before inserting it) and set on each open
+    # because test runners and embedding programs reset the warning filters.
+    warnings.filterwarnings("error", category=Image.DecompressionBombWarning, module=r"PIL\.Image")
+    # A TIFF whose tags are cut short or corrupt ("Truncated File Read", "Corrupt EXIF data") is
+    # warned about while its header is read; its pixels are checked when decoded (a short strip
+    # raises), so the warning only adds lines to the one-line contract of the command.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
     try:
-        with Image.open(path) as image:
+        image = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImage(f"over the {Image.MAX_IMAGE_PIXELS:,}-pixel limit: {err}") from None
+    except Exception as err:  # OSError, UnidentifiedImageError, SyntaxError, ValueError, ... from plugins
+        raise BadImage(f"{type(err).__name__}: {' '.join(str(err).split())[:160]}") from None
+    width, height = image.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if width <= 0 or height <= 0:
+        image.close()
+        raise BadImage(f"zero-sized ({width}x{height})")
+    if limit is not None and width * height > limit:
+        image.close()
+        raise BadImage(f"{width}x{height} = {width * height:,} pixels, over the {limit:,}-pixel limit")
+    return image
+
+
+def _header_size(path: str) -> Tuple[int, int]:
+    try:
+        with _open_checked(path) as image:
             width, height = image.size
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise UserError(f"cannot read image {path} ({type(err).__name__}); fix or remove it, "
+    except BadImage as err:
+        raise UserError(f"cannot read image {path} ({err.reason}); fix or remove it, "
                         f"or pass --skip-bad-images") from None
     return height, width
 
 
 def _decodes(path: str) -> Optional[Tuple[int, int]]:
     """(H, W) if the whole file decodes, else None."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
+        with _open_checked(path) as image:
             width, height = image.size
             if image.format == "JPEG":
                 image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
             image.load()
-    except Exception:  # any failure to decode is a bad image here, whatever PIL raises
+    except Exception:  # BadImage, or any failure to decode: a bad image here, whatever PIL raises
         return None
     return height, width
 
@@ -321,13 +368,15 @@ def common_shape(files: Sequence[str], sizes: np.ndarray, preprocessing: Optiona
 
 def decode_image(path: str, preprocessing: Optional[Preprocessing]) -> torch.Tensor:
     """One file -> uint8 [3, H, W] after preprocessing; an unreadable file raises, named."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
+        with _open_checked(path) as image:
             rgb = np.array(image.convert("RGB"), dtype=np.uint8)  # writable copy for torch
+    except BadImage as err:
+        raise UserError(f"cannot decode image {path} ({err.reason}); fix or remove it, "
+                        f"or pass --skip-bad-images") from None
     except Exception as err:  # truncated or corrupt data surfaces here, with PIL's many error types
-        raise UserError(f"cannot decode image {path} ({type(err).__name__}: {err}); fix or remove it, "
+        reason = " ".join(str(err).split())[:160]   # one line, whatever PIL put in the message
+        raise UserError(f"cannot decode image {path} ({type(err).__name__}: {reason}); fix or remove it, "
                         f"or pass --skip-bad-images") from None
     chw = torch.from_numpy(rgb).permute(2, 0, 1)
     return chw if preprocessing is None else preprocessing.apply(chw)

@@ -428,6 +428,10 @@ def model_from_weights(state: Mapping[str, torch.Tensor], kind: str, path: str, 
     without it into the architecture their keys and shapes say (audit/models/arch_inference.py);
     a `timm:NAME` arch is built by timm (audit/models/zoo.py `timm_from_weights`)."""
     state = _strip_wrapper_prefixes(state, notes)
+    complex_key = next((k for k, v in state.items() if v.is_complex()), None)
+    if complex_key is not None:   # load_state_dict would drop the imaginary part with only a warning
+        raise UserError(f"{path}: weight {complex_key!r} holds complex numbers ({state[complex_key].dtype}); "
+                        f"model weights must be real")
     if options.arch is not None and options.arch.lower().startswith("timm:"):
         from robaudit.audit.models.zoo import timm_from_weights  # zoo imports this module
 

@@ -93,12 +93,13 @@ def digest_or_none(results: dict) -> str | None:
         return None
 
 
-def headline_section(results: dict, verdict: dict, gates: dict | None = None) -> dict:
-    """The first-screen card. `results` must be the results as given (the digest names them)."""
+def headline_section(results: dict, verdict: dict, gates: dict | None = None, digest: str | None = None) -> dict:
+    """The first-screen card. `results` must be the results as given (the digest names them);
+    `digest`, when given, is the one the page's integrity stamp names (render.build_context)."""
     key = headline_key(results)
     worst = below_average(results, key)
     return {
-        "digest": digest_or_none(results),
+        "digest": digest if digest is not None else digest_or_none(results),
         "identity": identity(results),
         "policy": policy(results, gates),
         "below_average": worst,

@@ -37,15 +37,19 @@ import jinja2
 from markupsafe import Markup
 
 from robaudit import __version__ as ROBAUDIT_VERSION
+from robaudit.audit.integrity import results_digest
 from robaudit.audit.io import write_bytes_atomic
+from robaudit.audit.report import integrity as page_integrity
 from robaudit.audit.report.comparison import comparison_section
 from robaudit.audit.report.curves import curves_sections, embedded_results, validate_curves
-from robaudit.audit.report.formatting import display, eps_as_fraction_of_255, finite, pct, pp, ratio, rounded, script_json
+from robaudit.audit.report.formatting import (
+    display, eps_as_fraction_of_255, finite, json_safe, pct, pp, ratio, rounded, script_json,
+)
 from robaudit.audit.report.records import headline_key
 from robaudit.audit.report.glossary import glossary, term_anchor
 from robaudit.audit.report.headline import headline_section
 from robaudit.audit.report.ledger import ledger_section, replay_section
-from robaudit.audit.report.redaction import basename, redact_results
+from robaudit.audit.report.redaction import basename, redact_results, redact_text
 from robaudit.audit.report.svg import render_svg
 from robaudit.audit.report.sections import (
     checks_section, examples_section, per_class_section, provenance_section, target_flow_section, verdict_section,
@@ -88,7 +92,7 @@ def load_results(path) -> dict:
 
 
 def build_context(results: dict, *, baseline: dict | None = None, redact_paths: bool = False,
-                  paired=None, gates: dict | None = None) -> dict:
+                  paired=None, gates: dict | None = None, digests=None) -> dict:
     """Plain dicts and lists the template renders: results -> what each section shows.
 
     With `baseline` (the BEFORE results) the context also holds the comparison
@@ -96,12 +100,19 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
     None, why not) adds its paired tests. `redact_paths` cuts filesystem paths to
     basenames everywhere, including the embedded results JSON. `gates`
     ({"fail_under_worst", "fail_over_nsd", "attack"}) puts the policy result on the first screen.
+    `digests` = (results, baseline) digests the page names (`integrity`), computed from the
+    given results when None.
     """
     validate_results(results, source="results")
     validate_curves(results, source="results")
     if baseline is not None:
         validate_results(baseline, source="baseline results")
         validate_curves(baseline, source="baseline results")
+    if digests is None:   # of the results as given (before redaction and trimming), as the page embeds
+        # them: json_safe turns non-finite floats (never in a results.json robaudit wrote) into null
+        digests = (results_digest(json_safe(results)),
+                   results_digest(json_safe(baseline)) if baseline is not None else None)
+    integrity = {"results_digest": digests[0], "baseline_digest": digests[1], "tool": results.get("tool")}
     digest_of = results   # the first screen names the results as given, before any redaction
     gates = {k: v for k, v in (gates or {}).items() if v is not None}
     if not (gates.keys() & {"fail_under_worst", "fail_over_nsd"}):
@@ -111,7 +122,7 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
         baseline = redact_results(baseline) if baseline is not None else None
     figures: dict = {}
     verdict = verdict_section(results)
-    headline = headline_section(digest_of, verdict, gates)
+    headline = headline_section(digest_of, verdict, gates, digest=digests[0])
     checks = checks_section(results)
     ledger = ledger_section(results)
     replay = replay_section(results)
@@ -153,7 +164,7 @@ def build_context(results: dict, *, baseline: dict | None = None, redact_paths: 
         "per_class": per_class, "curves": curves, "target_flow": target_flow,
         "examples": examples, "comparison": comparison, "training": training, "provenance": provenance,
         "figures": figures,
-        "redacted": redact_paths,
+        "redacted": redact_paths, "integrity": integrity,
         "embedded": {"results": embedded, "baseline": embedded_baseline,
                      "curve_bounds_left_out": bounds_left_out or baseline_bounds_left_out},
     }
@@ -202,16 +213,39 @@ def _asset(name: str, closing_tag: str) -> Markup:
     return Markup(text)
 
 
+def current_plotly_js_version() -> str:
+    """The render stamp's charting-library field (integrity.renderer_identity): the charts are
+    static SVG drawn by robaudit itself since issue 25, so no plotly.js version applies."""
+    return "none (static SVG)"
+
+
 def render_html(results: dict, *, baseline: dict | None = None, redact_paths: bool = False,
-                rendered_at: str | None = None, paired=None, gates: dict | None = None) -> str:
-    """The report page as a string (what render_report writes)."""
-    context = build_context(results, baseline=baseline, redact_paths=redact_paths, paired=paired, gates=gates)
+                rendered_at: str | None = None, paired=None, gates: dict | None = None, digests=None) -> str:
+    """The report page as a string (what render_report writes), with its render stamp
+    (audit/report/integrity.py: what `robaudit verify report.html` re-renders it from).
+    `digests` = (results, baseline) digests to name instead of those of the given results:
+    only for re-rendering a page from its redacted embedded copy."""
+    if redact_paths and paired is not None:   # why there is no paired test may name samples.npz's path
+        paired = (paired[0], redact_text(paired[1]))
+    context = build_context(results, baseline=baseline, redact_paths=redact_paths, paired=paired, gates=gates,
+                            digests=digests)
     if rendered_at is None:
         rendered_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    return _environment().get_template("report.html.j2").render(
+    plotly_js_version = current_plotly_js_version()
+    page = _environment().get_template("report.html.j2").render(
         **context, rendered_at=rendered_at, renderer_version=ROBAUDIT_VERSION,
         report_css=_asset("report.css", "</style"), report_js=_asset("report.js", "</script"),
     )
+    embedded = {side: page_integrity.embedded_record(given, context["embedded"][side], redact_paths=redact_paths,
+                                                     bounds_left_out=embedded_results(given)[1])
+                for side, given in (("results", results), ("baseline", baseline))}
+    stamp = page_integrity.render_stamp(
+        digests=(context["integrity"]["results_digest"], context["integrity"]["baseline_digest"]),
+        redact_paths=redact_paths, rendered_at=rendered_at, paired=paired, embedded=embedded,
+        plotly_js_version=plotly_js_version)
+    if context["render_options"] is not None:   # the gates the page's policy line was checked against
+        stamp["gates"] = context["render_options"]["gates"]
+    return page_integrity.stamp_page(page, stamp)
 
 
 def render_report(results: dict, out_path, *, baseline: dict | None = None, redact_paths: bool = False,
