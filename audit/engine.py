@@ -1,4 +1,5 @@
-"""The scan engine: load -> adapt -> attack -> results.json -> report.
+"""The scan engine: load -> adapt -> attack -> results.json (the report is the caller's:
+audit/scan_outputs.py `scan_and_report`).
 
 `run_scan` takes an already loaded model and dataset (so `remediate` and torchrun
 runs reuse it unchanged), attacks the data chunk by chunk, and keeps every finished
@@ -32,6 +33,7 @@ from robaudit.audit.attacks import create_attack, list_attacks
 from robaudit.audit.curves import scan_curves
 from robaudit.audit.io import check_writable_dir, png_base64, write_npz_atomic, write_text_atomic
 from robaudit.audit.devices import resolve_device
+from robaudit.audit.gates import gate_outcomes
 from robaudit.audit.metrics import class_summary, target_flow
 from robaudit.audit.outlock import hold_out_dir
 from robaudit.audit.scan_chunks import (ScanState, attack_shard, clean_predictions,
@@ -71,7 +73,7 @@ class ScanConfig:
     iterates: str = "any"          # "any": worst over iterates (default); "final": last iterate only
     score: str = "robust"          # "robust": clean-correct and not fooled; "adv-only": acc on x_adv
     attack_overrides: Dict[str, dict] = field(default_factory=dict)
-    write_report: bool = True
+    write_report: bool = True      # read by scan_outputs.scan_and_report; run_scan renders nothing
     redact_paths: bool = False
     command: Optional[str] = None
     fail_under_worst: Optional[float] = None
@@ -230,7 +232,7 @@ def run_scan(cfg: ScanConfig, *, model, data, extra: Optional[dict] = None) -> d
         results = _assemble_results(cfg, model, data, device, attacked, per_sample, flags,
                                     started_at, t_start, extra)
         if out_dir is not None and ctx.is_main:
-            _write_outputs(cfg, out_dir, results, per_sample)
+            _write_outputs(out_dir, results, per_sample)
     check_gates(results, cfg)
     return results
 
@@ -343,18 +345,13 @@ def _assemble_results(cfg, model, data, device, attacked: _AttackedBlocks, per_s
     return results
 
 
-def _write_outputs(cfg, out_dir: Path, results: dict, per_sample: dict) -> None:
+def _write_outputs(out_dir: Path, results: dict, per_sample: dict) -> None:
     # Serialise first: a value JSON cannot hold fails here, before either file is written.
-    # results.json goes last, so its presence means the whole scan finished.
+    # results.json goes last, so its presence means the whole scan finished. The report is
+    # rendered by the caller (audit/scan_outputs.py scan_and_report), not here.
     results_text = results_schema.results_json_text(results)
     write_npz_atomic(out_dir / "samples.npz", **per_sample)
     write_text_atomic(out_dir / "results.json", results_text)
-    if cfg.write_report:
-        from robaudit.audit.report.render import render_report
-
-        render_report(results, out_dir / "report.html", redact_paths=cfg.redact_paths,
-                      gates={"fail_under_worst": cfg.fail_under_worst, "fail_over_nsd": cfg.fail_over_nsd,
-                             "attack": cfg.gate_attack})
 
 
 def _notes(cfg: ScanConfig) -> List[str]:
@@ -410,21 +407,10 @@ def _select_examples(kept, attack_blocks, ensemble, data, per_sample) -> List[di
 
 
 def check_gates(results: dict, cfg: ScanConfig) -> None:
+    """Raise GateFailed with the first failing gate (audit/gates.py)."""
     if cfg.fail_under_worst is None and cfg.fail_over_nsd is None:
         return
-    if cfg.gate_attack == "ensemble":
-        label, block = "ensemble", results["ensemble"]
-    elif cfg.gate_attack:
-        label, block = cfg.gate_attack, results["attacks"].get(cfg.gate_attack)
-    elif results["ensemble"]:
-        label, block = "ensemble", results["ensemble"]
-    else:
-        label, block = "clean", results["attacks"].get("clean")
-    if block is None or block["worst"] is None:
-        # A CI gate fails closed: numbers that were not produced cannot pass it.
-        raise GateFailed(f"gate failed: no {label} results to check (was the attack refused?)")
-    if cfg.fail_under_worst is not None and block["worst"] < cfg.fail_under_worst:
-        raise GateFailed(f"gate failed: {label} worst-class accuracy {block['worst']:.4f} "
-                         f"({block['worst_class']}) is under --fail-under-worst {cfg.fail_under_worst}")
-    if cfg.fail_over_nsd is not None and block["nsd"] is not None and block["nsd"] > cfg.fail_over_nsd:
-        raise GateFailed(f"gate failed: {label} NSD {block['nsd']:.4f} is over --fail-over-nsd {cfg.fail_over_nsd}")
+    for outcome in gate_outcomes(results, fail_under_worst=cfg.fail_under_worst, fail_over_nsd=cfg.fail_over_nsd,
+                                 gate_attack=cfg.gate_attack):
+        if not outcome.passed:
+            raise GateFailed(outcome.message)

@@ -383,7 +383,8 @@ def train_all(args, order, teacher, teacher_file, data, step_size, out_root, com
 
 
 def audit_aa(args, run: dict, aa_test, command: str) -> dict:
-    from robaudit.audit.engine import ScanConfig, run_scan
+    from robaudit.audit.engine import ScanConfig
+    from robaudit.audit.scan_outputs import scan_and_report
     from robaudit.audit.models.loading import load_model
 
     path = Path(run["dir"]) / AA_SUMMARY
@@ -394,7 +395,7 @@ def audit_aa(args, run: dict, aa_test, command: str) -> dict:
     t0 = time.perf_counter()
     model = load_model(run["best"], arch=args.student, num_classes=len(aa_test.classes), device=args.device,
                        input_shape=tuple(aa_test.x.shape[1:]))
-    res = run_scan(ScanConfig(out_dir=Path(run["dir"]) / "aa_audit", attacks=["clean", "pgd", "aa"],
+    res = scan_and_report(ScanConfig(out_dir=Path(run["dir"]) / "aa_audit", attacks=["clean", "pgd", "aa"],
                               seed=run["seed"], device=args.device,
                               command=f"{command} (AA audit, {run['arm']}, seed {run['seed']})"),
                    model=model, data=aa_test)

@@ -146,7 +146,8 @@ def main() -> None:
 
     from robaudit.audit.data.datasets import load_dataset
     from robaudit.audit.devices import resolve_device
-    from robaudit.audit.engine import ScanConfig, run_scan
+    from robaudit.audit.engine import ScanConfig
+    from robaudit.audit.scan_outputs import scan_and_report
     from robaudit.audit.models.loading import load_model
     from robaudit.remediate.ferd import run_ferd
     from robaudit.remediate.train import RemediateConfig, run_remediate
@@ -198,7 +199,7 @@ def main() -> None:
         t0 = time.perf_counter()
         summary = {"variant": key, "teacher": str(teacher_path), "args": vars(args), "machine": info}
         if key == "teacher":
-            results = run_scan(ScanConfig(out_dir=run_dir, attacks=attacks, seed=args.seed, device=device,
+            results = scan_and_report(ScanConfig(out_dir=run_dir, attacks=attacks, seed=args.seed, device=device,
                                           command=command), model=teacher, data=test)
         elif key == "absld":
             train = (load_dataset(str(path), split="train", n_per_class=30) if args.quick

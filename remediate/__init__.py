@@ -19,6 +19,9 @@ name `robaudit.remediate` (pyproject.toml [tool.setuptools.package-dir]; see
 docs/architecture.md).
 """
 
+import sys
+import types
+
 from robaudit.remediate.base import (
     DEFAULT_METHOD,
     METHODS,
@@ -49,3 +52,17 @@ __all__ = [
     "run_remediate",
     "scale_milestones",
 ]
+
+
+class _CallableModule(types.ModuleType):
+    """`robaudit.remediate(teacher, data, ...)` is the library's remediation call
+    (robaudit/api.py `remediate`), while `robaudit.remediate.METHODS` & co. stay this package:
+    the package and the function share the name the issue asks for, so the package is callable."""
+
+    def __call__(self, *args, **kwargs):
+        from robaudit.api import remediate
+
+        return remediate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

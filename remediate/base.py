@@ -64,14 +64,14 @@ from torch import nn
 from robaudit.audit.rng import per_sample_normal, per_sample_uniform
 from robaudit.errors import UserError
 from robaudit.registry import Registry
+from robaudit.remediate import common as shared_config   # below base: common never imports base
+from robaudit.remediate.defaults import DEFAULT_METHOD  # noqa: F401 (re-exported)
 
 METHODS = Registry("method")
 
 # Epoch tallies are float64: exact counts at any dataset size and order-independent
 # sums of the float32 per-sample values (see the module docstring).
 TALLY_DTYPE = torch.float64
-
-DEFAULT_METHOD = "absld"
 
 # Stream numbers for robaudit.audit.rng: stream = epoch * STREAMS_PER_EPOCH + purpose.
 # The training loop keeps its own streams (augmentation, validation) far above these.
@@ -280,9 +280,7 @@ class RemediationMethod(Trainer):
 
     @classmethod
     def check_config(cls, cfg, world_size: int = 1) -> None:
-        from robaudit.remediate.common import check_config
-
-        check_config(cfg, world_size)
+        shared_config.check_config(cfg, world_size)
         common = sorted(set(cfg.method_options) & set(LOOP_OPTIONS))
         if common:
             raise UserError(f"{common[0]} is set for every method by {LOOP_OPTIONS[common[0]]}, "

@@ -27,12 +27,13 @@ from robaudit.audit.modes import eval_mode
 from robaudit.audit.results_schema import legacy_class_state_keys
 from robaudit.audit.rng import per_sample_uniform
 from robaudit.errors import UserError
-from robaudit.remediate.base import DEFAULT_METHOD
+from robaudit.remediate.defaults import DEFAULT_METHOD
 from robaudit.remediate.export import EXPORT_FORMATS
 
 log = logging.getLogger(__name__)
 
 PAPER_EPOCHS = 300
+PAPER_MILESTONES = (215, 260, 285)   # RSLAD's lr/10 epochs of 300
 
 # rng stream of the training augmentation (+ an epoch or round number), far above the
 # methods' (epoch * 16 + purpose) attack streams.
@@ -240,7 +241,7 @@ def resolve_schedule(method_cls, preset: str, *, epochs=None, lr=None, weight_de
     """RemediateConfig's schedule fields: what the user gave, else the preset's.
 
     preset "shared": SHARED_SCHEDULE, the method's default_epochs and the paper milestones
-    scaled to the epochs (train.scale_milestones); "paper": the method's paper_schedule, its
+    scaled to the epochs (scale_milestones); "paper": the method's paper_schedule, its
     milestones scaled to --epochs when that differs from the paper's epoch count.
     """
     if preset not in ("shared", "paper"):
@@ -257,8 +258,6 @@ def resolve_schedule(method_cls, preset: str, *, epochs=None, lr=None, weight_de
                 "batch_size": batch_size if batch_size is not None else base["batch_size"],
                 "milestones": milestones}
     if milestones is None and preset in ("paper", "own") and paper["milestones"] is not None:
-        from robaudit.remediate.train import scale_milestones
-
         resolved["milestones"] = scale_milestones(resolved["epochs"], base=paper["milestones"],
                                                   base_epochs=paper["epochs"])
     return resolved
@@ -331,14 +330,16 @@ def training_block(cfg: RemediateConfig, method, teacher, history: List[dict], s
 
 def audit_student(cfg: RemediateConfig, exports: Dict[str, dict], test_data, training: dict,
                    out_dir: Path) -> dict:
-    """engine.run_scan on the exported student (so results.json describes the shipped file).
+    """engine.run_scan and its report (scan_outputs.scan_and_report) on the exported student (so
+    results.json describes the shipped file).
 
     Under torchrun every rank calls run_scan (the engine shards the audit and rank 0 writes
     out_dir/student/); rank 0 sends the exported file's bytes to the others, which load
     them from a private temporary folder, so no rank but 0 needs to read --out.
     """
-    from robaudit.audit.engine import ScanConfig, run_scan
+    from robaudit.audit.engine import ScanConfig
     from robaudit.audit.models.loading import load_model
+    from robaudit.audit.scan_outputs import scan_and_report
 
     exported = next((exports[f]["path"] for f in ("pt2", "torchscript") if exports.get(f, {}).get("ok")), None)
     if exported is None:
@@ -360,7 +361,16 @@ def audit_student(cfg: RemediateConfig, exports: Dict[str, dict], test_data, tra
         scan_cfg = ScanConfig(out_dir=out_dir / "student", eps=cfg.eps, norm=cfg.norm, seed=cfg.seed,
                               batch_size=cfg.audit_batch_size, device=cfg.device,
                               attack_overrides=dict(cfg.audit_overrides), command=cfg.command, **scan_kwargs)
-        return run_scan(scan_cfg, model=loaded, data=test_data, extra={"training": training})
+        return scan_and_report(scan_cfg, model=loaded, data=test_data, extra={"training": training})
     finally:
         if tmp_dir is not None:
             shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def scale_milestones(epochs: int, base: Sequence[int] = PAPER_MILESTONES,
+                     base_epochs: int = PAPER_EPOCHS) -> Tuple[int, ...]:
+    """The paper's lr milestones at the same fractions of an `epochs`-long run."""
+    if epochs == base_epochs:
+        return tuple(int(m) for m in base)
+    scaled = [min(max(1, round(m * epochs / base_epochs)), epochs) for m in base]
+    return tuple(dict.fromkeys(scaled))

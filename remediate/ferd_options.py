@@ -12,7 +12,7 @@ from typing import List, Mapping, Optional, Tuple
 
 from robaudit.audit import distributed
 from robaudit.errors import UserError
-from robaudit.remediate.base import DEFAULT_METHOD
+from robaudit.remediate.defaults import DEFAULT_METHOD
 from robaudit.remediate.common import check_config
 from robaudit.options import coerce_option
 

@@ -78,7 +78,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -89,17 +89,14 @@ from robaudit.errors import UserError
 from robaudit.remediate.base import METHODS, RemediationMethod, create_method
 from robaudit.remediate.checkpoints import (CHECKPOINT_KIND, CHECKPOINT_VERSION, prepare_out_dir_for_resume,
                                             restore_rng_state, rng_state, save_atomic, write_metrics_csv)
-from robaudit.remediate.common import (PAPER_EPOCHS, RemediateConfig, Runtime, audit_student, augment_batch,
+from robaudit.remediate.common import (PAPER_EPOCHS, PAPER_MILESTONES, RemediateConfig, Runtime, audit_student, augment_batch,
                                        ready_student, check_config, output_classes, resolve_runtime,
-                                       training_block)
+                                       scale_milestones, training_block)
 from robaudit.remediate.export import export_student
 from robaudit.remediate.selection import (default_val_per_class, evaluate_per_class, selection_score,
                                           split_validation, worst_metric)
 
 log = logging.getLogger(__name__)
-
-PAPER_MILESTONES = (215, 260, 285)
-
 
 __all__ = ["PAPER_EPOCHS", "PAPER_MILESTONES", "RemediateConfig", "augment_batch", "check_config",
            "epoch_permutation", "evaluate_per_class", "run_remediate", "scale_milestones", "selection_score",
@@ -107,15 +104,6 @@ __all__ = ["PAPER_EPOCHS", "PAPER_MILESTONES", "RemediateConfig", "augment_batch
 
 
 # ---------------------------------------------------------------------------- schedule / data
-def scale_milestones(epochs: int, base: Sequence[int] = PAPER_MILESTONES,
-                     base_epochs: int = PAPER_EPOCHS) -> Tuple[int, ...]:
-    """The paper's lr milestones at the same fractions of an `epochs`-long run."""
-    if epochs == base_epochs:
-        return tuple(int(m) for m in base)
-    scaled = [min(max(1, round(m * epochs / base_epochs)), epochs) for m in base]
-    return tuple(dict.fromkeys(scaled))
-
-
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The training order of `epoch`: a function of (seed, epoch) only, so resume is exact."""
     generator = torch.Generator(device="cpu")

@@ -20,11 +20,14 @@ from robaudit.audit import distributed
 from robaudit.cli_options import (check_subset_args, data_loading_kwargs, data_loading_options, dataset_options,
                                   load_model_from_options, model_options, sign_option, signing_key,
                                   threads_option)
+from robaudit.audit.report.text import format_table  # noqa: F401 (robaudit.cli.format_table, as before)
 from robaudit.errors import UserError
 from robaudit.signing import sign_outputs
+from robaudit.workflows import Console, probe_data, say_inferred_arch
 
 
 _ARGV = None  # the argv main() was called with (in-process calls differ from sys.argv)
+CONSOLE = Console(out=click.echo, err=lambda text: click.echo(text, err=True))  # results: stdout; progress: stderr
 
 
 def _command_line() -> str:
@@ -55,38 +58,6 @@ def _parse_value(text: str):
         except (ValueError, ZeroDivisionError, OverflowError, json.JSONDecodeError):
             continue
     return text
-
-
-def format_table(results: dict) -> str:
-    """Compact per-class table (accuracy %) for stdout."""
-    blocks = dict(results["attacks"])
-    if results.get("ensemble"):
-        blocks["ensemble"] = results["ensemble"]
-    names = list(blocks)
-    if not names:
-        return "no attack ran"
-    classes = results["dataset"]["classes"]
-    width = max([7] + [len(c) for c in classes])
-
-    def cell(value, fmt="{:8.1f}", scale=100.0):
-        return f"{'-':>8}" if value is None else fmt.format(scale * value)
-
-    head = f"{'class':<{width}} {'n':>5} " + " ".join(f"{n:>8}" for n in names)
-    lines = [head, "-" * len(head)]
-    for i, cls in enumerate(classes):
-        n = blocks[names[0]]["per_class"][i]["n"]
-        cells = " ".join(cell(blocks[a]["per_class"][i]["accuracy"]) for a in names)
-        lines.append(f"{cls[:width]:<{width}} {n:>5} {cells}")
-    lines.append("-" * len(head))
-    for label, key, fmt, scale in (("avg %", "avg", "{:8.1f}", 100.0), ("worst %", "worst", "{:8.1f}", 100.0),
-                                   ("NSD", "nsd", "{:8.3f}", 1.0)):
-        cells = " ".join(cell(blocks[a][key], fmt, scale) for a in names)
-        lines.append(f"{label:<{width}} {'':>5} {cells}")
-    last = blocks[names[-1]]
-    if last["worst"] is not None:
-        lines.append(f"worst class ({names[-1]}): {last['worst_class']} "
-                     f"{100 * last['worst']:.1f}% (NSD = population SD / mean)")
-    return "\n".join(lines)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -152,8 +123,8 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
     loaded = load_model_from_options(model, model_format=model_format, arch=arch, num_classes=num_classes,
                                      trust_pickle=trust_pickle, mean=mean, std=std, device=torch_device,
                                      dataset_classes=data.classes, input_shape=tuple(data.x.shape[1:]),
-                                     probe_data=_probe_data(data), dataset_name=data.name)
-    _say_inferred_arch(loaded)
+                                     probe_data=probe_data(data), dataset_name=data.name)
+    say_inferred_arch(loaded, CONSOLE)
     with sign_outputs(signing_key(), out_dir):
         results = _run_and_print(cfg, loaded, data)
     if distributed.current().is_main:
@@ -162,41 +133,10 @@ def scan(model, model_format, arch, num_classes, trust_pickle, mean, std, datase
     return results
 
 
-def _probe_data(data):
-    """(x, y) for telling same-key architectures apart, as tensors (a lazy folder decodes at most 256)."""
-    from robaudit.audit.models.arch_inference import probe_batch
-
-    import torch
-
-    x, y = probe_batch(data.x, data.y)
-    return (x if isinstance(x, torch.Tensor) else x[:]), y
-
-
-def _say_inferred_arch(loaded) -> None:
-    if loaded.arch_inferred is not None and distributed.current().is_main:
-        click.echo(f"robaudit: no --arch given: the weights are {loaded.arch} "
-                   f"({loaded.arch_inferred['how']}; see model.arch_inferred)", err=True)
-
-
 def _run_and_print(cfg, loaded, data, extra=None):
-    from robaudit.audit.engine import run_scan
-    from robaudit.errors import GateFailed
+    from robaudit.workflows import scan_and_print
 
-    try:
-        results = run_scan(cfg, model=loaded, data=data, extra=extra)
-    except GateFailed:
-        _print_summary(json.loads((Path(cfg.out_dir) / "results.json").read_text()))
-        raise
-    _print_summary(results)
-    return results
-
-
-def _print_summary(results):
-    if not distributed.current().is_main:  # torchrun: rank 0 speaks for all
-        return
-    click.echo(format_table(results))
-    for flag in results["checks"]:
-        click.echo(f"check [{flag['severity']}] {flag['id']}: {flag['message']}", err=True)
+    return scan_and_print(cfg, loaded, data, CONSOLE, extra=extra)
 
 
 @cli.command()
@@ -210,14 +150,16 @@ def report(results_files, out_file, redact_paths):
     """Render report.html from RESULTS.json, a comparison from BEFORE.json AFTER.json, or an
     N-way comparison (leaderboard, paired tests) from three or more results files."""
     from robaudit.audit.report.render import load_results, render_nway_report, render_report
+    from robaudit.workflows import paired_outcomes
 
     loaded = [load_results(p) for p in results_files]
     if len(loaded) > 2:
         from robaudit.audit.report.nway import Candidate
 
         out = Path(out_file) if out_file else Path(results_files[-1]).with_name("comparison.html")
-        render_nway_report([Candidate(label="", results=r, results_dir=Path(p).parent)
-                            for r, p in zip(loaded, results_files)], out, redact_paths=redact_paths)
+        with sign_outputs(signing_key(), out):
+            render_nway_report([Candidate(label="", results=r, results_dir=Path(p).parent)
+                                for r, p in zip(loaded, results_files)], out, redact_paths=redact_paths)
         click.echo(f"wrote {out}")
         return
     after = loaded[-1]
@@ -226,13 +168,32 @@ def report(results_files, out_file, redact_paths):
         "comparison.html" if baseline else "report.html")
     paired = None
     if baseline is not None:   # the audits' samples.npz, when they sit next to their results.json
-        paired = _paired(baseline, after, Path(results_files[0]).parent, Path(results_files[-1]).parent)
+        paired = paired_outcomes(baseline, after, Path(results_files[0]).parent, Path(results_files[-1]).parent)
     try:
         with sign_outputs(signing_key(), out):
             render_report(after, out, baseline=baseline, redact_paths=redact_paths, paired=paired)
     except OSError as err:
         raise UserError(f"cannot write {out}: {err.strerror or err}")
     click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("results_file", type=click.Path())
+@click.option("--format", "fmt", required=True, type=click.Choice(["model-index", "cyclonedx", "junit"]),
+              help="model-index: Hugging Face model card metadata (YAML); cyclonedx: a CycloneDX 1.6 ML-BOM "
+                   "(JSON); junit: the gates as JUnit XML (one testcase per policy).")
+@click.option("--out", "out_file", default=None, type=click.Path(), help="Write here instead of stdout.")
+@click.option("--fail-under-worst", type=float, default=None, help="junit: the worst-class gate (as in scan).")
+@click.option("--fail-over-nsd", type=float, default=None, help="junit: the NSD gate (as in scan).")
+def export(results_file, fmt, out_file, fail_under_worst, fail_over_nsd):
+    """Export RESULTS.json as a model-index block, a CycloneDX ML-BOM, or JUnit XML of the gates."""
+    from robaudit.exports import write_export
+
+    text = write_export(results_file, fmt, out_file, fail_under_worst=fail_under_worst, fail_over_nsd=fail_over_nsd)
+    if out_file is None:
+        click.echo(text, nl=False)
+    else:
+        click.echo(f"wrote {out_file}")
 
 
 @cli.command(name="list")
@@ -311,6 +272,7 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
     from robaudit.audit.devices import resolve_device
     from robaudit.audit.engine import ScanConfig, build_attacks
     from robaudit.audit.outlock import hold_out_dir
+    from robaudit.demo import run_demo
 
     out = Path(out_dir)
     cfg = ScanConfig(out_dir=out, attacks=attacks.split(","), seed=seed, device=device,
@@ -318,91 +280,7 @@ def demo(out_dir, epochs, attacks, remediate_epochs, seed, device):
     build_attacks(cfg)
     torch_device = resolve_device(device)
     with hold_out_dir(out):
-        _run_demo(cfg, out, torch_device, epochs, remediate_epochs, seed)
-
-
-def _run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, seed: int) -> None:
-    from robaudit.audit.data.datasets import load_dataset
-    from robaudit.audit.data.demo import train_demo_model
-    from robaudit.audit.models.loading import load_model, save_export
-
-    train = load_dataset("demo", split="train")
-    test = load_dataset("demo", split="test")
-    click.echo(f"demo: training a small CNN adversarially on {len(train.y)} generated images "
-               f"({epochs} epochs, PGD-3 at eps 8/255) ...", err=True)
-    model = train_demo_model(train.x, train.y, train.index, len(train.classes), epochs=epochs, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
-    model_path = out / "demo_model.pt2"
-    save_export(model, str(model_path), test.x[:2])
-    # Audit the saved file, exactly as `robaudit scan demo_model.pt2 --dataset demo` would.
-    loaded = load_model(str(model_path), num_classes=len(test.classes), device=torch_device)
-    click.echo(f"demo: auditing {model_path} on {len(test.y)} test images ...", err=True)
-    before = _run_and_print(cfg, loaded, test)
-    click.echo(f"wrote {out / 'results.json'} and {out / 'report.html'}")
-    if remediate_epochs <= 0:
-        return
-    summary = _demo_student("absld", cfg, out / "remediate", loaded, model, train, test, remediate_epochs, seed,
-                            torch_device)
-    _print_comparison(before, summary["student_results"], out / "remediate", before_dir=out)
-    # The same budget and loss without the per-class temperatures (beta 0 is RSLAD): what the
-    # temperatures themselves add on this data, said whichever way it falls.
-    rslad = _demo_student("rslad", cfg, out / "remediate-rslad", loaded, model, train, test, remediate_epochs,
-                          seed, torch_device)
-    _print_comparison(before, rslad["student_results"], out / "remediate-rslad", before_dir=out)
-    _demo_nway(out, [(before, out), (summary["student_results"], out / "remediate" / "student"),
-                     (rslad["student_results"], out / "remediate-rslad" / "student")])
-    a, r = (res.get("ensemble") or res["attacks"]["clean"] for res in (summary["student_results"],
-                                                                         rslad["student_results"]))
-    verdict = ("ABSLD's worst class is higher" if a["worst"] > r["worst"] else
-               "ABSLD's worst class is lower" if a["worst"] < r["worst"] else "the worst classes are equal")
-    nsd = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    click.echo(f"same budget with RSLAD (no per-class temperatures): worst class {r['worst_class']} "
-               f"{100 * r['worst']:.1f}%, NSD {nsd(r['nsd'])}; ABSLD {a['worst_class']} {100 * a['worst']:.1f}%, "
-               f"NSD {nsd(a['nsd'])}: {verdict} on this seed ({out / 'remediate-rslad'})")
-
-
-def _demo_nway(out: Path, audits: list) -> None:
-    """The demo's teacher, ABSLD and RSLAD students side by side on the same images (comparison.html)."""
-    from robaudit.audit.report.nway import Candidate
-    from robaudit.audit.report.render import render_nway_report
-
-    if not distributed.current().is_main:
-        return
-    names = ["teacher", "ABSLD student", "RSLAD student"]
-    path = render_nway_report([Candidate(label=name, results=results, results_dir=folder)
-                               for name, (results, folder) in zip(names, audits)], out / "comparison.html")
-    click.echo(f"wrote {path} (teacher, ABSLD and RSLAD students side by side, paired tests)")
-
-
-def _demo_student(method: str, cfg, rem_out: Path, loaded, model, train, test, epochs: int, seed: int,
-                  torch_device) -> dict:
-    """A short fine-tune of the demo model, distilled from itself (`robaudit remediate` runs the same code).
-
-    Settings for a 4-epoch fine-tune rather than the paper's 300 epochs (issue 15):
-    - ABSLD beta 0.5 (paper 0.1): the temperatures reach their bounds within the run, not after it;
-    - loss_scale 1 (the plain batch-mean KL, not the code's /10) and lr 0.03: a self-distilled
-      student starts with a near-zero loss, so the code's scale barely moves it in 4 epochs;
-    - classwise_mean: each class's mean KL counts equally, so the demo's rare classes
-      (audit/data/demo.py DEMO_RARE_TRAIN) are not outvoted by the common ones;
-    - val_per_class 10: the rarest class has 40 training images;
-    - no crop/flip augmentation: the demo teacher never saw padded borders, so its soft
-      labels on them are noise.
-    RSLAD gets the same settings but the temperatures (it has none).
-    """
-    import copy
-
-    from robaudit.remediate.common import RemediateConfig
-    from robaudit.remediate.train import run_remediate
-
-    options = {"loss_scale": 1.0, "classwise_mean": True, **({"beta": 0.5} if method == "absld" else {})}
-    click.echo(f"demo: {method.upper()} fine-tuning for {epochs} epochs into {rem_out} ...", err=True)
-    rem_cfg = RemediateConfig(out_dir=rem_out, method=method, student="smallcnn", dataset="demo",
-                              method_options=options, epochs=epochs, lr=0.03, steps=5, step_size=2.5 * cfg.eps / 5,
-                              val_per_class=10, augment=False, seed=seed, device=str(torch_device),
-                              audit_attacks=cfg.attacks, command=_command_line(),
-                              resume=(rem_out / "checkpoint.pt").exists())
-    return run_remediate(rem_cfg, teacher=loaded, train_data=train, test_data=test,
-                         student_module=copy.deepcopy(model).train())
+        run_demo(cfg, out, torch_device, epochs, remediate_epochs, seed, CONSOLE)
 
 
 def _method_choices() -> str:
@@ -480,6 +358,7 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
     from robaudit.audit.engine import ScanConfig, build_attacks, parse_eps
     from robaudit.remediate import DEFAULT_METHOD, METHODS
     from robaudit.remediate.common import RemediateConfig, resolve_schedule
+    from robaudit.workflows import remediate_and_compare
 
     if data_free and method not in (None, "ferd"):
         raise UserError(f"--data-free trains with ferd; drop --method {method} (or pass --method ferd alone)")
@@ -525,12 +404,12 @@ def remediate(teacher_path, model_format, arch, num_classes, trust_pickle, mean,
                                           num_classes=num_classes, trust_pickle=trust_pickle, mean=mean,
                                           std=std, device=torch_device, dataset_classes=train.classes,
                                           input_shape=tuple(train.x.shape[1:]),
-                                          probe_data=_probe_data(test), dataset_name=train.name)
-        _say_inferred_arch(teacher)
+                                          probe_data=probe_data(test), dataset_name=train.name)
+        say_inferred_arch(teacher, CONSOLE)
         if train is not test:
             test.classes[:] = train.classes  # --class-names renames train.classes in place: audit with them too
     with sign_outputs(signing_key(), out_dir):
-        _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test)
+        remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test, CONSOLE)
 
 
 def _tau_bounds(tau_min, tau_max):
@@ -551,61 +430,3 @@ def _method_options(method_cls, method_opt, shortcuts: dict) -> dict:
                             f"--method-opt KEY=VALUE ({', '.join(method_cls.option_names())})")
         options[key] = value
     return options
-
-
-def _remediate_and_compare(cfg, audit_cfg, method_cls, teacher, train, test):
-    """Teacher audit (before) -> training (the method's trainer) -> student audit (after) -> comparison.
-
-    Every audit goes through engine.run_scan.
-    """
-    from dataclasses import replace
-
-    from robaudit.audit.outlock import hold_out_dir
-    from robaudit.remediate.common import student_architecture
-
-    def train_student(dry_run=False):
-        return method_cls.run(cfg, teacher=teacher, train_data=train, test_data=test, dry_run=dry_run)
-
-    train_student(dry_run=True)  # every check on options, data and models before a file is written
-    out = Path(cfg.out_dir)
-    with hold_out_dir(out):
-        before = None
-        if teacher is not None:
-            click.echo(f"remediate: auditing the teacher into {out / 'teacher'} ...", err=True)
-            before = _run_and_print(replace(audit_cfg, out_dir=out / "teacher"), teacher, test)
-        student_arch, student_note = student_architecture(cfg)
-        if student_note is not None and student_arch != cfg.student.strip().lower():   # an alias was resolved
-            click.echo(f"robaudit: --student {student_note}", err=True)
-        click.echo(f"remediate: training a {cfg.student or 'student'} with {cfg.method} "
-                   f"for {cfg.epochs} epochs ...", err=True)
-        summary = train_student()
-        _print_comparison(before, summary["student_results"], out)
-    return summary
-
-
-def _paired(before: dict, after: dict, before_dir: Path, after_dir: Path):
-    """(PairedOutcomes or None, why not) of the compared attack, from each audit's samples.npz."""
-    from robaudit.audit.paired import load_paired
-    from robaudit.audit.report.comparison import comparison_key
-
-    return load_paired(before_dir, after_dir, before, after, comparison_key(after, before))
-
-
-def _print_comparison(before, after, out: Path, before_dir: Path | None = None):
-    """Student table, before/after summary line, and the comparison report (or a plain one)."""
-    from robaudit.audit.report.render import render_report
-
-    if not distributed.current().is_main:  # torchrun: rank 0 writes and speaks for all
-        return
-
-    click.echo(format_table(after))
-    render_report(after, out / "report.html", baseline=before,
-                  paired=(_paired(before, after, before_dir or out / "teacher", out / "student")
-                          if before is not None else None))
-    if before is not None:
-        b = before.get("ensemble") or before["attacks"]["clean"]
-        a = after.get("ensemble") or after["attacks"]["clean"]
-        nsd = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        click.echo(f"worst class: before {b['worst_class']} {100 * b['worst']:.1f}% -> after "
-                   f"{a['worst_class']} {100 * a['worst']:.1f}%; NSD {nsd(b['nsd'])} -> {nsd(a['nsd'])}")
-    click.echo(f"wrote {out / 'report.html'} and {out / 'student' / 'results.json'}")

@@ -14,18 +14,6 @@ import click
 from robaudit.errors import UserError
 
 
-def _parse_floats(text, flag):
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"malformed {flag} {text!r}: give comma-separated numbers, e.g. 0.4914,0.4822,0.4465")
-    if not values:
-        raise UserError(f"{flag} is empty")
-    return values
-
-
 # Options that adapt the model's boundary (audit/models/adapters.py). A command whose function
 # does not take them as parameters gets them through the click context instead, where
 # `load_model_from_options` reads them, so every command using @model_options honours them.
@@ -191,38 +179,20 @@ def load_model_from_options(model_path, *, model_format, arch, num_classes, trus
                             device, dataset_classes, input_shape, input_layout=None, input_range=None,
                             output=None, output_name=None, class_names=None, class_map=None,
                             probe_data=None, dataset_name=None, zoo_dir=None):
-    """load_model with the command's options; returns a LoadedModel.
-
-    The boundary options (--input-layout ... --class-map) default to the values the
-    command line gave (see model_options). dataset_classes is the dataset's class list
-    (EvalData.classes): with --class-names its entries are replaced in place, so the
-    results name the classes as the user asked. probe_data: (x, y) of the audited data
-    (arch_inference.probe_batch), used to tell same-key architecture forms apart.
-    dataset_name (EvalData.name) and --zoo-dir (zoo_dir, else the command line's) place a
-    robustbench:NAME model (audit/models/zoo.py).
-    """
-    from robaudit.audit.models.loading import load_model
+    """workflows.load_model_with_options with the boundary options (--input-layout ... --class-map)
+    and --zoo-dir defaulting to the values the command line gave (see model_options)."""
+    from robaudit.workflows import load_model_with_options
 
     given = {"input_layout": input_layout, "input_range": input_range, "output": output,
              "output_name": output_name, "class_names": class_names, "class_map": class_map}
     ctx = click.get_current_context(silent=True)
     stashed = ctx.meta.get(_CONTEXT_KEY, {}) if ctx is not None else {}
     boundary = {name: (value if value is not None else stashed.get(name)) for name, value in given.items()}
-    defaults = {"input_layout": "auto", "input_range": "0-1", "output": "auto"}
-    boundary = {name: (defaults.get(name) if value is None else value) for name, value in boundary.items()}
-    zoo_dir = zoo_dir if zoo_dir is not None else stashed.get("zoo_dir")
-
-    if num_classes is not None and num_classes != len(dataset_classes):
-        raise UserError(f"--num-classes {num_classes} does not match the dataset's "
-                        f"{len(dataset_classes)} classes")
-    loaded = load_model(model_path, format=model_format, arch=arch, num_classes=len(dataset_classes),
-                        trust_pickle=trust_pickle, mean=_parse_floats(mean, "--mean"),
-                        std=_parse_floats(std, "--std"), device=device, input_shape=input_shape,
-                        dataset_classes=list(dataset_classes), probe_data=probe_data, dataset=dataset_name,
-                        zoo_dir=zoo_dir, **boundary)
-    if loaded.class_names is not None and isinstance(dataset_classes, list):
-        dataset_classes[:] = loaded.class_names
-    return loaded
+    return load_model_with_options(
+        model_path, model_format=model_format, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
+        mean=mean, std=std, device=device, dataset_classes=dataset_classes, input_shape=input_shape,
+        probe_data=probe_data, dataset_name=dataset_name,
+        zoo_dir=zoo_dir if zoo_dir is not None else stashed.get("zoo_dir"), **boundary)
 
 
 def check_subset_args(limit, n_per_class):

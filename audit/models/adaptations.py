@@ -6,12 +6,10 @@ input_layout, input_range, output, batch_size, class_map, class_names and pipeli
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from robaudit.audit.models.boundary_modules import PROB_FLOOR
-
-if TYPE_CHECKING:  # adapters imports this module
-    from robaudit.audit.models.adapters import BoundaryRequest, ModelInfo
+from robaudit.audit.models.boundary_types import BoundaryRequest, ModelInfo
 
 
 def _pipeline(request: BoundaryRequest, info: ModelInfo, layout: str, out_name: Optional[str],

@@ -48,6 +48,7 @@ from torch import nn
 
 from robaudit.audit.models import arch_inference
 from robaudit.audit.models.adapters import FixedBatchModule, ModelInfo, first_line
+from robaudit.audit.models.timm_build import timm_from_weights
 from robaudit.errors import UserError
 from robaudit.registry import Registry
 
@@ -426,15 +427,13 @@ def model_from_weights(state: Mapping[str, torch.Tensor], kind: str, path: str, 
                        notes: List[str]) -> Tuple[nn.Module, ModelInfo]:
     """Weights (format `kind`) loaded into options.arch, which they must fit exactly, or
     without it into the architecture their keys and shapes say (audit/models/arch_inference.py);
-    a `timm:NAME` arch is built by timm (audit/models/zoo.py `timm_from_weights`)."""
+    a `timm:NAME` arch is built by timm (audit/models/timm_build.py `timm_from_weights`)."""
     state = _strip_wrapper_prefixes(state, notes)
     complex_key = next((k for k, v in state.items() if v.is_complex()), None)
     if complex_key is not None:   # load_state_dict would drop the imaginary part with only a warning
         raise UserError(f"{path}: weight {complex_key!r} holds complex numbers ({state[complex_key].dtype}); "
                         f"model weights must be real")
     if options.arch is not None and options.arch.lower().startswith("timm:"):
-        from robaudit.audit.models.zoo import timm_from_weights  # zoo imports this module
-
         return timm_from_weights(state, kind, path, options, notes)
     # RobustBench-style mu/sigma buffers move to the boundary: normalised once, recorded there.
     state, file_norm = arch_inference.split_normalization_buffers(state)

@@ -8,10 +8,9 @@ first). The answers live here so that the sections agree on them.
 
 from __future__ import annotations
 
+from robaudit.audit.headline import CLEAN_KEY, headline_key  # noqa: F401 (the one headline rule)
 from robaudit.audit.report.formatting import finite
 from robaudit.audit.results_schema import ENSEMBLE_KEY
-
-CLEAN_KEY = "clean"
 
 
 def records(results: dict) -> dict:
@@ -43,18 +42,6 @@ def attack_in_words(results: dict, key: str) -> str:
         return (f"all attacks combined ({', '.join(members)}; an image counts as robust only if it survives "
                 "every one)") if members else "the attack ensemble"
     return f"the {key} attack"
-
-
-def headline_key(results: dict) -> str:
-    """The robust accuracy the verdict leads with: the per-point worst case over all
-    attacks (ensemble) when present, else the strongest single attack, else clean."""
-    if results.get("ensemble"):
-        return ENSEMBLE_KEY
-    attacked = [(name, rec) for name, rec in results["attacks"].items() if name != CLEAN_KEY]
-    if attacked:
-        return min(attacked, key=lambda item: (finite(item[1].get("avg")) is None,
-                                               finite(item[1].get("avg")) or 0.0))[0]
-    return CLEAN_KEY
 
 
 def robustness_order(results: dict, key: str) -> list[int]:
