@@ -396,8 +396,8 @@ def _select_examples(kept, attack_blocks, ensemble, data, per_sample) -> List[di
     """A few clean/adversarial pairs for the worst classes (by ensemble robust accuracy).
 
     `kept[attack] = (positions, images)` holds at most EXAMPLES_PER_CLASS fooled points
-    per class and attack; the candidates of a class are taken in attack order, then
-    dataset order, each point once.
+    per class and attack; the candidates of a class are taken strongest attack first
+    (lowest average robust accuracy), then dataset order, each point once.
     """
     if not kept:
         return []
@@ -405,7 +405,8 @@ def _select_examples(kept, attack_blocks, ensemble, data, per_sample) -> List[di
     evaluated = [k for k, c in enumerate(ranking["per_class"]) if c["n"] > 0]
     # sort by accuracy; ties go to the lower class index (sorted is stable)
     worst = sorted(evaluated, key=lambda k: ranking["per_class"][k]["accuracy"])[:REPORT_WORST_CLASSES]
-    names = list(kept)
+    # Strongest attack first (lowest average robust accuracy): its failures are the ones to show.
+    names = sorted(kept, key=lambda a: (attack_blocks[a].get("avg") is None, attack_blocks[a].get("avg") or 0.0))
     positions = np.concatenate([kept[a][0] for a in names]).astype(np.int64)
     if len(positions) == 0:
         return []

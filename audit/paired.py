@@ -30,6 +30,9 @@ class PairedOutcomes:
     y: np.ndarray
     before: np.ndarray
     after: np.ndarray
+    # Clean correctness of the same images (for the clean-accuracy change), when samples.npz had it.
+    clean_before: Optional[np.ndarray] = None
+    clean_after: Optional[np.ndarray] = None
 
 
 def correct_under(samples, results: dict, key: str) -> np.ndarray:
@@ -57,13 +60,14 @@ def _load(results_dir: Path, results: dict, key: str) -> Tuple[Optional[Tuple[np
         with np.load(path, allow_pickle=False) as samples:
             ok = correct_under(samples, results, key)
             index, y = samples["index"].astype(np.int64), samples["y"].astype(np.int64)
+            clean = np.asarray(samples["clean_pred"] == samples["y"], dtype=bool)
     except (OSError, KeyError, ValueError) as err:
         return None, f"{path} cannot be read for this comparison ({type(err).__name__}: {err})".splitlines()[0]
     record = _record(results, key)
     counts = np.bincount(y[ok], minlength=len(results["dataset"]["classes"]))
     if record is None or [int(c) for c in counts] != [int(e["correct"]) for e in record["per_class"]]:
         return None, f"{path} does not hold the per-image outcomes behind {results_dir / 'results.json'}"
-    return (index, y, ok), None
+    return (index, y, ok, clean), None
 
 
 def load_paired(before_dir, after_dir, before: dict, after: dict, key: str) -> Tuple[Optional[PairedOutcomes], str]:
@@ -74,13 +78,14 @@ def load_paired(before_dir, after_dir, before: dict, after: dict, key: str) -> T
     loaded_after, why = _load(Path(after_dir), after, key)
     if loaded_after is None:
         return None, why
-    (i_b, y_b, ok_b), (i_a, y_a, ok_a) = loaded_before, loaded_after
+    (i_b, y_b, ok_b, clean_b), (i_a, y_a, ok_a, clean_a) = loaded_before, loaded_after
     order_b, order_a = np.argsort(i_b, kind="stable"), np.argsort(i_a, kind="stable")
     if len(i_b) != len(i_a) or not np.array_equal(i_b[order_b], i_a[order_a]):
         return None, "the two audits ran on different images (dataset indices differ)"
     if not np.array_equal(y_b[order_b], y_a[order_a]):
         return None, "the two audits give the same images different labels"
-    return PairedOutcomes(y=y_b[order_b], before=ok_b[order_b], after=ok_a[order_a]), ""
+    return PairedOutcomes(y=y_b[order_b], before=ok_b[order_b], after=ok_a[order_a],
+                          clean_before=clean_b[order_b], clean_after=clean_a[order_a]), ""
 
 
 def paired_test(before: np.ndarray, after: np.ndarray) -> dict:

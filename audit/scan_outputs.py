@@ -25,6 +25,8 @@ def scan_and_report(cfg: ScanConfig, *, model, data, extra: Optional[dict] = Non
     if cfg.write_report and cfg.out_dir is not None and distributed.current().is_main:
         from robaudit.audit.report.render import render_report
 
-        render_report(results, Path(cfg.out_dir) / "report.html", redact_paths=cfg.redact_paths)
+        render_report(results, Path(cfg.out_dir) / "report.html", redact_paths=cfg.redact_paths,
+                      gates={"fail_under_worst": cfg.fail_under_worst, "fail_over_nsd": cfg.fail_over_nsd,
+                             "attack": cfg.gate_attack})
     check_gates(results, cfg)
     return results

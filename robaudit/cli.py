@@ -179,17 +179,26 @@ def verify(results_or_report, evidence_file, model_path, split, batch_size, devi
 @cli.command()
 @click.argument("results_files", nargs=-1, required=True, type=click.Path())
 @click.option("--out", "out_file", default=None, type=click.Path(),
-              help="Output HTML (default: report.html beside the (last) results file).")
+              help="Output HTML (default: report.html beside the (last) results file; comparison.html "
+                   "for two or more).")
 @click.option("--redact-paths", is_flag=True, help="Hide filesystem paths in the report.")
 @sign_option
 def report(results_files, out_file, redact_paths):
-    """Render report.html from RESULTS.json, or a comparison from BEFORE.json AFTER.json."""
-    from robaudit.audit.report.render import load_results, render_report
+    """Render report.html from RESULTS.json, a comparison from BEFORE.json AFTER.json, or an
+    N-way comparison (leaderboard, paired tests) from three or more results files."""
+    from robaudit.audit.report.render import load_results, render_nway_report, render_report
     from robaudit.workflows import paired_outcomes
 
-    if len(results_files) > 2:
-        raise UserError("give one results.json, or two (BEFORE.json AFTER.json) for a comparison")
     loaded = [load_results(p) for p in results_files]
+    if len(loaded) > 2:
+        from robaudit.audit.report.nway import Candidate
+
+        out = Path(out_file) if out_file else Path(results_files[-1]).with_name("comparison.html")
+        with sign_outputs(signing_key(), out):
+            render_nway_report([Candidate(label="", results=r, results_dir=Path(p).parent)
+                                for r, p in zip(loaded, results_files)], out, redact_paths=redact_paths)
+        click.echo(f"wrote {out}")
+        return
     after = loaded[-1]
     baseline = loaded[0] if len(loaded) == 2 else None
     out = Path(out_file) if out_file else Path(results_files[-1]).with_name(

@@ -48,8 +48,25 @@ def run_demo(cfg, out: Path, torch_device, epochs: int, remediate_epochs: int, s
     # temperatures themselves add on this data, said whichever way it falls.
     rslad = demo_student("rslad", cfg, out / "remediate-rslad", loaded, model, train, test, remediate_epochs,
                          seed, torch_device, console)
+    print_comparison(before, rslad["student_results"], out / "remediate-rslad", console, before_dir=out)
+    _demo_nway(out, [(before, out), (summary["student_results"], out / "remediate" / "student"),
+                     (rslad["student_results"], out / "remediate-rslad" / "student")], console)
     console.out(_rslad_line(summary["student_results"], rslad["student_results"], out))
     return {**done, "absld": summary, "rslad": rslad}
+
+
+def _demo_nway(out: Path, audits: list, console: Console) -> None:
+    """The teacher, ABSLD and RSLAD students side by side on the same images (out/comparison.html)."""
+    from robaudit.audit import distributed
+    from robaudit.audit.report.nway import Candidate
+    from robaudit.audit.report.render import render_nway_report
+
+    if not distributed.current().is_main:
+        return
+    names = ["teacher", "ABSLD student", "RSLAD student"]
+    path = render_nway_report([Candidate(label=name, results=results, results_dir=folder)
+                               for name, (results, folder) in zip(names, audits)], out / "comparison.html")
+    console.out(f"wrote {path} (teacher, ABSLD and RSLAD students side by side, paired tests)")
 
 
 def _rslad_line(absld: dict, rslad: dict, out: Path) -> str:

@@ -1,35 +1,8 @@
-/* robaudit report: draws the plotly figures and makes tables sortable.
+/* robaudit report: makes tables sortable (the charts are static SVG).
    Progressive enhancement only: without JavaScript every table is still there,
    already sorted least-robust first. */
 (function () {
   "use strict";
-
-  function readJson(id) {
-    var element = document.getElementById(id);
-    return element ? JSON.parse(element.textContent) : null;
-  }
-
-  function drawFigures() {
-    var figures = readJson("figures-data");
-    var config = readJson("plotly-config");
-    if (!figures || typeof window.Plotly === "undefined") {
-      return;
-    }
-    var drawn = [];
-    Object.keys(figures).forEach(function (id) {
-      var element = document.getElementById(id);
-      if (element) {
-        window.Plotly.newPlot(element, figures[id].data, figures[id].layout, config);
-        drawn.push(element);
-      }
-    });
-    // Paper is narrower than most screens: fit the charts to the printed width and back.
-    function fitAll() {
-      drawn.forEach(function (element) { window.Plotly.Plots.resize(element); });
-    }
-    window.addEventListener("beforeprint", fitAll);
-    window.addEventListener("afterprint", fitAll);
-  }
 
   function cellValue(row, column, type) {
     var cell = row.children[column];
@@ -86,5 +59,4 @@
   }
 
   Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), makeSortable);
-  drawFigures();
 })();

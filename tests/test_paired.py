@@ -45,6 +45,8 @@ def test_outcomes_pair_by_dataset_index_and_are_refused_when_they_are_not_the_au
     assert (tests[0]["only_after"], tests[0]["p"]) == (0, 1.0)
     assert (tests[1]["only_after"], tests[1]["only_before"]) == (10, 0)
     assert tests[1]["p"] == pytest.approx(2 * 0.5 ** 10) and tests[1]["significant"]
+    # clean outcomes come along, aligned the same way (key "clean": they equal the compared ones)
+    assert np.array_equal(paired.clean_before, paired.before) and np.array_equal(paired.clean_after, paired.after)
 
     other = _write_audit(tmp_path / "other", index + 100, y, after_ok)
     assert load_paired(tmp_path / "before", tmp_path / "other", before, other, "clean") == (

@@ -83,13 +83,7 @@ def parse(page: str) -> PageParser:
     return parser
 
 
-def without_plotly(page: str) -> str:
-    """The page with the inlined plotly.js bundle cut out (4.8 MB of library code)."""
-    return re.sub(r'(<script id="plotly-js">).*?(</script>)', r"\1[plotly.js]\2", page, count=1, flags=re.S)
-
-
 def scrub_volatile(page: str) -> str:
-    page = without_plotly(page)
     # the render stamp names the renderer's git commit (audit/report/integrity.py; tested there)
     page = re.sub(r'<script type="application/json" id="robaudit-render">.*?</script>\n', "", page, count=1)
     return re.sub(r'(<span data-volatile="[a-z-]+">)[^<]*(</span>)', r"\1[scrubbed]\2", page)
@@ -355,7 +349,7 @@ def test_redaction_cuts_paths_to_basenames_everywhere():
 
 def test_redacted_page_holds_no_directory_names(compare_page):
     after, before, _ = compare_page
-    page = without_plotly(render_html(after, baseline=before, redact_paths=True, rendered_at=RENDERED_AT))
+    page = (render_html(after, baseline=before, redact_paths=True, rendered_at=RENDERED_AT))
     for secret in ("/home/alice", "/srv/datasets", "home/alice", "alice"):
         assert secret not in page
     assert "file paths redacted" in page
@@ -416,20 +410,19 @@ def test_page_structure(compare_page):
     assert anchors and all(anchor in parsed.ids for anchor in anchors), set(anchors) - parsed.ids
 
     # Every chart has a table beside it, and every figure has a chart to draw into.
-    charts = [a for a in parsed.all("div") if "chart" in a.get("class", "").split()]
-    figures = json.loads(parsed.script("figures-data")["text"])
+    charts = [a for a in parsed.all("figure") if "chart" in a.get("class", "").split()]
+    figures = build_context(after, baseline=before)["figures"]
     assert sorted(c["id"] for c in charts) == sorted(figures)
     assert {"fig-per-class", "fig-flow-0", "fig-flow-1", "fig-compare", "fig-training-curves"} <= set(figures)
     tables = {a["id"] for a in parsed.all("table") if "id" in a}
     for chart in charts:
         assert chart["data-table-id"] in tables, chart["id"]
 
-    # plotly.js inlined exactly once, and the page's own scripts are the known ones.
-    plotly_head = report._plotly_js()[0][:300]
-    assert page.count(plotly_head) == 1
-    assert [s["attrs"].get("id") for s in parsed.scripts] == [
-        "results-data", "baseline-data", "figures-data", "plotly-config", "plotly-js", "report-js",
-        "robaudit-render"]
+    # Every figure is drawn as inline SVG (no charting library), and the page's own scripts
+    # are the known ones: two JSON blocks, the table sorter and the render stamp.
+    assert page.count("<svg ") == len(figures)
+    assert [s["attrs"].get("id") for s in parsed.scripts] == ["results-data", "baseline-data", "report-js",
+                                                              "robaudit-render"]
 
     # The embedded JSON is the results, exactly.
     assert json.loads(parsed.script("results-data")["text"]) == after
@@ -443,17 +436,18 @@ def test_page_structure(compare_page):
 
 def test_single_report_has_no_comparison_section(single_page):
     results, page = single_page
-    parsed = parse(without_plotly(page))
+    parsed = parse((page))
     assert "comparison" not in parsed.ids and "baseline-data" not in parsed.ids
     assert json.loads(parsed.script("results-data")["text"]) == results
 
 
 def test_tables_are_in_the_html_for_readers_without_javascript(single_page):
     results, page = single_page
-    body = without_plotly(page)
+    body = (page)
     for name in results["dataset"]["classes"]:
         assert f'data-sort="{name}">{name}' in body
-    assert "<noscript>" in body
+    # Charts need no script either: they are drawn as inline SVG at render time.
+    assert "<noscript>" not in body and body.count("<svg ") == len(build_context(results)["figures"])
 
 
 def test_hostile_strings_render_only_as_text():
@@ -464,7 +458,7 @@ def test_hostile_strings_render_only_as_text():
     results["command"] += " --note '<b onmouseover=alert(5)>'"
     page = render_html(results, baseline=make_results(classes=("airplane", XSS_CLASS, "bird"), seed=1),
                        rendered_at=RENDERED_AT)
-    body = without_plotly(page)
+    body = (page)
     for raw in ("<img src=x", "<img src=y", "<script>alert", "<b onmouseover"):
         assert raw not in body
     assert html.escape(XSS_CLASS, quote=False) in body
@@ -472,13 +466,16 @@ def test_hostile_strings_render_only_as_text():
     parsed = parse(page)
     assert not [a for a in parsed.all("img") if not a.get("src", "").startswith("data:image/png;base64,")]
     assert not [(tag, a) for tag, a in parsed.elements if any(key.startswith("on") for key in a)]
-    assert len(parsed.scripts) == 7  # nothing injected a script element (6 + the render stamp)
+    assert len(parsed.scripts) == 4  # nothing injected a script element (3 + the render stamp)
     # The script-embedded JSON keeps the exact strings, and plotly labels are entity-escaped
     # (plotly.js reads a small HTML subset in labels and decodes entities back to text).
     assert json.loads(parsed.script("results-data")["text"])["dataset"]["classes"][1] == XSS_CLASS
-    figures = json.loads(parsed.script("figures-data")["text"])
+    figures = build_context(results)["figures"]
     assert html.escape(XSS_CLASS, quote=False) in figures["fig-per-class"]["layout"]["xaxis"]["categoryarray"]
     assert XSS_CLASS not in json.dumps(figures)
+    # In the drawn SVG the class name is XML-escaped text.
+    svg = body[body.index('<figure class="chart" id="fig-per-class"'):]
+    assert html.escape(XSS_CLASS, quote=False) in svg[:svg.index("</figure>")]
 
 
 def test_non_finite_numbers_become_null_not_invalid_json():
@@ -520,7 +517,7 @@ def _empty_class():
                                      _empty_class])
 def test_unusual_results_still_render(variant):
     results = variant()
-    parsed = parse(without_plotly(render_html(results, rendered_at=RENDERED_AT)))
+    parsed = parse((render_html(results, rendered_at=RENDERED_AT)))
     assert json.loads(parsed.script("results-data")["text"]) == json.loads(json.dumps(results))
     charts = [a for a in parsed.all("div") if "chart" in a.get("class", "").split()]
     tables = {a["id"] for a in parsed.all("table") if "id" in a}
@@ -528,7 +525,7 @@ def test_unusual_results_still_render(variant):
 
 
 def test_black_box_only_scans_say_so():
-    page = without_plotly(render_html(_black_box_without_ensemble(), rendered_at=RENDERED_AT))
+    page = (render_html(_black_box_without_ensemble(), rendered_at=RENDERED_AT))
     assert "Black-box attacks only." in page
 
 

@@ -26,7 +26,7 @@ from robaudit.audit.report.curves import (
 )
 from robaudit.audit.report.sections import preprocessing_text
 from robaudit.errors import UserError
-from test_report import RENDERED_AT, parse, without_plotly
+from test_report import RENDERED_AT, parse
 
 HOSTILE = "<b>cat&"
 CLASSES10 = ["airplane", "automobile", "bird", HOSTILE, "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -100,7 +100,12 @@ def ten_page(ten):
 
 
 def figures_of(page: str) -> dict:
-    return json.loads(parse(page).script("figures-data")["text"])
+    """The figure specs the page drew: its <figure class="chart"> ids, specs from build_context."""
+    ids = [a["id"] for a in parse(page).all("figure") if "chart" in a.get("class", "").split()]
+    results = json.loads(parse(page).script("results-data")["text"])
+    specs = build_context(results)["figures"]
+    assert sorted(ids) == sorted(specs)
+    return specs
 
 
 def named_lines(figure: dict) -> list[dict]:
@@ -115,7 +120,7 @@ def test_section_renders_with_figure_table_and_nav(ten_page):
     assert {"curves-fmn", "fig-curves-fmn", "table-curves-fmn"} <= parsed.ids
     assert "Robustness curves (fmn)" in ten_page
     assert any(a.get("href") == "#curves-fmn" for a in parsed.all("a"))
-    body = without_plotly(ten_page)
+    body = (ten_page)
     # the section sits between the per-class section and the target flow
     assert body.index('id="per-class"') < body.index('id="curves-fmn"') < body.index('id="target-flow"')
     assert "fig-curves-fmn" in figures_of(ten_page)
@@ -178,7 +183,7 @@ def test_table_rows_follow_median_order_with_not_reached(ten, ten_page):
 
 
 def test_class_names_are_escaped_in_html_and_figures(ten_page):
-    body = without_plotly(ten_page)
+    body = (ten_page)
     assert HOSTILE not in re.sub(r'<script type="application/json" id="results-data">.*?</script>', "", body,
                                  flags=re.S)
     section = re.search(r'<section id="curves-fmn".*?</section>', body, re.S).group(0)
@@ -332,7 +337,7 @@ def test_thousand_class_report_stays_under_8_mb(thousand, capsys):
     with capsys.disabled():
         print(f"\n1000-class report with curves (101 eps values): {size:,} bytes ({size / MB:.2f} MiB)")
     assert size < 8 * 10 ** 6, size                              # issue 17's budget, in decimal MB
-    body = without_plotly(page)
+    body = (page)
     head = re.search(r'<table class="data sortable" id="table-curves-fmn-worst">.*?</table>', body, re.S).group(0)
     assert head.count("<tr") == RANKING_HEAD + 1
     assert any('id="table-curves-fmn"' in d for d in re.findall(r"<details>.*?</details>", body, re.S))

@@ -16,6 +16,8 @@ from robaudit.audit.report.curves import curves_comparison
 from robaudit.audit.report.figures import comparison_curve_figure, comparison_figure
 from robaudit.audit.paired import per_class_tests
 from robaudit.audit.report.formatting import ci, display, budget_text, finite, pct, pp, ratio
+from robaudit.audit.report.headline import below_average
+from robaudit.audit.report.paired_stats import METHOD_TEXT, paired_deltas, pooled_mcnemar
 from robaudit.audit.report.sections import MAX_BAR_CLASSES
 from robaudit.audit.report.records import CLEAN_KEY, ENSEMBLE_KEY, attack_label, headline_key, records, robustness_order
 from robaudit.errors import UserError
@@ -116,24 +118,27 @@ def _class_rows(after: dict, before: dict, key: str, order: list[int]) -> list[d
 
 
 def _metric(label: str, before_value: Any, after_value: Any, kind: str, higher_is_better: bool = True,
-            before_class: str | None = None, after_class: str | None = None) -> dict:
+            before_class: str | None = None, after_class: str | None = None, measure: str | None = None) -> dict:
     change = delta(after_value, before_value)
     return {"label": label, "before": finite(before_value), "after": finite(after_value), "delta": change,
             "kind": kind, "change": change_word(change, higher_is_better),
-            "before_class": before_class, "after_class": after_class}
+            "before_class": before_class, "after_class": after_class, "measure": measure,
+            "interval": None, "test": None}   # filled by _paired_intervals when samples.npz pair up
 
 
 def _summary(a_record: dict, b_record: dict, a_clean: dict | None, b_clean: dict | None) -> list[dict]:
     """The headline metrics before and after; the last three are average, worst class and NSD."""
     summary = [
-        _metric("Average robust accuracy across classes", b_record.get("avg"), a_record.get("avg"), "pct"),
         _metric("Worst-class robust accuracy", b_record.get("worst"), a_record.get("worst"), "pct",
-                before_class=b_record.get("worst_class"), after_class=a_record.get("worst_class")),
+                before_class=b_record.get("worst_class"), after_class=a_record.get("worst_class"), measure="worst"),
         _metric("NSD (population SD / mean of class accuracies; lower is more even)",
-                b_record.get("nsd"), a_record.get("nsd"), "ratio", higher_is_better=False),
+                b_record.get("nsd"), a_record.get("nsd"), "ratio", higher_is_better=False, measure="nsd"),
+        _metric("Average robust accuracy across classes", b_record.get("avg"), a_record.get("avg"), "pct",
+                measure="avg"),
     ]
     if a_clean and b_clean:
-        summary.insert(0, _metric("Clean accuracy (class average)", b_clean.get("avg"), a_clean.get("avg"), "pct"))
+        summary.append(_metric("Clean accuracy (class average)", b_clean.get("avg"), a_clean.get("avg"), "pct",
+                               measure="clean"))
     return summary
 
 
@@ -158,7 +163,8 @@ def _attack_rows(after: dict, before: dict) -> list[dict]:
 
 def _sentence(label: str, a_record: dict, b_record: dict, summary: list[dict]) -> str:
     """What changed under the compared attack, in one sentence."""
-    avg_delta, worst_delta, nsd_delta = (summary[-3]["delta"], summary[-2]["delta"], summary[-1]["delta"])
+    by_measure = {item["measure"]: item for item in summary}
+    avg_delta, worst_delta, nsd_delta = (by_measure[m]["delta"] for m in ("avg", "worst", "nsd"))
     worst_after, worst_before = a_record.get("worst_class"), b_record.get("worst_class")
     return (
         f"Average robust accuracy under {label} went from {pct(b_record.get('avg'))} to {pct(a_record.get('avg'))} "
@@ -191,6 +197,36 @@ def _paired_verdict(classes: list[str], rows: list[dict], tests: list[dict] | No
         f"{', '.join(significant) if significant else 'none'}.")}
 
 
+def _paired_intervals(summary: list[dict], paired, num_classes: int) -> str | None:
+    """Fill each headline measure's paired interval (and the pooled McNemar test); the method text."""
+    if paired is None:
+        return None
+    robust = paired_deltas(paired.y, paired.before, paired.after, num_classes)
+    clean = None
+    if paired.clean_before is not None and paired.clean_after is not None:
+        clean = paired_deltas(paired.y, paired.clean_before, paired.clean_after, num_classes)
+    tests = {"avg": pooled_mcnemar(paired.before, paired.after),
+             "clean": pooled_mcnemar(paired.clean_before, paired.clean_after) if clean is not None else None}
+    for item in summary:
+        measure = item.get("measure")
+        source = clean if measure == "clean" else robust if measure in ("avg", "worst", "nsd") else None
+        if source is None:
+            continue
+        band = source["avg" if measure == "clean" else measure]
+        if band["low"] is not None:
+            item["interval"] = {"low": band["low"], "high": band["high"], "excludes_zero": band["excludes_zero"]}
+        if tests.get(measure):
+            item["test"] = tests[measure]
+    return METHOD_TEXT
+
+
+def _got_worse(rows: list[dict]) -> list[dict]:
+    """Every class that lost robust or clean accuracy, the larger loss first."""
+    worse = [r for r in rows if (r["delta"] is not None and r["delta"] <= -UNCHANGED_TOLERANCE)
+             or (r["clean_delta"] is not None and r["clean_delta"] <= -UNCHANGED_TOLERANCE)]
+    return sorted(worse, key=lambda r: min(r["delta"] or 0.0, r["clean_delta"] or 0.0))
+
+
 def comparison_section(after: dict, before: dict, figures: dict, paired=None, paired_why: str = "") -> dict:
     """The before/after section. `paired` (audit/paired.PairedOutcomes of the same images under
     both models, or None with `paired_why`) adds per-class McNemar tests and the verdict."""
@@ -220,8 +256,12 @@ def comparison_section(after: dict, before: dict, figures: dict, paired=None, pa
     tests = per_class_tests(paired, len(classes)) if paired is not None else None
     verdict = _paired_verdict(classes, rows, tests, paired_why or "the per-image outcomes (samples.npz) of both "
                               "audits are needed", worst_before, label)
+    interval_method = _paired_intervals(summary, paired, len(classes))
     return {
-        "verdict": verdict,
+        "verdict": verdict, "interval_method": interval_method,
+        "got_worse": _got_worse(rows),
+        "still_below": below_average(after, key), "average_after": finite(a_record.get("avg")),
+        "method": (after.get("training") or {}).get("method"),
         "key": key, "label": label, "rows": rows, "summary": summary, "attack_rows": attack_rows,
         "warnings": like_for_like(after, before, key), "sentence": sentence,
         "figure_id": figure_id, "table_id": "table-compare", "has_clean": bool(a_clean and b_clean),

@@ -5,7 +5,7 @@ colour-blind-safe palette, bar patterns and line dashes (so series differ in mor
 than colour), the shared layout and axes, and one builder per chart (per-class bars,
 target-flow heatmap, before/after bars, training curves, per-class trajectories).
 Every label that came from the results passes through `plotly_text` first. The specs
-are embedded as JSON and drawn by the inlined plotly.js; nothing here imports plotly.
+are drawn as static SVG at render time by svg.py; nothing here imports plotly.
 """
 
 from __future__ import annotations
@@ -200,8 +200,9 @@ def training_curves_figure(columns: list[dict], epochs: list, curves_rows: list[
     return {"data": traces, "layout": layout}
 
 
-def trajectory_figure(classes: list[str], key: str, per_epoch: list[list]) -> dict:
-    """One line per class: a per-class training quantity (`key`) over the epochs."""
+def trajectory_figure(classes: list[str], key: str, per_epoch: list[list], bounds: list | None = None) -> dict:
+    """One line per class: a per-class training quantity (`key`) over the epochs; `bounds`
+    (a control's [low, high], e.g. ABSLD's temperature bounds) set the axis and are drawn."""
     epochs = list(range(1, len(per_epoch) + 1))
     traces = []
     for index, name in enumerate(classes):
@@ -218,7 +219,12 @@ def trajectory_figure(classes: list[str], key: str, per_epoch: list[list]) -> di
                              **({"dtick": 1} if len(epochs) <= 20 else {})},
                    "yaxis": {"title": {"text": key}, "gridcolor": "#dddddd"},
                    "legend": {"orientation": "v", "x": 1.02, "y": 1},
-                   "margin": {"l": 64, "r": 24, "t": 24, "b": 56}})
+                   "margin": {"l": 64, "r": 24, "t": 24, "b": 56},
+                   # More than a few overlapping lines are unreadable: one small panel per class.
+                   "small_multiples": len(classes) > 4})
+    if bounds is not None:
+        layout["yaxis"]["range"] = [bounds[0], bounds[1]]
+        layout["bounds"] = [bounds[0], bounds[1]]
     return {"data": traces, "layout": layout}
 
 

@@ -111,7 +111,8 @@ def pct(value: float | None) -> str:
 
 def pp(value: float | None) -> str:
     value = finite(value)
-    return "—" if value is None else f"{value * 100:+.1f} pp"
+    # + 0.0 turns a rounded -0.0 into 0.0: a change that rounds to zero reads "+0.0 pp", not "-0.0 pp"
+    return "—" if value is None else f"{round(value * 100, 1) + 0.0:+.1f} pp"
 
 
 def ratio(value: Any) -> str:

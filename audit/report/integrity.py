@@ -68,9 +68,11 @@ def _pack_paired(paired) -> Optional[dict]:
     def bits(values) -> str:
         return base64.b64encode(np.packbits(np.asarray(values, dtype=bool)).tobytes()).decode("ascii")
 
-    return {"why_not": why_not, "outcomes": {
-        "n": int(y.size), "y_dtype": dtype, "y": base64.b64encode(y.astype(dtype).tobytes()).decode("ascii"),
-        "before": bits(outcomes.before), "after": bits(outcomes.after)}}
+    packed = {"n": int(y.size), "y_dtype": dtype, "y": base64.b64encode(y.astype(dtype).tobytes()).decode("ascii"),
+              "before": bits(outcomes.before), "after": bits(outcomes.after)}
+    if outcomes.clean_before is not None and outcomes.clean_after is not None:   # the clean-accuracy interval
+        packed.update(clean_before=bits(outcomes.clean_before), clean_after=bits(outcomes.clean_after))
+    return {"why_not": why_not, "outcomes": packed}
 
 
 def _unpack_paired(packed: Optional[dict]):
@@ -91,7 +93,9 @@ def _unpack_paired(packed: Optional[dict]):
     y = np.frombuffer(base64.b64decode(outcomes["y"]), dtype=outcomes["y_dtype"]).astype(np.int64)
     if y.size != n:
         raise ValueError("paired outcomes: wrong length")
-    return PairedOutcomes(y=y, before=bits(outcomes["before"]), after=bits(outcomes["after"])), packed.get(
+    clean = {f"clean_{side}": bits(outcomes[f"clean_{side}"]) for side in ("before", "after")
+             if f"clean_{side}" in outcomes}
+    return PairedOutcomes(y=y, before=bits(outcomes["before"]), after=bits(outcomes["after"]), **clean), packed.get(
         "why_not", "")
 
 
@@ -308,7 +312,8 @@ def _compare(html_path: Path, raw: bytes, stamp: dict, sources: dict, check: Pag
     try:
         again = render_html(sources["results"], baseline=sources["baseline"],
                             redact_paths=bool(stamp.get("redact_paths")), rendered_at=str(stamp.get("rendered_at")),
-                            paired=paired, digests=(stamp.get("results_digest"), stamp.get("baseline_digest")))
+                            paired=paired, digests=(stamp.get("results_digest"), stamp.get("baseline_digest")),
+                            gates=stamp.get("gates") if isinstance(stamp.get("gates"), dict) else None)
     except UserError as err:   # the embedded JSON no longer passes the report's own checks
         raise _Tampered(f"{html_path.name}: its embedded results cannot be rendered: {err}") from None
     except Exception as err:   # noqa: BLE001  a page robaudit rendered re-renders; this one's data does not

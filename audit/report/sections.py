@@ -18,6 +18,7 @@ from robaudit.audit.report.formatting import ci, display, budget_text, norm_labe
 from robaudit.audit.report.records import (
     CLEAN_KEY, attack_in_words, attack_label, headline_key, records, robustness_order,
 )
+from robaudit.audit.report.plain import readable_rows
 from robaudit.audit.report.redaction import basename
 from robaudit.audit.results_schema import dense_flow, flow_rows
 
@@ -50,7 +51,10 @@ def significance(worst: dict, average: float | None, measure: str) -> dict:
                 "explanation": (
                     f"{name} is significantly below the average class: even the top of its "
                     f"95% confidence interval ({pct(high)}) is below the class average ({pct(average)}). "
-                    + (f"An attacker who targets {name} succeeds more often, and sampling noise "
+                    + (f"At 0%, every correctly classified {name} image was flipped by an attack; sampling "
+                       f"noise from {n} test images does not explain the gap."
+                       if measure == "robust accuracy" and worst.get("accuracy") == 0 else
+                       f"An attacker who targets {name} succeeds more often, and sampling noise "
                        f"from {n} test images does not explain the gap." if measure == "robust accuracy" else
                        f"Sampling noise from {n} test images does not explain the gap."))}
     return {"status": "not_significant", "answer": "Not established",
@@ -237,7 +241,11 @@ def examples_section(results: dict) -> dict:
     key = headline_key(results)
     order = robustness_order(results, key)
     rank_of = {classes[index]: rank for rank, index in enumerate(order)}
-    attack_rank = {name: rank for rank, name in enumerate(records(results))}
+    # Strongest attack first (lowest average robust accuracy): the failures a reader should see.
+    strength = sorted((name for name in records(results) if name != CLEAN_KEY),
+                      key=lambda name: (finite(records(results)[name].get("avg")) is None,
+                                        finite(records(results)[name].get("avg")) or 0.0))
+    attack_rank = {name: rank for rank, name in enumerate(strength)}
     worst_name = records(results)[key].get("worst_class")
     pairs, skipped = [], 0
     for example in results["examples"]:
@@ -302,7 +310,7 @@ def provenance_section(results: dict, role: str, anchor: str) -> dict:
         record = results["attacks"].get(name) or {}
         attacks.append({
             "name": name, "class": display(params.get("class")),
-            "params": [(k, display(v)) for k, v in params.items() if k not in ("class", "repr")],
+            "params": readable_rows({k: v for k, v in params.items() if k not in ("class", "repr")}),
             "repr": params.get("repr") or record.get("description") or "",
             "seconds": finite(per_attack_seconds.get(name, record.get("seconds"))),
         })
@@ -321,7 +329,7 @@ def provenance_section(results: dict, role: str, anchor: str) -> dict:
             ("Architecture", display(model.get("arch"))),
             ("Gradient (white-box) attacks", "allowed" if model.get("white_box", True)
              else "not possible: only black-box attacks ran"),
-        ] + [(f"Adaptation: {k}", display(v)) for k, v in adaptations.items()],
+        ] + (readable_rows(adaptations, "Adaptation") if isinstance(adaptations, dict) and adaptations else []),
         "dataset": [
             ("Dataset", display(dataset.get("name"))), ("Split", display(dataset.get("split"))),
             ("Images audited", display(dataset.get("n"))), ("Classes", display(len(dataset["classes"]))),
@@ -334,7 +342,7 @@ def provenance_section(results: dict, role: str, anchor: str) -> dict:
             ("Iterates scored", display(scoring.get("iterates"))), ("Score", display(scoring.get("score"))),
         ],
         "attacks": attacks,
-        "environment": [(str(k), display(v)) for k, v in (results["environment"] or {}).items()],
+        "environment": readable_rows(results["environment"]) if results["environment"] else [],
         "timing": [("Started", display(results.get("started_at"))), ("Finished", display(results.get("finished_at"))),
                    ("Total seconds", display(rounded(timing.get("total_seconds"), 1)))],
         "notes": [str(note) for note in results["notes"]],

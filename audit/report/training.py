@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from robaudit.audit.report.comparison import delta
 from robaudit.audit.report.figures import trajectory_figure, training_curves_figure
-from robaudit.audit.report.formatting import display, finite, png_data_uri
+from robaudit.audit.report.formatting import finite, png_data_uri
+from robaudit.audit.report.plain import bound_notes, method_sentence, readable_rows, selection_sentence
 from robaudit.audit.results_schema import Trajectory, class_state_trajectories
 
 MAX_TRAJECTORY_TABLE_EPOCHS = 10
@@ -56,11 +57,23 @@ def _curves(training: dict, figures: dict) -> dict | None:
                      for epoch, curve in zip(epochs, curves_rows)]}
 
 
-def _trajectory(classes: list[str], position: int, trajectory: Trajectory, figures: dict) -> dict:
+def _bounds(training: dict, key: str) -> list | None:
+    """A temperature trajectory's [tau_min, tau_max] from the method options, when recorded."""
+    options = training.get("options") or {}
+    method = options.get("method") if isinstance(options.get("method"), dict) else options
+    bounds = method.get("tau_bounds") if isinstance(method, dict) else None
+    if key.startswith("tau") and isinstance(bounds, list) and len(bounds) == 2 \
+            and all(finite(b) is not None for b in bounds) and bounds[0] < bounds[1]:
+        return [float(bounds[0]), float(bounds[1])]
+    return None
+
+
+def _trajectory(classes: list[str], position: int, trajectory: Trajectory, figures: dict,
+                bounds: list | None = None) -> dict:
     """One per-class trajectory: its chart and a table of at most MAX_TRAJECTORY_TABLE_EPOCHS epochs."""
     key, per_epoch = trajectory.key, trajectory.per_epoch
     figure_id = f"fig-trajectory-{position}"
-    figures[figure_id] = trajectory_figure(classes, key, per_epoch)
+    figures[figure_id] = trajectory_figure(classes, key, per_epoch, bounds)
     shown = shown_epochs(len(per_epoch))
     return {
         "key": key, "label": trajectory.label, "figure_id": figure_id,
@@ -80,12 +93,14 @@ def training_section(results: dict, figures: dict) -> dict | None:
         return None
     classes = results["dataset"]["classes"]
     curves = _curves(training, figures)
-    trajectories = [_trajectory(classes, position, trajectory, figures)
+    trajectories = [_trajectory(classes, position, trajectory, figures, _bounds(training, trajectory.key))
                     for position, trajectory in enumerate(class_state_trajectories(training))]
     options = training.get("options") or {}
     return {
         "method": training.get("method"), "teacher": training.get("teacher"), "epochs": training.get("epochs"),
-        "options": [(str(k), display(v)) for k, v in options.items()] if isinstance(options, dict) else [],
+        "options": readable_rows(options) if isinstance(options, dict) else [],
+        "in_words": method_sentence(training), "selection": selection_sentence(training),
+        "bound_notes": bound_notes(training, classes), "selected_epoch": training.get("selected_epoch"),
         "curves": curves, "trajectories": trajectories,
         "synthetic": [{"class": str(item.get("class")), "src": uri}
                       for item in (training.get("synthetic_examples") or []) if isinstance(item, dict)
