@@ -173,10 +173,12 @@ class Replayer:
         pred = torch.where(fools8, pred8, predf)
         floats = torch.where(fools8.view(-1, 1, 1, 1), img8, xa.float())[kind == KIND_FLOAT32]
         if minimal:
-            norms = extras[MIN_NORM_KEY]
-            old = norms[at]
+            norms = extras[MIN_NORM_KEY]   # may live on the host (the attack's extras): index it there
+            at_norms = at.to(norms.device)
+            old = norms[at_norms].to(foolsf.device)
             size8 = per_sample_norm(self.norm, img8.double() - xs.double()).reshape(-1)
-            norms[at] = torch.where(foolsf, old, torch.where(fools8, size8.to(old), torch.full_like(old, np.inf)))
+            kept = torch.where(foolsf, old, torch.where(fools8, size8.to(old), torch.full_like(old, np.inf)))
+            norms[at_norms] = kept.to(norms.device)
         return {PREFIX + "pos": positions[at.cpu().numpy()].astype(np.int64),
                 PREFIX + "kind": kind.cpu().numpy().astype(np.uint8),
                 PREFIX + "realizable": fools8.cpu().numpy(),

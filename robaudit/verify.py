@@ -359,7 +359,8 @@ def verify(results_path, evidence_path, *, load_data: Callable[[dict], object],
     results, digest, from_page = read_results(results_path)
     if evidence_path is None:  # only the checks on the file itself
         signed = Path(str(results_path) + ".sig").is_file()
-        if not (from_page or signed or extra_checks):  # a bare results.json says nothing about itself
+        required = (extra or {}).get("allowed_signers") is not None   # then a missing .sig is a finding
+        if not (from_page or signed or required or extra_checks):  # a bare results.json says nothing about itself
             raise UserError("nothing to verify: pass --evidence evidence.npz with --model and --dataset "
                             "(or a report.html, or a results.json signed with --sign)")
         ctx = VerifyContext(results=results, results_path=Path(results_path), results_sha256=digest,

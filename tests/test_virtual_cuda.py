@@ -61,6 +61,17 @@ def test_mode_enforces_cuda_rules_and_counts_syncs(virtual_cuda):
     assert type(cpu) is torch.Tensor and torch.equal(cpu, x.elem) and cpu.data_ptr() != x.elem.data_ptr()
 
 
+def test_to_another_tensor_takes_its_device_and_dtype(virtual_cuda):
+    """x.to(other) as on real CUDA: other's device and dtype (found when a host-side norm was
+    written back with .to(other) in the replay and the mode saw a CPU tensor)."""
+    cuda64 = torch.zeros(3, dtype=torch.float64).to("cuda")
+    moved = torch.ones(3).to(cuda64)
+    assert isinstance(moved, VirtualCudaTensor) and moved.dtype == torch.float64
+    assert torch.where(cuda64 > 0, cuda64, moved).device.type == "cuda"
+    back = cuda64.to(torch.ones(2))
+    assert not isinstance(back, VirtualCudaTensor) and back.dtype == torch.float32
+
+
 def test_module_to_cuda_trains_with_autograd(virtual_cuda):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))

@@ -229,6 +229,9 @@ class VirtualCuda:
 
     # ---- moving tensors ----------------------------------------------------------------
     def to(self, tensor: torch.Tensor, *args, **kwargs):
+        if args and isinstance(args[0], torch.Tensor):   # x.to(other): C++ would read other's device as CPU
+            other = args[0]
+            args = (CUDA if isinstance(other, VirtualCudaTensor) else other.device, other.dtype) + tuple(args[1:])
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         copy = bool(kwargs.get("copy", False))
         target = (CUDA if device.type == "cuda" else device) if device is not None else tensor.device
