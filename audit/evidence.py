@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +49,12 @@ from robaudit.audit.integrity import file_digest, tool_identity
 from robaudit.audit.io import write_bytes_atomic
 from robaudit.errors import UserError
 
+log = logging.getLogger(__name__)
+
 FILE_NAME = "evidence.npz"
+# Common mail servers refuse attachments over 20-25 MB; above this the scan says so (the file
+# is still written: it is the audit's proof, and it can travel by other means).
+MAIL_LIMIT_BYTES = 20 * 1024 * 1024
 FORMAT = "robaudit-evidence"
 VERSION = 1
 DATA_LAYOUT = ("sha256 of the audited images as float32 NCHW little-endian C-order bytes in audited "
@@ -133,7 +139,12 @@ def write_scan_evidence(out_dir: Path, results: dict, replays: Dict[str, dict], 
     """OUT/evidence.npz, after OUT/results.json (whose file digest it records)."""
     out_dir = Path(out_dir)
     arrays = build(results, file_digest(out_dir / "results.json"), replays, data, batch_size)
-    return write_bytes_atomic(out_dir / FILE_NAME, to_bytes(arrays))
+    payload = to_bytes(arrays)
+    if len(payload) > MAIL_LIMIT_BYTES:
+        log.warning("%s is %.1f MB, more than most mail servers accept (%d MB): share it another way, "
+                    "or audit a subset (--n-per-class)", FILE_NAME, len(payload) / 1e6,
+                    MAIL_LIMIT_BYTES // (1024 * 1024))
+    return write_bytes_atomic(out_dir / FILE_NAME, payload)
 
 
 # --------------------------------------------------------------------------- reading

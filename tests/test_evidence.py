@@ -83,6 +83,18 @@ def test_no_evidence_writes_none(tmp_path):
     assert (tmp_path / "results.json").exists() and not (tmp_path / "evidence.npz").exists()
 
 
+def test_an_evidence_file_too_large_to_mail_is_said(tmp_path, monkeypatch, caplog):
+    """The scan writes the file anyway (it is the proof) and says in one line that it is over
+    what mail servers take; below the limit it says nothing."""
+    scan(tmp_path / "small", attacks=["clean", "fgsm"])
+    assert not [r for r in caplog.records if "mail servers" in r.getMessage()]
+    monkeypatch.setattr(evidence_mod, "MAIL_LIMIT_BYTES", 100)
+    scan(tmp_path / "large", attacks=["clean", "fgsm"])
+    said = [r.getMessage() for r in caplog.records if "mail servers" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("evidence.npz is ")
+    assert (tmp_path / "large" / "evidence.npz").stat().st_size > 100
+
+
 class OffGrid(nn.Module):
     """Class 1 when any pixel is off the 8-bit grid, else class 0."""
 
