@@ -20,6 +20,7 @@ from PIL import Image
 
 from robaudit.audit.data.datasets import load_dataset
 from robaudit.errors import UserError
+from test_cli import run_cli
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -74,16 +75,6 @@ def _bad_files():
 BAD = _bad_files()
 
 
-def run_main(capsys, args):
-    from robaudit.cli import main
-
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_the_bomb_files_are_what_they_claim():
@@ -146,13 +137,13 @@ def test_cli_bomb_exit_2_one_line_nothing_written_then_skipped(folder, tmp_path,
     out = tmp_path / "out"
     args = ["scan", model, "--arch", "smallcnn", "--dataset", folder, "--attacks", "clean", "--out", out,
             "--device", "cpu", "--no-report", "--workers", "0"]
-    code, stdout, err = run_main(capsys, args)
+    code, stdout, err = run_cli(capsys, *args)
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("robaudit: error: cannot read image ")
     assert "zz_bomb.png" in err and "pixel limit" in err and "internal error" not in err
     assert not out.exists() or not any(out.iterdir())
 
-    code, stdout, err = run_main(capsys, args + ["--skip-bad-images"])
+    code, stdout, err = run_cli(capsys, *args, "--skip-bad-images")
     assert code == 0, err
     subset = json.loads((out / "results.json").read_text())["dataset"]["subset"]
     assert subset["skipped_bad_images"] == 1 and subset["skipped_files"][0].endswith("zz_bomb.png")
@@ -167,7 +158,7 @@ def test_class_count_refuses_the_folder_before_any_image_is_opened(folder, tmp_p
         raise AssertionError(f"{path} was opened before the class count was checked")
 
     monkeypatch.setattr(image_folders, "_open_checked", no_opening)
-    code, _, err = run_main(capsys, ["scan", tmp_path / "missing.pt", "--num-classes", "10", "--dataset", folder,
+    code, _, err = run_cli(capsys, *["scan", tmp_path / "missing.pt", "--num-classes", "10", "--dataset", folder,
                                      "--out", tmp_path / "out", "--device", "cpu", "--skip-bad-images"])
     assert code == 2 and err.count("\n") == 1
     assert "--num-classes 10 does not match the dataset's 2 classes" in err

@@ -10,8 +10,8 @@ from robaudit.audit.data.datasets import list_datasets, load_dataset
 from robaudit.audit.data.grey import check_model_channels
 from robaudit.audit.data.paper_datasets import DATASET_DEFAULTS, dataset_defaults
 from robaudit.audit.models.architectures import create_architecture
-from robaudit.cli import main
 from robaudit.errors import UserError
+from test_cli import run_cli
 from tests.paper_layouts import TINY_WNIDS, write_mnist, write_stl10, write_tinyimagenet
 
 
@@ -116,14 +116,6 @@ def test_grey_data_and_rgb_models(tmp_path):
         load_dataset("stl10", data_dir=tmp_path, download=False, grey_to_rgb=True)
 
 
-def _run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_scan_mnist_layout_with_mnist_cnn_and_refuses_rgb_model(tmp_path, capsys):
@@ -133,19 +125,19 @@ def test_scan_mnist_layout_with_mnist_cnn_and_refuses_rgb_model(tmp_path, capsys
     torch.save(create_architecture("smallcnn").state_dict(), tmp_path / "rgb.pt")
     common = ["--dataset", "mnist", "--data-dir", tmp_path / "data", "--device", "cpu",
               "--attacks", "clean,fgsm", "--eps", "0.3", "--no-report"]
-    code, out, err = _run(capsys, "scan", tmp_path / "cnn.pt", *common, "--out", tmp_path / "o1")
+    code, out, err = run_cli(capsys, "scan", tmp_path / "cnn.pt", *common, "--out", tmp_path / "o1")
     assert code == 0, err
     results = json.loads((tmp_path / "o1/results.json").read_text())
     assert results["model"]["arch"] == "mnist-cnn"   # inferred from the 1-channel weights
     assert "usual L-inf budget" not in err   # --eps 0.3 was given
-    code, _, err = _run(capsys, "scan", tmp_path / "cnn.pt", *[a for a in common if a not in ("--eps", "0.3")],
+    code, _, err = run_cli(capsys, "scan", tmp_path / "cnn.pt", *[a for a in common if a not in ("--eps", "0.3")],
                         "--limit", "2", "--out", tmp_path / "o0")
     assert code == 0 and "mnist's usual L-inf budget is 0.3 (eps 0.3, 40 steps of 0.01: Madry" in err
-    code, out, err = _run(capsys, "scan", tmp_path / "rgb.pt", "--arch", "smallcnn", *common,
+    code, out, err = run_cli(capsys, "scan", tmp_path / "rgb.pt", "--arch", "smallcnn", *common,
                           "--out", tmp_path / "o2")
     assert code == 2 and "--grey-to-rgb" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o2/results.json").exists()
-    code, out, err = _run(capsys, "scan", tmp_path / "rgb.pt", "--arch", "smallcnn", *common,
+    code, out, err = run_cli(capsys, "scan", tmp_path / "rgb.pt", "--arch", "smallcnn", *common,
                           "--grey-to-rgb", "--out", tmp_path / "o3")
     assert code == 0, err
 
@@ -154,7 +146,7 @@ def test_scan_tinyimagenet_layout_with_preactresnet18(tmp_path, capsys):
     write_tinyimagenet(tmp_path / "data", per_class_train=1, per_class_val=2)
     torch.manual_seed(0)
     torch.save(create_architecture("preactresnet18", num_classes=4).state_dict(), tmp_path / "p18.pt")
-    code, out, err = _run(capsys, "scan", tmp_path / "p18.pt", "--arch", "preactresnet18",
+    code, out, err = run_cli(capsys, "scan", tmp_path / "p18.pt", "--arch", "preactresnet18",
                           "--dataset", "tinyimagenet", "--data-dir", tmp_path / "data", "--device", "cpu",
                           "--attacks", "clean,fgsm", "--workers", "0", "--no-report", "--out", tmp_path / "o")
     assert code == 0, err
@@ -166,7 +158,7 @@ def test_remediate_on_grey_mnist_with_1_channel_models_and_no_flip(tmp_path, cap
     write_mnist(tmp_path / "data", n_train=20, n_test=10)
     torch.manual_seed(0)
     torch.save(create_architecture("mnist-cnn").state_dict(), tmp_path / "t.pt")
-    code, _, err = _run(capsys, "remediate", "--teacher", tmp_path / "t.pt", "--dataset", "mnist", "--data-dir",
+    code, _, err = run_cli(capsys, "remediate", "--teacher", tmp_path / "t.pt", "--dataset", "mnist", "--data-dir",
                         tmp_path / "data", "--student", "mnist-cnn", "--epochs", "1", "--steps", "1", "--eps", "0.3",
                         "--val-per-class", "0", "--audit-attacks", "clean", "--export-formats", "pt2",
                         "--device", "cpu", "--out", tmp_path / "o")

@@ -9,20 +9,12 @@ import pytest
 import torch
 
 from robaudit.audit.models.architectures import create_architecture
-from robaudit.cli import main
 from robaudit.errors import UserError
+from test_cli import run_cli
 from robaudit.remediate.presets import PRESET_OPTIONS, PRESETS, apply_preset, get_preset, list_presets
 from tests.paper_layouts import write_tinyimagenet
 
 
-def _run(capsys, *args):
-    try:
-        main([str(a) for a in args])
-        code = 0
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_every_value_has_a_source_and_a_known_option():
@@ -52,7 +44,7 @@ def test_given_flags_override_and_are_recorded():
 
 
 def test_list_presets_shows_every_preset_with_its_source(capsys):
-    code, out, _ = _run(capsys, "list", "--presets")
+    code, out, _ = run_cli(capsys, "list", "--presets")
     assert code == 0
     for name in list_presets():
         assert f"{name}: {PRESETS[name].row}" in out
@@ -91,7 +83,7 @@ def test_preset_smoke_run(tmp_path, capsys, name):
     extra = ["--val-per-class", "1" if method == "cfa" else "0"]
     if method == "ferd":
         extra += [f"--method-opt={kv}" for kv in FERD_SMALL]
-    code, out, err = _run(capsys, "remediate", "--preset", name, "--teacher", tmp_path / "teacher.pt",
+    code, out, err = run_cli(capsys, "remediate", "--preset", name, "--teacher", tmp_path / "teacher.pt",
                           *data_args, *SMOKE, *extra, "--out", tmp_path / "out")
     assert code == 0, err
     results = json.loads((tmp_path / "out/student/results.json").read_text())

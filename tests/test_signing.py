@@ -13,12 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from robaudit.cli import main
 from robaudit.errors import GateFailed, UserError
 from robaudit.signing import (NAMESPACE, fingerprint, load_signing_key, sign_file, sign_outputs, signature_findings,
                               signature_key, verify_signature)
 from report_fixtures import make_results
-from test_cli import _scan_args, files  # noqa: F401  (files: the tiny model and data, a fixture)
+from test_cli import _scan_args, files, run_cli  # noqa: F401  (files: the tiny model and data, a fixture)
 
 pytestmark = pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs OpenSSH's ssh-keygen")
 
@@ -47,14 +46,6 @@ def keys(tmp_path_factory):
     return {"a": keygen(folder / "a"), "b": keygen(folder / "b", comment="other")}
 
 
-def run_cli(capsys, *args):
-    code = 0
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else 1
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_sign_then_verify_with_robaudit_and_openssh(tmp_path, keys):

@@ -256,12 +256,7 @@ def render_report(results: dict, out_path, *, baseline: dict | None = None, reda
         raise UserError(f"{out_path} is a directory; pass the report file name, e.g. {out_path / 'report.html'}")
     page = render_html(results, baseline=baseline, redact_paths=redact_paths, rendered_at=rendered_at,
                        paired=paired, gates=gates)
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(out_path, page.encode("utf-8"))
-    except OSError as err:
-        raise UserError(f"cannot write the report to {out_path}: {err.strerror or err}") from None
-    return out_path
+    return _write_page(out_path, page)
 
 
 def render_nway_html(candidates: list, *, rendered_at: str | None = None, redact_paths: bool = False) -> str:
@@ -286,6 +281,11 @@ def render_nway_report(candidates: list, out_path, *, rendered_at: str | None = 
     if out_path.is_dir():
         raise UserError(f"{out_path} is a directory; pass the report file name, e.g. {out_path / 'comparison.html'}")
     page = render_nway_html(candidates, rendered_at=rendered_at, redact_paths=redact_paths)
+    return _write_page(out_path, page)
+
+
+def _write_page(out_path: Path, page: str) -> Path:
+    """Write a rendered page atomically (a failed write leaves no half page); return its path."""
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(out_path, page.encode("utf-8"))
